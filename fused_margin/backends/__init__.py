@@ -1,0 +1,118 @@
+"""Backend registry and the ``'auto'`` choice.
+
+Every module in this package that defines a module-level ``BACKEND`` (a
+:class:`Backend`) is a backend: adding one is adding one file. Each backend says what
+it cannot do (:meth:`Backend.not_supported_reasons`); ``'auto'`` walks the backends in
+their declared priority for the input's device and takes the first that has no
+reasons, and when all refuse, the error lists each one's reasons. An explicitly named
+backend that cannot run raises: it never silently falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from ..kernel_params import KernelParams
+
+__all__ = ["Backend", "BackendUnavailableError", "available_backends", "get_backend", "resolve_backend"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run these inputs here (the message says why)."""
+
+
+class Backend:
+    """Base class: the interface of :mod:`fused_margin.kernel_params`."""
+
+    #: the name users pass as ``backend=``
+    name: str = ""
+    #: device type -> priority for ``'auto'`` (lower first); absent: never auto-picked
+    auto_priority: dict[str, int] = {}
+
+    def not_supported_reasons(self, x: Tensor, weight: Tensor, params: KernelParams) -> list[str]:
+        return []
+
+    def forward(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        bias: Tensor | None,
+        class_index: Tensor | None,
+        row_threshold: Tensor | None,
+        params: KernelParams,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(
+        self,
+        grad_lse: Tensor,
+        grad_target_u: Tensor,
+        grad_sum: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        bias: Tensor | None,
+        class_index: Tensor | None,
+        row_threshold: Tensor | None,
+        lse_neg: Tensor,
+        row_scale: Tensor,
+        col_scale: Tensor,
+        params: KernelParams,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+@cache
+def _registry() -> dict[str, Backend]:
+    found: dict[str, Backend] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        backend = getattr(module, "BACKEND", None)
+        if isinstance(backend, Backend):
+            found[backend.name] = backend
+    return found
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends (whether or not they can run here)."""
+    return sorted(_registry())
+
+
+def get_backend(name: str) -> Backend:
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"backend must be one of {['auto', 'eager', *sorted(registry)]}, got {name!r}")
+    return registry[name]
+
+
+def resolve_backend(name: str, x: Tensor, weight: Tensor, params: KernelParams) -> str:
+    """The backend that will run: ``name`` itself if it can, the first able one for 'auto'."""
+    if name != "auto":
+        reasons = get_backend(name).not_supported_reasons(x, weight, params)
+        if reasons:
+            raise BackendUnavailableError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
+        return name
+    device_type = x.device.type
+    candidates = sorted(
+        (b for b in _registry().values() if device_type in b.auto_priority),
+        key=lambda b: b.auto_priority[device_type],
+    )
+    refusals = []
+    for backend in candidates:
+        reasons = backend.not_supported_reasons(x, weight, params)
+        if not reasons:
+            return backend.name
+        refusals.append(f"{backend.name}: " + "; ".join(reasons))
+    raise BackendUnavailableError(
+        f"no backend can run inputs on device {x.device} ({x.dtype}, {weight.dtype}): " + " | ".join(refusals)
+    )
+
+
+def accelerator_available() -> bool:
+    return torch.cuda.is_available()

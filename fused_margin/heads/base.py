@@ -1,0 +1,130 @@
+"""`MarginHead`: the base of every head module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import BackendName, Reduction, margin_cross_entropy
+from ..reference import logits_reference
+from ..spec import MarginSpec
+
+__all__ = ["MarginHead"]
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class MarginHead(nn.Module):
+    """A classification head: owns the class weights and maps ``(embeddings, labels)``
+    to the margin-softmax loss through the fused operation.
+
+    Subclasses define :meth:`spec` (the head as a :class:`MarginSpec`, from the current
+    state) and, if stateful, :meth:`update_state` (called once per training forward,
+    before the loss, with detached inputs).
+
+    Attributes:
+        weight: (num_classes * num_subcenters, embedding_size) class weights
+            (``nn.Linear.weight`` layout), initialized N(0, 0.01) as InsightFace does.
+        bias: (num_classes,) or None.
+        step: training forwards seen so far (annealed margins); in ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        num_subcenters: int = 1,
+        bias: bool = False,
+        reduction: Reduction = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        return_accuracy: bool = False,
+        backend: BackendName = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.num_subcenters = _positive_int("num_subcenters", num_subcenters)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.return_accuracy = return_accuracy
+        self.backend = backend
+        factory = {"dtype": dtype or torch.float32, "device": device}
+        self.weight = nn.Parameter(torch.empty(num_classes * num_subcenters, embedding_size, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_classes, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.step = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, 0.01)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def spec(self) -> MarginSpec:
+        raise NotImplementedError
+
+    def spec_for(self, embeddings: Tensor) -> MarginSpec:
+        """The spec for this batch (AdaFace's margins depend on the batch's norms)."""
+        return self.spec()
+
+    def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Stateful heads update their statistics here (training only)."""
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Loss for (B, D) embeddings and (B,) integer labels (and the top-1 accuracy
+        when ``return_accuracy``)."""
+        if self.training:
+            with torch.no_grad():
+                self.update_state(embeddings.detach(), labels)
+        result = margin_cross_entropy(
+            embeddings,
+            self.weight,
+            labels,
+            self.spec_for(embeddings),
+            bias=self.bias,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            return_accuracy=self.return_accuracy,
+            backend=self.backend,
+            step=self.step,
+        )
+        if self.training:
+            self.step += 1
+        return result
+
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """Margin-free logits (B, num_classes) for inference. Materializes B x C."""
+        return logits_reference(embeddings, self.weight, self.spec(), self.bias)
+
+    # Python-number state (the step counter, scalar statistics) lives here, so it
+    # travels with state_dict() without a host-device sync on every step.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        k = f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else ""
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}{k}, "
+            f"spec={self.spec()!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,20 @@
+"""Circle loss, proxy (class-weight) form (Sun et al. 2020, eq. 4):
+``z_y = s * [1 + m - c_y]_+ * (c_y - 1 + m)`` and ``z_j = s * [c_j + m]_+ * (c_j - m)``
+with the weights ``[.]_+`` detached from the gradient, as in the paper."""
+
+from __future__ import annotations
+
+from ..spec import MarginSpec
+from .base import MarginHead
+
+
+class CircleLoss(MarginHead):
+    def __init__(
+        self, num_classes: int, embedding_size: int, *, scale: float = 256.0, margin: float = 0.25, **kwargs
+    ) -> None:
+        self._spec = MarginSpec.circle(scale, margin)
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.scale, self.margin = scale, margin
+
+    def spec(self) -> MarginSpec:
+        return self._spec

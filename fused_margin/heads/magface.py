@@ -1,0 +1,38 @@
+"""MagFace (Meng et al. 2021): ArcFace whose margin grows linearly with the clamped
+feature norm ``a = clamp(||x||, l_a, u_a)``, ``m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a)``,
+plus the regularizer ``lambda_g * (a / u_a^2 + 1 / a)`` added to every row's loss."""
+
+from __future__ import annotations
+
+from ..spec import MagFaceRegularizer, MagnitudeAwareTarget, MarginSpec, _positive
+from .base import MarginHead
+
+
+class MagFaceLoss(MarginHead):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        scale: float = 64.0,
+        lower_norm: float = 10.0,
+        upper_norm: float = 110.0,
+        lower_margin: float = 0.45,
+        upper_margin: float = 0.8,
+        regularizer_weight: float = 35.0,
+        **kwargs,
+    ) -> None:
+        for name, value in (("scale", scale), ("lower_norm", lower_norm), ("upper_norm", upper_norm),
+                            ("lower_margin", lower_margin), ("upper_margin", upper_margin)):
+            _positive(name, value)
+        if upper_norm <= lower_norm:
+            raise ValueError(f"upper_norm ({upper_norm!r}) must exceed lower_norm ({lower_norm!r})")
+        if regularizer_weight < 0:
+            raise ValueError(f"regularizer_weight must be non-negative, got {regularizer_weight!r}")
+        super().__init__(num_classes, embedding_size, **kwargs)
+        target = MagnitudeAwareTarget(scale, lower_norm, upper_norm, lower_margin, upper_margin)
+        reg = MagFaceRegularizer(regularizer_weight, lower_norm, upper_norm)
+        self._spec = MarginSpec(scale, target, regularizer=reg, name="magface")
+
+    def spec(self) -> MarginSpec:
+        return self._spec

@@ -1,0 +1,77 @@
+"""The contract every backend implements: parameters and the exact math.
+
+**Forward** ``margin_lse(x, weight, labels, bias, class_index, row_threshold, params)``
+
+Inputs
+    x            (B, D) float (fp32 / bf16 / fp16 / fp64)
+    weight       (R, D) float, R = C_all * K (K = ``num_subcenters``); the rows
+                 ``j*K .. j*K+K-1`` are class ``j``'s sub-centers
+    labels       (B,) int64; a value in ``[0, C)`` is the row's target class (an index into
+                 the classes in use, see ``class_index``); any other value (the public
+                 API passes -1 for ignored rows) means the row has no target column here
+    bias         (C_all,) or None, added to every logit (the linear head)
+    class_index  (C,) int64 or None: the classes in use are ``class_index[0..C)`` (rows of
+                 ``weight`` read through the index; no gathered copy); None means all
+                 C = C_all classes
+    row_threshold (B,) fp32 or None: CurricularFace's per-row threshold, a constant
+
+Math (``acc`` = fp64 if x or weight is fp64, else fp32; all math in ``acc``)
+    r_b  = 1/max(||x_b||, 1e-12) if normalize_x else 1                     (B,)
+    q_i  = 1/max(||w_i||, 1e-12) if normalize_w else 1  for the R' = C*K rows in use
+    u_bj = max_k r_b * q_{jk} * <x_b, w_{jk}>                                (sub-centers)
+    z_bj = scale * T(u_bj) + bias_j          (T: see ``NonTargetKind``)
+    lse_neg_b  = logsumexp_{j != y_b} z_bj   (-inf when no such j)
+    sum_neg_b  = sum_{j != y_b} z_bj         (for label smoothing)
+    target_u_b = u_{b, y_b}                  (0 when the row has no target)
+    argmax_b   = argmax_j (scale * u_bj + bias_j) over all j, ties to the lowest j
+Outputs: ``(lse_neg, target_u, sum_neg, argmax, row_scale, col_scale)`` with
+``row_scale`` = r (B,) and ``col_scale`` = q (C*K,) in ``acc`` dtype (saved for the
+backward: O(B + C)); argmax int64.
+
+**Backward** given ``grad_lse, grad_target_u, grad_sum`` (B,) (acc dtype)
+    dz_bj = grad_lse_b * exp(z_bj - lse_neg_b) + grad_sum_b       for j != y_b, else 0
+    dU_bj = dz_bj * scale * T'(u_bj)  (+ grad_target_u_b at j = y_b), routed to the
+            sub-center that attained the max
+    dx_b  = r_b * (sum_i dU_bi q_i w_i - rho_b * r_b x_b),  rho_b  = sum_i dU_bi u_bi
+    dw_i  = q_i * (sum_b dU_bi r_b x_b - kappa_i * q_i w_i), kappa_i = sum_b dU_bi u_bi
+            (the second terms only when normalizing), rows not in use get 0
+    dbias_j = sum_b dz_bj  (scattered to ``class_index``)
+Outputs ``(grad_x, grad_weight, grad_bias)`` in the dtypes and shapes of x, weight, bias
+(grad_bias None when bias is None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import MarginSpec, NonTargetKind
+
+__all__ = ["KernelParams"]
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    normalize_x: bool
+    normalize_w: bool
+    scale: float
+    kind: NonTargetKind
+    alpha: float = 1.0
+    delta: float = 0.0
+    margin: float = 0.0
+    t: float = 0.0
+    num_subcenters: int = 1
+
+    @classmethod
+    def from_spec(cls, spec: MarginSpec) -> KernelParams:
+        nt = spec.non_target
+        return cls(
+            normalize_x=spec.normalize_embeddings,
+            normalize_w=spec.normalize_weight,
+            scale=float(spec.scale),
+            kind=nt.kind,
+            alpha=float(nt.alpha),
+            delta=float(nt.delta),
+            margin=float(nt.margin),
+            t=float(nt.t),
+            num_subcenters=int(spec.num_subcenters),
+        )

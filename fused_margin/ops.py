@@ -1,0 +1,189 @@
+"""The one operation, ``fused_margin::margin_lse``, as a `torch.library` custom op.
+
+Its forward and backward are separate custom ops whose implementation is the named
+backend's; the backward formula and the fake (meta) kernels are registered once here,
+so every backend shares the autograd and ``torch.compile`` story (the op is opaque to
+the compiler: ``fullgraph=True`` sees no graph break).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+from .kernel_params import KernelParams
+from .spec import NonTargetKind
+
+__all__ = ["margin_lse", "prepare_labels"]
+
+_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _params(
+    normalize_x: bool,
+    normalize_w: bool,
+    scale: float,
+    kind: int,
+    alpha: float,
+    delta: float,
+    margin: float,
+    t: float,
+    num_subcenters: int,
+) -> KernelParams:
+    return KernelParams(normalize_x, normalize_w, scale, NonTargetKind(kind), alpha, delta, margin, t, num_subcenters)
+
+
+def _acc(x: Tensor, weight: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+@torch.library.custom_op("fused_margin::prepare_labels", mutates_args=())
+def prepare_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Checks every label is in ``[0, num_classes)`` or ``ignore_index`` and returns int64
+    labels with ignored rows as -1 (the kernels' "no target" value).
+
+    A custom op so that the data-dependent check stays out of ``torch.compile`` graphs.
+    """
+    labels64 = labels.to(torch.int64)
+    ignored = labels64 == ignore_index
+    bad = ~ignored & ((labels64 < 0) | (labels64 >= num_classes))
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"got {int(labels64[position])} at position {position}"
+        )
+    return torch.where(ignored, torch.full_like(labels64, -1), labels64)
+
+
+@prepare_labels.register_fake
+def _(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    return torch.empty_like(labels, dtype=torch.int64)
+
+
+@torch.library.custom_op("fused_margin::margin_lse", mutates_args=())
+def margin_lse(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    class_index: Tensor | None,
+    row_threshold: Tensor | None,
+    normalize_x: bool,
+    normalize_w: bool,
+    scale: float,
+    kind: int,
+    alpha: float,
+    delta: float,
+    margin: float,
+    t: float,
+    num_subcenters: int,
+    backend: str,
+) -> _OUT:
+    """``(lse_neg, target_u, sum_neg, argmax, row_scale, col_scale)``; see
+    :mod:`fused_margin.kernel_params` for the math."""
+    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters)
+    outputs = get_backend(backend).forward(x, weight, labels, bias, class_index, row_threshold, params)
+    # custom ops may not return views of their inputs
+    return tuple(o.clone() if o._base is not None else o for o in outputs)  # type: ignore[return-value]
+
+
+@margin_lse.register_fake
+def _(x, weight, labels, bias, class_index, row_threshold, normalize_x, normalize_w, scale, kind, alpha, delta,
+      margin, t, num_subcenters, backend):
+    acc = _acc(x, weight)
+    rows = x.shape[0]
+    num_cols = weight.shape[0] if class_index is None else class_index.shape[0] * num_subcenters
+    vec = x.new_empty(rows, dtype=acc)
+    return (
+        vec,
+        x.new_empty(rows, dtype=acc),
+        x.new_empty(rows, dtype=acc),
+        x.new_empty(rows, dtype=torch.int64),
+        x.new_empty(rows, dtype=acc),
+        x.new_empty(num_cols, dtype=acc),
+    )
+
+
+@torch.library.custom_op("fused_margin::margin_lse_backward", mutates_args=())
+def margin_lse_backward(
+    grad_lse: Tensor,
+    grad_target_u: Tensor,
+    grad_sum: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    class_index: Tensor | None,
+    row_threshold: Tensor | None,
+    lse_neg: Tensor,
+    row_scale: Tensor,
+    col_scale: Tensor,
+    normalize_x: bool,
+    normalize_w: bool,
+    scale: float,
+    kind: int,
+    alpha: float,
+    delta: float,
+    margin: float,
+    t: float,
+    num_subcenters: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; grad_bias is an empty tensor without bias."""
+    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters)
+    grad_x, grad_w, grad_b = get_backend(backend).backward(
+        grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+        lse_neg, row_scale, col_scale, params,
+    )
+    if grad_b is None:
+        grad_b = x.new_empty(0)
+    return grad_x, grad_w, grad_b
+
+
+@margin_lse_backward.register_fake
+def _(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold, lse_neg,
+      row_scale, col_scale, normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters,
+      backend):
+    grad_b = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(x), torch.empty_like(weight), grad_b
+
+
+_TENSOR_INPUTS = ("x", "weight", "labels", "bias", "class_index", "row_threshold")
+_SCALAR_INPUTS = ("normalize_x", "normalize_w", "scale", "kind", "alpha", "delta", "margin", "t",
+                  "num_subcenters", "backend")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, labels, bias, class_index, row_threshold, *scalars = inputs
+    lse_neg, _target_u, _sum_neg, argmax, row_scale, col_scale = output
+    ctx.scalars = scalars
+    ctx.has_bias = bias is not None
+    ctx.has_index = class_index is not None
+    ctx.has_threshold = row_threshold is not None
+    saved = [x, weight, labels, lse_neg, row_scale, col_scale]
+    saved += [t for t in (bias, class_index, row_threshold) if t is not None]
+    ctx.save_for_backward(*saved)
+    ctx.mark_non_differentiable(argmax, row_scale, col_scale)
+
+
+def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _grad_q):
+    x, weight, labels, lse_neg, row_scale, col_scale, *optional = ctx.saved_tensors
+    it = iter(optional)
+    bias = next(it) if ctx.has_bias else None
+    class_index = next(it) if ctx.has_index else None
+    row_threshold = next(it) if ctx.has_threshold else None
+    zeros = torch.zeros_like(lse_neg)
+    # An output the loss does not use arrives as None.
+    grad_lse = zeros if grad_lse is None else grad_lse
+    grad_target_u = zeros if grad_target_u is None else grad_target_u
+    grad_sum = zeros if grad_sum is None else grad_sum
+    grad_x, grad_w, grad_b = margin_lse_backward(
+        grad_lse.contiguous(), grad_target_u.contiguous(), grad_sum.contiguous(), x, weight, labels, bias,
+        class_index, row_threshold, lse_neg, row_scale, col_scale, *ctx.scalars,
+    )
+    return (grad_x, grad_w, None, grad_b if ctx.has_bias else None) + (None,) * (2 + len(_SCALAR_INPUTS))
+
+
+margin_lse.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,224 @@
+"""The eager PyTorch reference: materializes the (B, C) logits, written for clarity.
+
+It is the ground truth every backend is tested against (run it in float64) and the
+"eager PyTorch" baseline of the benchmarks. Two layers, mirroring DESIGN.md section 2:
+
+* :func:`margin_lse_terms` computes what a fused kernel computes
+  (``lse_neg, target_u, sum_neg, argmax, row_scale, col_scale``) with autograd;
+* :func:`margin_cross_entropy_reference` adds the target transform and the loss, calling
+  :func:`fused_margin.functional.loss_from_terms` just as the fused path does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernel_params import KernelParams
+from .spec import MarginSpec, NonTarget, NonTargetKind
+
+__all__ = [
+    "margin_lse_terms",
+    "reference_backward",
+    "margin_cross_entropy_reference",
+    "logits_reference",
+]
+
+_NORM_EPS = 1e-12
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32: the dtype all backends accumulate in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def used_rows(class_index: Tensor | None, num_rows: int, k: int, device: torch.device) -> Tensor | None:
+    """Row indices of ``weight`` in use, in order (class-major, sub-center minor)."""
+    if class_index is None:
+        return None
+    return (class_index[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+
+
+def cosine_matrix(
+    x: Tensor, weight: Tensor, class_index: Tensor | None, params: KernelParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``u`` (B, C) (after the sub-center max), ``row_scale`` (B,), ``col_scale`` (C*K,)."""
+    dtype = acc_dtype(x, weight)
+    xf, wf = x.to(dtype), weight.to(dtype)
+    rows = used_rows(class_index, weight.shape[0], params.num_subcenters, x.device)
+    if rows is not None:
+        wf = wf.index_select(0, rows)
+    ones_b = torch.ones(x.shape[0], dtype=dtype, device=x.device)
+    ones_c = torch.ones(wf.shape[0], dtype=dtype, device=x.device)
+    r = 1.0 / torch.linalg.vector_norm(xf, dim=1).clamp_min(_NORM_EPS) if params.normalize_x else ones_b
+    q = 1.0 / torch.linalg.vector_norm(wf, dim=1).clamp_min(_NORM_EPS) if params.normalize_w else ones_c
+    u = (xf @ wf.T) * r[:, None] * q[None, :]
+    k = params.num_subcenters
+    if k > 1:
+        u = u.view(u.shape[0], -1, k).amax(dim=2)
+    return u, r, q
+
+
+def margin_lse_terms(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    class_index: Tensor | None,
+    row_threshold: Tensor | None,
+    params: KernelParams,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused operation's forward, eagerly (see :mod:`fused_margin.kernel_params`)."""
+    u, r, q = cosine_matrix(x, weight, class_index, params)
+    num_rows, num_classes = u.shape
+    has_target = (labels >= 0) & (labels < num_classes)
+    safe_labels = torch.where(has_target, labels, torch.zeros_like(labels))
+    target_mask = torch.zeros_like(u, dtype=torch.bool)
+    target_mask[torch.arange(num_rows, device=u.device), safe_labels] = has_target
+    target_u = torch.where(has_target, u.gather(1, safe_labels[:, None]).squeeze(1), torch.zeros_like(u[:, 0]))
+
+    nt = NonTarget(params.kind, params.alpha, params.delta, params.margin, params.t)
+    thresholds = None if row_threshold is None else row_threshold.to(u.dtype)
+    z = params.scale * nt.apply(u, thresholds)
+    plain = params.scale * u
+    if bias is not None:
+        b = bias.to(u.dtype)
+        if class_index is not None:
+            b = b.index_select(0, class_index)
+        z = z + b
+        plain = plain + b
+
+    lse_neg = _lse_neg_forward(z, target_mask)
+    sum_neg = z.masked_fill(target_mask, 0.0).sum(dim=1)
+    argmax = plain.argmax(dim=1)
+    return lse_neg, target_u, sum_neg, argmax, r, q
+
+
+def non_target_derivative(u: Tensor, params: KernelParams, row_threshold: Tensor | None) -> Tensor:
+    """``T_n'(u)``: the derivative the kernels use (CurricularFace's ``t`` and threshold
+    and the Circle weight ``[u + m]_+`` are constants)."""
+    kind, m = params.kind, params.margin
+    if kind == NonTargetKind.IDENTITY:
+        return torch.ones_like(u)
+    if kind == NonTargetKind.AFFINE:
+        return torch.full_like(u, params.alpha)
+    if kind == NonTargetKind.QUADRATIC:
+        return torch.where(u > -m, 2.0 * u, torch.zeros_like(u))
+    if kind == NonTargetKind.QUADRATIC_DETACHED:
+        return torch.relu(u + m)
+    return torch.where(u > row_threshold.to(u.dtype)[:, None], params.t + 2.0 * u, torch.ones_like(u))
+
+
+@torch.no_grad()
+def reference_backward(
+    grad_lse: Tensor,
+    grad_target_u: Tensor,
+    grad_sum: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    class_index: Tensor | None,
+    row_threshold: Tensor | None,
+    params: KernelParams,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The backward of :func:`margin_lse_terms`, written out with the formulas of
+    :mod:`fused_margin.kernel_params` (the same steps a kernel takes, on whole matrices)."""
+    dtype = acc_dtype(x, weight)
+    k = params.num_subcenters
+    xf = x.to(dtype)
+    rows = used_rows(class_index, weight.shape[0], k, x.device)
+    wf = weight.to(dtype) if rows is None else weight.to(dtype).index_select(0, rows)
+    r = 1.0 / torch.linalg.vector_norm(xf, dim=1).clamp_min(_NORM_EPS) if params.normalize_x else None
+    q = 1.0 / torch.linalg.vector_norm(wf, dim=1).clamp_min(_NORM_EPS) if params.normalize_w else None
+    u_full = xf @ wf.T
+    if r is not None:
+        u_full = u_full * r[:, None]
+    if q is not None:
+        u_full = u_full * q[None, :]
+    num_rows = u_full.shape[0]
+    u, best = u_full.view(num_rows, -1, k).max(dim=2)
+    num_classes = u.shape[1]
+
+    has_target = (labels >= 0) & (labels < num_classes)
+    safe_labels = torch.where(has_target, labels, torch.zeros_like(labels))
+    target_mask = torch.zeros_like(u, dtype=torch.bool)
+    target_mask[torch.arange(num_rows, device=u.device), safe_labels] = has_target
+
+    nt = NonTarget(params.kind, params.alpha, params.delta, params.margin, params.t)
+    thresholds = None if row_threshold is None else row_threshold.to(dtype)
+    z = params.scale * nt.apply(u, thresholds)
+    if bias is not None:
+        b = bias.to(dtype) if class_index is None else bias.to(dtype).index_select(0, class_index)
+        z = z + b
+    lse = _lse_neg_forward(z, target_mask)
+    finite = torch.isfinite(lse)
+    lse_safe = torch.where(finite, lse, torch.zeros_like(lse))
+    prob = torch.exp(z - lse_safe[:, None]) * finite[:, None]
+    dz = grad_lse.to(dtype)[:, None] * prob + grad_sum.to(dtype)[:, None]
+    dz = dz.masked_fill(target_mask, 0.0)
+    d_u = dz * (params.scale * non_target_derivative(u, params, thresholds))
+    d_u = d_u + target_mask * grad_target_u.to(dtype)[:, None]
+
+    # Route each class's gradient to the sub-center that attained the max.
+    d_full = torch.zeros_like(u_full).view(num_rows, -1, k)
+    d_full.scatter_(2, best[:, :, None], d_u[:, :, None])
+    d_full = d_full.view(num_rows, -1)
+
+    w_scaled = wf if q is None else wf * q[:, None]
+    x_scaled = xf if r is None else xf * r[:, None]
+    grad_x = d_full @ w_scaled
+    if r is not None:
+        rho = (d_full * u_full).sum(dim=1)
+        grad_x = r[:, None] * grad_x - (rho * r * r)[:, None] * xf
+    grad_w_used = d_full.T @ x_scaled
+    if q is not None:
+        kappa = (d_full * u_full).sum(dim=0)
+        grad_w_used = q[:, None] * grad_w_used - (kappa * q * q)[:, None] * wf
+    if rows is None:
+        grad_w = grad_w_used.to(weight.dtype)
+    else:
+        grad_w = torch.zeros_like(weight).index_add_(0, rows, grad_w_used.to(weight.dtype))
+    grad_b = None
+    if bias is not None:
+        db = dz.sum(dim=0)
+        grad_b = db.to(bias.dtype) if class_index is None else torch.zeros_like(bias).index_add_(
+            0, class_index, db.to(bias.dtype)
+        )
+    return grad_x.to(x.dtype), grad_w, grad_b
+
+
+def _lse_neg_forward(z: Tensor, target_mask: Tensor) -> Tensor:
+    # A row whose only class is its target has an empty negative set: lse_neg = -inf.
+    # The double `where` keeps its gradient finite (zero) instead of NaN.
+    has_negative = (~target_mask).any(dim=1)
+    z_neg = z.masked_fill(target_mask, float("-inf"))
+    z_neg = torch.where(has_negative[:, None], z_neg, torch.zeros_like(z_neg))
+    lse_neg = torch.logsumexp(z_neg, dim=1)
+    return torch.where(has_negative, lse_neg, torch.full_like(lse_neg, float("-inf")))
+
+
+def logits_reference(
+    x: Tensor, weight: Tensor, spec: MarginSpec, bias: Tensor | None = None
+) -> Tensor:
+    """Margin-free logits ``s * u + bias`` (B, C): what a trained head predicts with."""
+    params = KernelParams.from_spec(spec)
+    u, _, _ = cosine_matrix(x, weight, None, params)
+    z = spec.scale * u
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    return z
+
+
+def margin_cross_entropy_reference(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    spec: MarginSpec,
+    **kwargs,
+):
+    """`fused_margin.margin_cross_entropy` with ``backend='reference'`` but without the
+    custom op: plain autograd through eager PyTorch (the benchmarks' eager baseline)."""
+    from .functional import margin_cross_entropy
+
+    return margin_cross_entropy(embeddings, weight, labels, spec, backend="eager", **kwargs)

@@ -1,0 +1,507 @@
+"""`MarginSpec`: the declarative description of a margin-based softmax head.
+
+A head is split in two (DESIGN.md section 2):
+
+* the **non-target** transform ``z_bj = s * T_n(u_bj) (+ bias_j)`` applied to every
+  class but the label, chosen from a small closed set (:class:`NonTarget`) that every
+  fused kernel implements;
+* the **target** transform ``z_y = f(u_y, ||x||, ...)``: any differentiable function
+  of B-vectors, evaluated in plain PyTorch with autograd (:class:`TargetContext`).
+
+Because the target side is arbitrary PyTorch, a user can express a new margin as a
+`MarginSpec` with their own ``target`` callable and one of the built-in non-target
+transforms, without writing a kernel.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "COS_EPS",
+    "MarginSpec",
+    "NonTarget",
+    "NonTargetKind",
+    "TargetContext",
+    "TargetTransform",
+    "lambda_schedule",
+    "psi_multiple_angle",
+]
+
+#: The target cosine is clamped to ``[-1 + COS_EPS, 1 - COS_EPS]`` before any angular
+#: transform: ``acos'`` (and the ``sqrt(1 - c^2)`` in ``cos(theta + m)``) is unbounded
+#: at ``|c| = 1``, so without the clamp a perfectly aligned embedding gives an infinite
+#: or NaN gradient. The gradient of the clamp is zero outside that band.
+COS_EPS: float = 1e-6
+
+
+class NonTargetKind(enum.IntEnum):
+    """The closed set of non-target transforms ``T_n`` the kernels implement."""
+
+    IDENTITY = 0  # T(u) = u
+    AFFINE = 1  # T(u) = alpha * u + delta
+    QUADRATIC = 2  # T(u) = [u + m]_+ * (u - m), exact gradient (SO-Softmax)
+    QUADRATIC_DETACHED = 3  # same value, gradient [u + m]_+ (Circle loss, detached weight)
+    CURRICULAR = 4  # T(u) = u * (t + u) if u > threshold_b else u (CurricularFace)
+
+
+@dataclass(frozen=True)
+class NonTarget:
+    """Parameters of the non-target transform.
+
+    ``margin`` is the ``m`` of the quadratic forms and CurricularFace's angular margin
+    (the per-row threshold is ``cos(theta_y + m)``, treated as a constant, as in the
+    paper); ``t`` is CurricularFace's modulation coefficient.
+    """
+
+    kind: NonTargetKind = NonTargetKind.IDENTITY
+    alpha: float = 1.0
+    delta: float = 0.0
+    margin: float = 0.0
+    t: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", NonTargetKind(self.kind))
+        for name in ("alpha", "delta", "margin", "t"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"NonTarget.{name} must be a finite number, got {value!r}")
+
+    def apply(self, u: Tensor, row_threshold: Tensor | None = None) -> Tensor:
+        """``T_n(u)`` for a (B, C) tensor, with autograd (used by the reference)."""
+        kind = self.kind
+        if kind == NonTargetKind.IDENTITY:
+            return u
+        if kind == NonTargetKind.AFFINE:
+            return self.alpha * u + self.delta
+        if kind == NonTargetKind.QUADRATIC:
+            return torch.relu(u + self.margin) * (u - self.margin)
+        if kind == NonTargetKind.QUADRATIC_DETACHED:
+            return torch.relu(u + self.margin).detach() * (u - self.margin)
+        if row_threshold is None:
+            raise ValueError("the CurricularFace non-target transform needs row_threshold")
+        hard = u > row_threshold[:, None]
+        return torch.where(hard, u * (self.t + u), u)
+
+    def threshold(self, target_cos: Tensor) -> Tensor:
+        """CurricularFace's per-row threshold ``cos(theta_y + m)``, from the detached
+        target cosine (no fallback branch: the paper compares with ``cos(theta_y + m)``)."""
+        c = target_cos.clamp(-1.0, 1.0)
+        return c * math.cos(self.margin) - torch.sqrt((1.0 - c * c).clamp_min(0.0)) * math.sin(
+            self.margin
+        )
+
+
+class TargetContext:
+    """What a target transform may use, all as B-vectors with autograd.
+
+    * ``u``: the kernel's target value ``r_b * q_y * <x_b, w_y>`` (max over sub-centers);
+    * ``cos``: the target cosine ``c_y`` (``u`` divided by whichever norms the kernel
+      did not fold in), **not** clamped;
+    * ``embedding_norm``: ``||x_b||``;
+    * ``weight_norm``: ``||w_{y_b}||`` (computed on first use: an O(B*D) gather);
+    * ``step``: the head's step counter (for annealed margins).
+    """
+
+    def __init__(
+        self,
+        u: Tensor,
+        embeddings: Tensor,
+        weight: Tensor,
+        target_rows: Tensor,
+        normalize_embeddings: bool,
+        normalize_weight: bool,
+        step: int = 0,
+    ) -> None:
+        self.u = u
+        self.step = step
+        self._embeddings = embeddings
+        self._weight = weight
+        self._target_rows = target_rows
+        self._normalize_embeddings = normalize_embeddings
+        self._normalize_weight = normalize_weight
+        self._embedding_norm: Tensor | None = None
+        self._weight_norm: Tensor | None = None
+
+    @property
+    def embedding_norm(self) -> Tensor:
+        if self._embedding_norm is None:
+            self._embedding_norm = torch.linalg.vector_norm(
+                self._embeddings.to(self.u.dtype), dim=1
+            )
+        return self._embedding_norm
+
+    @property
+    def weight_norm(self) -> Tensor:
+        if self._weight_norm is None:
+            rows = self._weight.index_select(0, self._target_rows).to(self.u.dtype)
+            self._weight_norm = torch.linalg.vector_norm(rows, dim=1)
+        return self._weight_norm
+
+    @property
+    def cos(self) -> Tensor:
+        c = self.u
+        if not self._normalize_embeddings:
+            c = c / self.embedding_norm.clamp_min(1e-12)
+        if not self._normalize_weight:
+            c = c / self.weight_norm.clamp_min(1e-12)
+        return c
+
+    def clamped_cos(self) -> Tensor:
+        return self.cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+
+
+#: A target transform maps a :class:`TargetContext` to the target logits ``z_y`` (B,).
+TargetTransform = Callable[[TargetContext], Tensor]
+#: An optional per-row term added to the loss (MagFace's regularizer ``g(a)``).
+RowRegularizer = Callable[[TargetContext], Tensor]
+
+
+def psi_multiple_angle(c: Tensor, m: int) -> Tensor:
+    """``psi_m(theta) = (-1)^k cos(m*theta) - 2k`` on ``[k*pi/m, (k+1)*pi/m]``.
+
+    Computed from ``c = cos(theta)`` without ``acos``: ``cos(m*theta)`` is the Chebyshev
+    polynomial ``T_m(c)`` (by its recurrence), and ``k`` counts the thresholds
+    ``cos(j*pi/m)`` (j = 1..m-1) that ``c`` lies at or below (L-Softmax, Liu et al. 2016,
+    eq. 6-7). ``k`` is piecewise constant, so it carries no gradient.
+    """
+    t_prev, t_cur = torch.ones_like(c), c
+    if m == 0:
+        t_cur = t_prev
+    for _ in range(1, m):
+        t_prev, t_cur = t_cur, 2.0 * c * t_cur - t_prev
+    with torch.no_grad():
+        k = torch.zeros_like(c)
+        for j in range(1, m):
+            k = k + (c <= math.cos(j * math.pi / m)).to(c.dtype)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * t_cur - 2.0 * k
+
+
+def lambda_schedule(step: int, base: float, gamma: float, power: float, lambda_min: float) -> float:
+    """``lambda = max(lambda_min, base * (1 + gamma * step) ** (-power))`` (SphereFace,
+    L-Softmax: the annealed weight of the plain cosine in the target logit)."""
+    return max(lambda_min, base * (1.0 + gamma * step) ** (-power))
+
+
+def _positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return float(value)
+
+
+def _finite(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _unit_interval(name: str, value: float, *, upper: float = math.pi) -> float:
+    value = _finite(name, value)
+    if not 0.0 <= value < upper:
+        raise ValueError(f"{name} must lie in [0, {upper:g}), got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------
+# Built-in target transforms. Frozen dataclasses (not closures) so that a spec has a
+# readable repr, compares by value, and pickles.
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    """``z_y = s * u_y``: Softmax (s = 1) and NormFace."""
+
+    scale: float
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        return self.scale * ctx.u
+
+
+@dataclass(frozen=True)
+class CosineMarginTarget:
+    """``z_y = s * (cos(m1 * theta + m2) - m3)``, the InsightFace combined margin.
+
+    ArcFace (``m1 = 1, m3 = 0``) gets the monotonic fallback ``s * (c - m2 * sin m2)``
+    where ``theta + m2 > pi`` (InsightFace's ``th``/``mm``), or ``easy_margin``
+    (margin only where ``c > 0``). ``straight_through`` applies the margin in the
+    forward pass only (the gradient is that of ``s * c``), as InsightFace's current
+    ArcFace does. CosFace and CS-Softmax are ``m1 = 1, m2 = 0``.
+    """
+
+    scale: float
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    easy_margin: bool = False
+    straight_through: bool = False
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        c = ctx.clamped_cos() if (self.m1 != 1.0 or self.m2 != 0.0) else ctx.cos
+        z = self.margin_cos(c)
+        if self.straight_through:
+            z = c + (z - c).detach()
+        return self.scale * z
+
+    def margin_cos(self, c: Tensor) -> Tensor:
+        m1, m2, m3 = self.m1, self.m2, self.m3
+        if m1 == 1.0 and m2 == 0.0:
+            return c - m3
+        if m1 == 1.0:
+            # cos(theta + m) = c cos m - sin(theta) sin m, with no acos (exact gradient).
+            sin_theta = torch.sqrt((1.0 - c * c).clamp_min(0.0))
+            arc = c * math.cos(m2) - sin_theta * math.sin(m2)
+            if self.easy_margin:
+                arc = torch.where(c > 0, arc, c)
+            else:
+                arc = torch.where(c > math.cos(math.pi - m2), arc, c - m2 * math.sin(m2))
+            return arc - m3
+        return torch.cos(m1 * torch.acos(c) + m2) - m3
+
+
+@dataclass(frozen=True)
+class MultiplicativeAngularTarget:
+    """SphereFace / L-Softmax: ``z_y = N * (lambda * c + psi_m(theta)) / (1 + lambda)``
+    with ``N = ||x||`` (SphereFace) or ``||w_y|| * ||x||`` (L-Softmax)."""
+
+    margin: int
+    lam: float
+    include_weight_norm: bool
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        c = ctx.clamped_cos()
+        magnitude = ctx.embedding_norm
+        if self.include_weight_norm:
+            magnitude = magnitude * ctx.weight_norm
+        blended = (self.lam * c + psi_multiple_angle(c, self.margin)) / (1.0 + self.lam)
+        return magnitude * blended
+
+
+@dataclass(frozen=True)
+class GoalOrientedTarget:
+    """SO-Softmax's positive transform ``s * (m^2 - (1 - c)^2)`` (reconstructed from the
+    abstract: the positive similarity is pulled toward 1). With ``detached=True`` it is
+    the Circle loss proxy form ``s * [1 + m - c]_+ * (c - (1 - m))`` whose weight
+    ``[1 + m - c]_+`` carries no gradient (Sun et al. 2020, eq. 4 with O_p = 1 + m)."""
+
+    scale: float
+    margin: float
+    detached: bool = False
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        c = ctx.cos
+        m = self.margin
+        if self.detached:
+            return self.scale * torch.relu(1.0 + m - c).detach() * (c - (1.0 - m))
+        return self.scale * (m * m - (1.0 - c) ** 2)
+
+
+@dataclass(frozen=True)
+class AdaptiveMarginTarget:
+    """AdaFace (Kim et al. 2022, eq. 11): with ``g`` the normalized feature norm
+    (computed by the head from its batch statistics and passed as ``norm_scaler``),
+    ``z_y = s * (cos(clip(theta - m*g, eps, pi - eps)) - (m + m*g))``."""
+
+    scale: float
+    margin: float
+    norm_scaler: Tensor = field(compare=False)
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        c = ctx.clamped_cos()
+        g = self.norm_scaler.to(c.dtype)
+        theta = torch.acos(c) - self.margin * g
+        theta = theta.clamp(COS_EPS, math.pi - COS_EPS)
+        return self.scale * (torch.cos(theta) - (self.margin + self.margin * g))
+
+
+@dataclass(frozen=True)
+class MagnitudeAwareTarget:
+    """MagFace (Meng et al. 2021): ArcFace with margin ``m(a)`` growing linearly in the
+    clamped feature norm ``a = clamp(||x||, l_a, u_a)``, with the ArcFace fallback."""
+
+    scale: float
+    lower_norm: float
+    upper_norm: float
+    lower_margin: float
+    upper_margin: float
+
+    def margin_of(self, ctx: TargetContext) -> Tensor:
+        a = ctx.embedding_norm.clamp(self.lower_norm, self.upper_norm)
+        slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
+        return slope * (a - self.lower_norm) + self.lower_margin
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        c = ctx.clamped_cos()
+        m = self.margin_of(ctx)
+        sin_theta = torch.sqrt((1.0 - c * c).clamp_min(0.0))
+        arc = c * torch.cos(m) - sin_theta * torch.sin(m)
+        fallback = c - m * torch.sin(m)
+        return self.scale * torch.where(c > torch.cos(math.pi - m), arc, fallback)
+
+
+@dataclass(frozen=True)
+class MagFaceRegularizer:
+    """MagFace's ``lambda_g * g(a)`` with ``g(a) = a / u_a^2 + 1 / a``."""
+
+    weight: float
+    lower_norm: float
+    upper_norm: float
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        a = ctx.embedding_norm.clamp(self.lower_norm, self.upper_norm)
+        return self.weight * (a / self.upper_norm**2 + 1.0 / a)
+
+
+@dataclass(frozen=True)
+class MarginSpec:
+    """A head, as data: what the fused operation and the target transform need.
+
+    Attributes:
+        scale: ``s`` of the non-target logits ``s * T_n(u)`` (> 0).
+        target: callable ``TargetContext -> z_y`` (B,), evaluated with autograd.
+        non_target: the non-target transform (:class:`NonTarget`).
+        normalize_embeddings: fold ``1/||x_b||`` into the GEMM.
+        normalize_weight: fold ``1/||w_j||`` into the GEMM.
+        num_subcenters: ``K``; rows ``j*K .. j*K+K-1`` of the weight are class ``j``'s
+            sub-centers and the logit is the max over them.
+        regularizer: optional per-row term added to the loss (MagFace).
+        name: for reprs and benchmark tables.
+    """
+
+    scale: float
+    target: TargetTransform
+    non_target: NonTarget = NonTarget()
+    normalize_embeddings: bool = True
+    normalize_weight: bool = True
+    num_subcenters: int = 1
+    regularizer: RowRegularizer | None = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        _positive("scale", self.scale)
+        if not callable(self.target):
+            raise TypeError(f"target must be callable (TargetContext -> Tensor), got {self.target!r}")
+        if not isinstance(self.non_target, NonTarget):
+            raise TypeError(f"non_target must be a NonTarget, got {self.non_target!r}")
+        if (
+            not isinstance(self.num_subcenters, int)
+            or isinstance(self.num_subcenters, bool)
+            or self.num_subcenters < 1
+        ):
+            raise ValueError(f"num_subcenters must be a positive integer, got {self.num_subcenters!r}")
+
+    # ---- the heads of DESIGN.md section 3, as stateless specs -------------------
+
+    @classmethod
+    def softmax(cls) -> MarginSpec:
+        return cls(1.0, LinearTarget(1.0), normalize_embeddings=False, normalize_weight=False, name="softmax")
+
+    @classmethod
+    def normface(cls, scale: float = 30.0) -> MarginSpec:
+        s = _positive("scale", scale)
+        return cls(s, LinearTarget(s), name="normface")
+
+    @classmethod
+    def cosface(cls, scale: float = 64.0, margin: float = 0.35) -> MarginSpec:
+        s = _positive("scale", scale)
+        return cls(s, CosineMarginTarget(s, m3=_finite("margin", margin)), name="cosface")
+
+    @classmethod
+    def arcface(
+        cls,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        *,
+        easy_margin: bool = False,
+        straight_through: bool = False,
+        num_subcenters: int = 1,
+    ) -> MarginSpec:
+        s = _positive("scale", scale)
+        target = CosineMarginTarget(
+            s,
+            m2=_unit_interval("margin", margin),
+            easy_margin=easy_margin,
+            straight_through=straight_through,
+        )
+        name = "arcface" if num_subcenters == 1 else "subcenter_arcface"
+        return cls(s, target, num_subcenters=num_subcenters, name=name)
+
+    @classmethod
+    def combined(cls, scale: float = 64.0, margins: tuple[float, float, float] = (1.0, 0.3, 0.2)) -> MarginSpec:
+        s = _positive("scale", scale)
+        if len(margins) != 3:
+            raise ValueError(f"margins must be (m1, m2, m3), got {margins!r}")
+        m1 = _positive("margins[0] (m1)", margins[0])
+        m2 = _unit_interval("margins[1] (m2)", margins[1])
+        m3 = _finite("margins[2] (m3)", margins[2])
+        return cls(s, CosineMarginTarget(s, m1=m1, m2=m2, m3=m3), name="combined")
+
+    @classmethod
+    def sphereface(cls, margin: int = 4, lam: float = 5.0) -> MarginSpec:
+        m = _integer_margin(margin)
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a non-negative finite number, got {lam!r}")
+        target = MultiplicativeAngularTarget(m, float(lam), include_weight_norm=False)
+        return cls(1.0, target, normalize_embeddings=False, normalize_weight=True, name="sphereface")
+
+    @classmethod
+    def lsoftmax(cls, margin: int = 2, lam: float = 0.0) -> MarginSpec:
+        m = _integer_margin(margin)
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a non-negative finite number, got {lam!r}")
+        target = MultiplicativeAngularTarget(m, float(lam), include_weight_norm=True)
+        return cls(1.0, target, normalize_embeddings=False, normalize_weight=False, name="lsoftmax")
+
+    @classmethod
+    def cs_softmax(cls, scale: float = 30.0, margin: float = 0.35, weight_update_factor: float = 1.0) -> MarginSpec:
+        s = _positive("scale", scale)
+        alpha = _positive("weight_update_factor", weight_update_factor)
+        return cls(
+            s,
+            CosineMarginTarget(s, m3=_finite("margin", margin)),
+            NonTarget(NonTargetKind.AFFINE, alpha=alpha),
+            name="cs_softmax",
+        )
+
+    @classmethod
+    def so_softmax(cls, scale: float = 64.0, margin: float = 0.25) -> MarginSpec:
+        s = _positive("scale", scale)
+        m = _finite("margin", margin)
+        return cls(s, GoalOrientedTarget(s, m), NonTarget(NonTargetKind.QUADRATIC, margin=m), name="so_softmax")
+
+    @classmethod
+    def circle(cls, scale: float = 256.0, margin: float = 0.25) -> MarginSpec:
+        s = _positive("scale", scale)
+        m = _finite("margin", margin)
+        return cls(
+            s,
+            GoalOrientedTarget(s, m, detached=True),
+            NonTarget(NonTargetKind.QUADRATIC_DETACHED, margin=m),
+            name="circle",
+        )
+
+    @classmethod
+    def curricularface(cls, scale: float = 64.0, margin: float = 0.5, t: float = 0.0) -> MarginSpec:
+        s = _positive("scale", scale)
+        m = _unit_interval("margin", margin)
+        return cls(
+            s,
+            CosineMarginTarget(s, m2=m),
+            NonTarget(NonTargetKind.CURRICULAR, margin=m, t=_finite("t", t)),
+            name="curricularface",
+        )
+
+
+def _integer_margin(margin: int) -> int:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != int(margin) or margin < 1:
+        raise ValueError(f"margin must be a positive integer (the angle multiplier m), got {margin!r}")
+    return int(margin)

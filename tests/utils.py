@@ -1,0 +1,103 @@
+"""Helpers shared by the tests: inputs, the float64 ground truth, error measures."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import fused_margin as fm
+from fused_margin import MarginSpec
+
+#: Every head as a stateless spec, with the parameters the tests use. The angular
+#: heads keep their defaults; SphereFace and L-Softmax at a mid-range lambda.
+HEAD_SPECS: dict[str, MarginSpec] = {
+    "softmax": MarginSpec.softmax(),
+    "normface": MarginSpec.normface(),
+    "cosface": MarginSpec.cosface(),
+    "arcface": MarginSpec.arcface(),
+    "combined": MarginSpec.combined(),
+    "sphereface": MarginSpec.sphereface(lam=5.0),
+    "lsoftmax": MarginSpec.lsoftmax(lam=2.0),
+    "cs_softmax": MarginSpec.cs_softmax(weight_update_factor=0.8),
+    "so_softmax": MarginSpec.so_softmax(),
+    "circle": MarginSpec.circle(),
+    "curricularface": MarginSpec.curricularface(t=0.4),
+    "subcenter_arcface": MarginSpec.arcface(num_subcenters=3),
+}
+
+
+def make_inputs(
+    batch: int,
+    num_classes: int,
+    dim: int,
+    *,
+    num_subcenters: int = 1,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    ignore_rows: int = 0,
+    peaked_rows: int = 0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Random (x, W, labels). Labels include 0 and C-1 when the batch allows; the first
+    ``peaked_rows`` embeddings equal (a multiple of) their target's weight row (c_y = 1);
+    the last ``ignore_rows`` labels are ``ignore_index``."""
+    x = torch.randn(batch, dim, dtype=torch.float64)
+    w = torch.randn(num_classes * num_subcenters, dim, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (batch,))
+    if batch >= 2:
+        labels[0], labels[1] = 0, num_classes - 1
+    for b in range(min(peaked_rows, batch)):
+        x[b] = 3.0 * w[labels[b] * num_subcenters]
+    if ignore_rows:
+        labels[batch - ignore_rows:] = ignore_index
+    return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), labels.to(device)
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives inf: NaN never passes)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = torch.linalg.vector_norm(ref64)
+    diff = torch.linalg.vector_norm(out64 - ref64)
+    if denom == 0:
+        return float(diff)
+    return float(diff / denom)
+
+
+def assert_rel_close(out: Tensor, ref: Tensor, tol: float, what: str = "") -> None:
+    """Relative-norm check with a verbose message (max abs error and where it is)."""
+    err = rel_err(out, ref)
+    if err <= tol:
+        return
+    diff = (out.detach().double() - ref.detach().double()).abs()
+    flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    raise AssertionError(
+        f"{what}: relative error {err:.3e} > {tol:.1e}; max abs error {float(diff.max()):.3e} at {where} "
+        f"(out {float(out.detach().double().reshape(-1)[flat]):.6g}, ref {float(ref.detach().double().reshape(-1)[flat]):.6g})"
+    )
+
+
+def loss_and_grads(
+    x: Tensor,
+    w: Tensor,
+    labels: Tensor,
+    spec: MarginSpec,
+    *,
+    backend: str,
+    upstream: Tensor | None = None,
+    bias: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(loss, dx, dW, dbias) of ``margin_cross_entropy``; with ``upstream`` the loss is
+    per-row (reduction='none') and backpropagated with that random upstream gradient."""
+    xr = x.detach().clone().requires_grad_(True)
+    wr = w.detach().clone().requires_grad_(True)
+    br = None if bias is None else bias.detach().clone().requires_grad_(True)
+    reduction = "none" if upstream is not None else kwargs.pop("reduction", "mean")
+    loss = fm.margin_cross_entropy(xr, wr, labels, spec, bias=br, backend=backend, reduction=reduction, **kwargs)
+    grad_out = upstream if upstream is not None else torch.ones_like(loss)
+    inputs = (xr, wr) if br is None else (xr, wr, br)
+    grads = torch.autograd.grad(loss, inputs, grad_out.to(loss.dtype))
+    return loss.detach(), grads[0], grads[1], (grads[2] if br is not None else None)
