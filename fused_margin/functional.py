@@ -149,7 +149,7 @@ def margin_cross_entropy(
     embeddings: Tensor, weight: Tensor, labels: Tensor, spec: MarginSpec, *,
     bias: Tensor | None = ..., class_index: Tensor | None = ..., reduction: Reduction = ...,
     ignore_index: int = ..., label_smoothing: float = ..., return_accuracy: Literal[False] = ...,
-    backend: BackendName = ..., step: int = ...,
+    backend: BackendName = ..., step: int | Tensor = ...,
 ) -> Tensor: ...
 
 
@@ -158,7 +158,7 @@ def margin_cross_entropy(
     embeddings: Tensor, weight: Tensor, labels: Tensor, spec: MarginSpec, *,
     bias: Tensor | None = ..., class_index: Tensor | None = ..., reduction: Reduction = ...,
     ignore_index: int = ..., label_smoothing: float = ..., return_accuracy: Literal[True],
-    backend: BackendName = ..., step: int = ...,
+    backend: BackendName = ..., step: int | Tensor = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -175,7 +175,7 @@ def margin_cross_entropy(
     label_smoothing: float = 0.0,
     return_accuracy: bool = False,
     backend: BackendName = "auto",
-    step: int = 0,
+    step: int | Tensor = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Margin-based softmax cross-entropy without materializing the (B, C) logits.
 

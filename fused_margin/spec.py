@@ -25,6 +25,9 @@ from torch import Tensor
 
 __all__ = [
     "COS_EPS",
+    "SIN2_EPS",
+    "safe_acos",
+    "sin_from_cos",
     "MarginSpec",
     "NonTarget",
     "NonTargetKind",
@@ -34,11 +37,31 @@ __all__ = [
     "psi_multiple_angle",
 ]
 
-#: The target cosine is clamped to ``[-1 + COS_EPS, 1 - COS_EPS]`` before any angular
-#: transform: ``acos'`` (and the ``sqrt(1 - c^2)`` in ``cos(theta + m)``) is unbounded
-#: at ``|c| = 1``, so without the clamp a perfectly aligned embedding gives an infinite
-#: or NaN gradient. The gradient of the clamp is zero outside that band.
-COS_EPS: float = 1e-6
+#: Angular target transforms need ``sin(theta) = sqrt(1 - c^2)`` or ``acos(c)``, whose
+#: derivatives are unbounded at ``|c| = 1``. Their forward values are computed exactly
+#: (``c`` clamped to [-1, 1]), but their gradients are those of the same functions with
+#: ``1 - c^2`` floored at ``SIN2_EPS``: finite (at most ``1/sqrt(SIN2_EPS)`` = 1e6 in
+#: magnitude), exact wherever ``1 - c^2 >= SIN2_EPS`` (any fp32 cosine other than
+#: exactly +-1), and never NaN, for perfectly aligned embeddings too.
+SIN2_EPS: float = 1e-12
+COS_EPS: float = SIN2_EPS  # kept for the name used in the docs
+
+
+def sin_from_cos(c: Tensor) -> Tensor:
+    """``sqrt(1 - c^2)`` with an exact forward and a finite gradient (see SIN2_EPS)."""
+    one_minus = 1.0 - c * c
+    exact = torch.sqrt(one_minus.clamp_min(0.0))
+    floored = torch.sqrt(one_minus.clamp_min(SIN2_EPS))
+    return floored + (exact - floored).detach()
+
+
+def safe_acos(c: Tensor) -> Tensor:
+    """``acos(c)`` for ``c`` in [-1, 1], exact forward, finite gradient (see SIN2_EPS)."""
+    # the band's edge must be representable below 1 in c's dtype (fp32 rounds 1 - 5e-13 to 1)
+    bound = min(math.sqrt(1.0 - SIN2_EPS), 1.0 - torch.finfo(c.dtype).eps / 2)
+    exact = torch.acos(c.clamp(-1.0, 1.0))
+    banded = torch.acos(c.clamp(-bound, bound))
+    return banded + (exact - banded).detach()
 
 
 class NonTargetKind(enum.IntEnum):
@@ -117,7 +140,7 @@ class TargetContext:
         target_rows: Tensor,
         normalize_embeddings: bool,
         normalize_weight: bool,
-        step: int = 0,
+        step: int | Tensor = 0,
     ) -> None:
         self.u = u
         self.step = step
@@ -154,7 +177,8 @@ class TargetContext:
         return c
 
     def clamped_cos(self) -> Tensor:
-        return self.cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+        """``cos`` clamped to [-1, 1] (rounding can push it slightly outside)."""
+        return self.cos.clamp(-1.0, 1.0)
 
 
 #: A target transform maps a :class:`TargetContext` to the target logits ``z_y`` (B,).
@@ -258,14 +282,14 @@ class CosineMarginTarget:
             return c - m3
         if m1 == 1.0:
             # cos(theta + m) = c cos m - sin(theta) sin m, with no acos (exact gradient).
-            sin_theta = torch.sqrt((1.0 - c * c).clamp_min(0.0))
+            sin_theta = sin_from_cos(c)
             arc = c * math.cos(m2) - sin_theta * math.sin(m2)
             if self.easy_margin:
                 arc = torch.where(c > 0, arc, c)
             else:
                 arc = torch.where(c > math.cos(math.pi - m2), arc, c - m2 * math.sin(m2))
             return arc - m3
-        return torch.cos(m1 * torch.acos(c) + m2) - m3
+        return torch.cos(m1 * safe_acos(c) + m2) - m3
 
 
 @dataclass(frozen=True)
@@ -274,15 +298,29 @@ class MultiplicativeAngularTarget:
     with ``N = ||x||`` (SphereFace) or ``||w_y|| * ||x||`` (L-Softmax)."""
 
     margin: int
-    lam: float
     include_weight_norm: bool
+    #: ``lambda(step) = max(lambda_min, lambda_base * (1 + gamma * step)^-power)``;
+    #: gamma = 0 gives the constant ``max(lambda_min, lambda_base)``.
+    lambda_base: float
+    lambda_gamma: float = 0.0
+    lambda_power: float = 1.0
+    lambda_min: float = 0.0
+
+    def lambda_at(self, step: int | Tensor) -> float | Tensor:
+        if isinstance(step, Tensor):  # a head's step buffer: stay on the device, no sync
+            decay = (1.0 + self.lambda_gamma * step.double()) ** (-self.lambda_power)
+            return (self.lambda_base * decay).clamp_min(self.lambda_min)
+        return lambda_schedule(step, self.lambda_base, self.lambda_gamma, self.lambda_power, self.lambda_min)
 
     def __call__(self, ctx: TargetContext) -> Tensor:
         c = ctx.clamped_cos()
         magnitude = ctx.embedding_norm
         if self.include_weight_norm:
             magnitude = magnitude * ctx.weight_norm
-        blended = (self.lam * c + psi_multiple_angle(c, self.margin)) / (1.0 + self.lam)
+        lam = self.lambda_at(ctx.step)
+        if isinstance(lam, Tensor):
+            lam = lam.to(c.dtype)
+        blended = (lam * c + psi_multiple_angle(c, self.margin)) / (1.0 + lam)
         return magnitude * blended
 
 
@@ -307,19 +345,19 @@ class GoalOrientedTarget:
 
 @dataclass(frozen=True)
 class AdaptiveMarginTarget:
-    """AdaFace (Kim et al. 2022, eq. 11): with ``g`` the normalized feature norm
-    (computed by the head from its batch statistics and passed as ``norm_scaler``),
+    """AdaFace (Kim et al. 2022, eq. 11): with ``g = norm_scaler(||x||)`` in [-1, 1] (the
+    head maps the detached feature norms through its batch statistics),
     ``z_y = s * (cos(clip(theta - m*g, eps, pi - eps)) - (m + m*g))``."""
 
     scale: float
     margin: float
-    norm_scaler: Tensor = field(compare=False)
+    norm_scaler: Callable[[Tensor], Tensor] = field(compare=False)
 
     def __call__(self, ctx: TargetContext) -> Tensor:
         c = ctx.clamped_cos()
-        g = self.norm_scaler.to(c.dtype)
-        theta = torch.acos(c) - self.margin * g
-        theta = theta.clamp(COS_EPS, math.pi - COS_EPS)
+        g = self.norm_scaler(ctx.embedding_norm.detach()).to(c.dtype)
+        # the authors clip theta to [eps, pi - eps] with eps = 1e-3
+        theta = (safe_acos(c) - self.margin * g).clamp(1e-3, math.pi - 1e-3)
         return self.scale * (torch.cos(theta) - (self.margin + self.margin * g))
 
 
@@ -342,7 +380,7 @@ class MagnitudeAwareTarget:
     def __call__(self, ctx: TargetContext) -> Tensor:
         c = ctx.clamped_cos()
         m = self.margin_of(ctx)
-        sin_theta = torch.sqrt((1.0 - c * c).clamp_min(0.0))
+        sin_theta = sin_from_cos(c)
         arc = c * torch.cos(m) - sin_theta * torch.sin(m)
         fallback = c - m * torch.sin(m)
         return self.scale * torch.where(c > torch.cos(math.pi - m), arc, fallback)
@@ -446,19 +484,24 @@ class MarginSpec:
         return cls(s, CosineMarginTarget(s, m1=m1, m2=m2, m3=m3), name="combined")
 
     @classmethod
-    def sphereface(cls, margin: int = 4, lam: float = 5.0) -> MarginSpec:
-        m = _integer_margin(margin)
-        if not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a non-negative finite number, got {lam!r}")
-        target = MultiplicativeAngularTarget(m, float(lam), include_weight_norm=False)
+    def sphereface(
+        cls, margin: int = 4, lam: float = 5.0, *, gamma: float = 0.0, power: float = 1.0, lam_min: float = 0.0
+    ) -> MarginSpec:
+        """``lam`` is the constant lambda, or with ``gamma > 0`` the base of the annealing
+        ``max(lam_min, lam * (1 + gamma * step)^-power)`` (the step comes from the head)."""
+        target = MultiplicativeAngularTarget(
+            _integer_margin(margin), False, *_lambda_schedule_args(lam, gamma, power, lam_min)
+        )
         return cls(1.0, target, normalize_embeddings=False, normalize_weight=True, name="sphereface")
 
     @classmethod
-    def lsoftmax(cls, margin: int = 2, lam: float = 0.0) -> MarginSpec:
-        m = _integer_margin(margin)
-        if not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a non-negative finite number, got {lam!r}")
-        target = MultiplicativeAngularTarget(m, float(lam), include_weight_norm=True)
+    def lsoftmax(
+        cls, margin: int = 2, lam: float = 0.0, *, gamma: float = 0.0, power: float = 1.0, lam_min: float = 0.0
+    ) -> MarginSpec:
+        """As :meth:`sphereface`, for L-Softmax (nothing normalized)."""
+        target = MultiplicativeAngularTarget(
+            _integer_margin(margin), True, *_lambda_schedule_args(lam, gamma, power, lam_min)
+        )
         return cls(1.0, target, normalize_embeddings=False, normalize_weight=False, name="lsoftmax")
 
     @classmethod
@@ -499,6 +542,14 @@ class MarginSpec:
             NonTarget(NonTargetKind.CURRICULAR, margin=m, t=_finite("t", t)),
             name="curricularface",
         )
+
+
+def _lambda_schedule_args(lam: float, gamma: float, power: float, lam_min: float) -> tuple[float, ...]:
+    values = (lam, gamma, power, lam_min)
+    for name, value in zip(("lam", "gamma", "power", "lam_min"), values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def _integer_margin(margin: int) -> int:

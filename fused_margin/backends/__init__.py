@@ -91,6 +91,9 @@ def get_backend(name: str) -> Backend:
     return registry[name]
 
 
+# Resolution depends only on device, dtypes and the installed packages: a constant for a
+# compiled graph, so Dynamo runs it once at trace time instead of tracing the registry.
+@torch.compiler.assume_constant_result
 def resolve_backend(name: str, x: Tensor, weight: Tensor, params: KernelParams) -> str:
     """The backend that will run: ``name`` itself if it can, the first able one for 'auto'."""
     if name != "auto":

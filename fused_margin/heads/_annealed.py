@@ -3,8 +3,6 @@ blends ``c_y`` and ``psi_m(theta_y)`` with a weight ``lambda`` annealed by the s
 
 from __future__ import annotations
 
-import math
-
 from ..spec import MarginSpec, lambda_schedule
 from .base import MarginHead
 
@@ -24,11 +22,10 @@ class AnnealedAngularHead(MarginHead):
         lambda_min: float,
         **kwargs,
     ) -> None:
-        for name, value in (("lambda_base", lambda_base), ("lambda_gamma", lambda_gamma),
-                            ("lambda_power", lambda_power), ("lambda_min", lambda_min)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        self._factory(margin, lambda_min)  # validates margin
+        # validates margin and the schedule before allocating the weight
+        self._spec = self._factory(
+            margin, lambda_base, gamma=lambda_gamma, power=lambda_power, lam_min=lambda_min
+        )
         super().__init__(num_classes, embedding_size, **kwargs)
         self.margin = int(margin)
         self.lambda_base, self.lambda_gamma = lambda_base, lambda_gamma
@@ -37,7 +34,8 @@ class AnnealedAngularHead(MarginHead):
     @property
     def lam(self) -> float:
         """The current ``lambda = max(lambda_min, base * (1 + gamma * step)^-power)``."""
-        return lambda_schedule(self.step, self.lambda_base, self.lambda_gamma, self.lambda_power, self.lambda_min)
+        return lambda_schedule(int(self.step), self.lambda_base, self.lambda_gamma, self.lambda_power, self.lambda_min)
 
     def spec(self) -> MarginSpec:
-        return self._factory(self.margin, self.lam)
+        # constant: lambda is computed from the step buffer inside the target transform
+        return self._spec

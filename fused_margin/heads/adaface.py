@@ -39,23 +39,28 @@ class AdaFaceLoss(MarginHead):
         # The authors' initial statistics.
         self.register_buffer("batch_mean", torch.full((), 20.0, device=device))
         self.register_buffer("batch_std", torch.full((), 100.0, device=device))
+        # The target reads the statistics through this bound method, so the spec stays
+        # one constant object (and follows the buffers across .to(device)).
+        self._spec = MarginSpec(scale, AdaptiveMarginTarget(scale, margin, self.norm_scaler), name="adaface")
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)
         norms = torch.linalg.vector_norm(embeddings.float(), dim=1).clamp(0.001, 100.0)
-        valid = norms[internal >= 0]
-        if valid.numel() > 1:
-            self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * valid.mean())
-            self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * valid.std())
+        # Masked statistics (no boolean indexing: data-dependent shapes would break
+        # torch.compile); a batch with fewer than two labelled rows leaves them as they are.
+        valid = (internal >= 0).float()
+        count = valid.sum()
+        mean = (norms * valid).sum() / count.clamp_min(1.0)
+        std = torch.sqrt(((norms - mean) ** 2 * valid).sum() / (count - 1.0).clamp_min(1.0))
+        rate = torch.where(count > 1, self.t_alpha, 0.0)
+        self.batch_mean.lerp_(mean, rate)
+        self.batch_std.lerp_(std, rate)
 
-    def norm_scaler(self, embeddings: Tensor) -> Tensor:
-        norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=1).clamp(0.001, 100.0)
-        return ((norms - self.batch_mean) / (self.batch_std + 1e-3) * self.h).clamp(-1.0, 1.0)
+    def norm_scaler(self, norms: Tensor) -> Tensor:
+        """``g = clip((||x|| - mu) / (sigma + eps) * h, -1, 1)`` for detached norms (B,)."""
+        norms = norms.clamp(0.001, 100.0)
+        mean, std = self.batch_mean.to(norms.dtype), self.batch_std.to(norms.dtype)
+        return ((norms - mean) / (std + 1e-3) * self.h).clamp(-1.0, 1.0)
 
     def spec(self) -> MarginSpec:
-        """The spec at the running mean norm (margin scaler 0)."""
-        return MarginSpec(self.scale, AdaptiveMarginTarget(self.scale, self.margin, torch.zeros(())), name="adaface")
-
-    def spec_for(self, embeddings: Tensor) -> MarginSpec:
-        target = AdaptiveMarginTarget(self.scale, self.margin, self.norm_scaler(embeddings))
-        return MarginSpec(self.scale, target, name="adaface")
+        return self._spec

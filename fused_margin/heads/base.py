@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +30,7 @@ class MarginHead(nn.Module):
         weight: (num_classes * num_subcenters, embedding_size) class weights
             (``nn.Linear.weight`` layout), initialized N(0, 0.01) as InsightFace does.
         bias: (num_classes,) or None.
-        step: training forwards seen so far (annealed margins); in ``state_dict``.
+        step: int64 scalar buffer, training forwards seen so far (annealed margins).
     """
 
     def __init__(
@@ -69,7 +67,9 @@ class MarginHead(nn.Module):
             self.bias = nn.Parameter(torch.empty(num_classes, **factory))
         else:
             self.register_parameter("bias", None)
-        self.step = 0
+        # A buffer, not a Python int: it travels with state_dict(), and a compiled
+        # training step updates it in the graph instead of recompiling for every value.
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -79,10 +79,6 @@ class MarginHead(nn.Module):
 
     def spec(self) -> MarginSpec:
         raise NotImplementedError
-
-    def spec_for(self, embeddings: Tensor) -> MarginSpec:
-        """The spec for this batch (AdaFace's margins depend on the batch's norms)."""
-        return self.spec()
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         """Stateful heads update their statistics here (training only)."""
@@ -97,7 +93,7 @@ class MarginHead(nn.Module):
             embeddings,
             self.weight,
             labels,
-            self.spec_for(embeddings),
+            self.spec(),
             bias=self.bias,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
@@ -107,20 +103,13 @@ class MarginHead(nn.Module):
             step=self.step,
         )
         if self.training:
-            self.step += 1
+            with torch.no_grad():
+                self.step.add_(1)
         return result
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """Margin-free logits (B, num_classes) for inference. Materializes B x C."""
         return logits_reference(embeddings, self.weight, self.spec(), self.bias)
-
-    # Python-number state (the step counter, scalar statistics) lives here, so it
-    # travels with state_dict() without a host-device sync on every step.
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
 
     def extra_repr(self) -> str:
         k = f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else ""

@@ -45,9 +45,10 @@ class CurricularFaceLoss(MarginHead):
         mean_cos = float(cos[valid].mean())
         self.t = self.momentum * mean_cos + (1.0 - self.momentum) * self.t
 
+    # t is a Python float (the kernel takes it as a scalar): it travels in state_dict()
+    # as extra state. Reading the batch mean makes one host sync per training step.
     def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "t": self.t}
+        return {"t": self.t}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
         self.t = float(state["t"])

@@ -11,6 +11,7 @@ class SoftmaxLoss(MarginHead):
 
     def __init__(self, num_classes: int, embedding_size: int, *, bias: bool = True, **kwargs) -> None:
         super().__init__(num_classes, embedding_size, bias=bias, **kwargs)
+        self._spec = MarginSpec.softmax()
 
     def spec(self) -> MarginSpec:
-        return MarginSpec.softmax()
+        return self._spec
