@@ -100,7 +100,9 @@ class MarginHead(nn.Module):
             label_smoothing=self.label_smoothing,
             return_accuracy=self.return_accuracy,
             backend=self.backend,
-            step=self.step,
+            # a snapshot: the backward must see this step's value, not the buffer that
+            # the increment below mutates (a compiled graph may save the input itself)
+            step=self.step.clone(),
         )
         if self.training:
             with torch.no_grad():

@@ -1,0 +1,225 @@
+"""Pieces shared by the forward and backward kernels: the non-target transform and its
+derivative, the cosine tile (a GEMM tile with the sub-center max), the tile sizes.
+
+Math and names follow :mod:`fused_margin.kernel_params`; ``u`` is the cosine-like
+value ``r_b * q_i * <x_b, w_i>``, ``z = scale * T(u) + bias``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_margin.spec import NonTargetKind
+
+__all__ = [
+    "TileConfig",
+    "default_tiles",
+    "dot_in_fp32",
+    "interpreting",
+    "num_programs_target",
+]
+
+NORM_EPS = 1e-12
+
+# tl.constexpr copies of NonTargetKind (a jit function can't read a Python enum)
+KIND_IDENTITY: tl.constexpr = tl.constexpr(int(NonTargetKind.IDENTITY))
+KIND_AFFINE: tl.constexpr = tl.constexpr(int(NonTargetKind.AFFINE))
+KIND_QUADRATIC: tl.constexpr = tl.constexpr(int(NonTargetKind.QUADRATIC))
+KIND_QUADRATIC_DETACHED: tl.constexpr = tl.constexpr(int(NonTargetKind.QUADRATIC_DETACHED))
+KIND_CURRICULAR: tl.constexpr = tl.constexpr(int(NonTargetKind.CURRICULAR))
+
+
+def interpreting() -> bool:
+    """Whether ``@triton.jit`` functions defined now run in Triton's CPU interpreter.
+    Triton reads ``TRITON_INTERPRET`` when a kernel is *decorated*, so the answer for the
+    kernels of this package is fixed when they are first imported."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def dot_in_fp32(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether GEMM operands are cast to fp32 before ``tl.dot``: when the dtypes differ
+    (``tl.dot`` needs one dtype; promoting never loses the fp32 operand's bits), when
+    either is fp32, and for bf16 in the interpreter (Triton 3.9's interpreter returns
+    garbage for ``tl.dot`` on bf16 operands; fp16 and fp32 are fine)."""
+    if a != b or a == torch.float32:
+        return True
+    return a == torch.bfloat16 and interpreting()
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of the three kernels. ``block_d`` is the reduction step over D of the
+    logit GEMM; ``block_do`` the width of the D slice a backward program accumulates
+    (D > block_do splits D across programs, each recomputing its logit tiles);
+    ``splits`` the number of programs sharing one row block's classes in the forward and
+    the dx kernel (their partial results are combined in a fixed order: deterministic)."""
+
+    block_b: int
+    block_c: int
+    block_d: int
+    block_do: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def with_(self, **changes) -> TileConfig:
+        return replace(self, **changes)
+
+
+def num_programs_target(device: torch.device) -> int:
+    """About four waves of programs on a GPU; on the interpreter (one thread) a couple of
+    splits, enough to run the combine path in tests without making them slow."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(n, 1)))
+
+
+def default_tiles(kernel: str, batch: int, num_classes: int, dim: int, device: torch.device) -> TileConfig:
+    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw'}.
+
+    GPU: 64x128 logit tiles with a 64-wide D step (tl.dot needs every side >= 16); the
+    backward programs keep a fp32 accumulator of ``block_b`` (dx) or ``block_c`` (dW)
+    rows by up to 256 columns of D in registers, so those sides are 32 for wide D.
+    Interpreter: larger tiles (each Triton op costs a NumPy call, so fewer, larger ones
+    are faster), still small enough that the tests' odd shapes take several blocks."""
+    gpu = device.type == "cuda"
+    block_b = min(64, _pow2_at_least(batch))
+    block_d = min(64 if gpu else 32, _pow2_at_least(dim))
+    block_do = min(256, _pow2_at_least(dim))
+    if kernel == "forward":
+        block_c = 128
+    elif kernel == "dx":
+        block_c = 64 if gpu else 128
+        if gpu and block_do > 128:
+            block_b = min(block_b, 32)
+    else:
+        block_c = 32 if (gpu and block_do > 128) else 64
+    class_blocks = triton.cdiv(num_classes, block_c)
+    row_blocks = triton.cdiv(batch, block_b)
+    splits = 1
+    if kernel != "dw":
+        splits = max(1, min(class_blocks, num_programs_target(device) // row_blocks, 64))
+    num_warps = 8 if gpu else 4
+    return TileConfig(block_b, block_c, block_d, block_do, splits, num_warps, 3 if kernel == "forward" else 2)
+
+
+# ---------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b``. In fp32 the precision is the caller's choice (ieee, tf32,
+    tf32x3); otherwise ``a`` is cast to ``b``'s 16-bit dtype (tensor cores, fp32
+    accumulation)."""
+    if FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc)
+    return acc
+
+
+@triton.jit
+def _non_target(u, threshold, alpha, delta, margin, t, KIND: tl.constexpr):
+    """``T(u)`` (see ``NonTargetKind``); ``threshold`` is (BLOCK_B, 1), CurricularFace only."""
+    if KIND == KIND_AFFINE:
+        out = alpha * u + delta
+    elif KIND == KIND_QUADRATIC or KIND == KIND_QUADRATIC_DETACHED:
+        out = tl.maximum(u + margin, 0.0) * (u - margin)
+    elif KIND == KIND_CURRICULAR:
+        out = tl.where(u > threshold, u * (t + u), u)
+    else:
+        out = u
+    return out
+
+
+@triton.jit
+def _non_target_grad(u, threshold, alpha, margin, t, KIND: tl.constexpr):
+    """``T'(u)``, with the constants of the paper held fixed: CurricularFace's ``t`` and
+    threshold, and the detached quadratic's weight ``[u + m]_+`` (Circle loss)."""
+    if KIND == KIND_AFFINE:
+        out = tl.zeros_like(u) + alpha
+    elif KIND == KIND_QUADRATIC:
+        out = tl.where(u > -margin, 2.0 * u, 0.0)
+    elif KIND == KIND_QUADRATIC_DETACHED:
+        out = tl.maximum(u + margin, 0.0)
+    elif KIND == KIND_CURRICULAR:
+        out = tl.where(u > threshold, t + 2.0 * u, 1.0)
+    else:
+        out = tl.zeros_like(u) + 1.0
+    return out
+
+
+@triton.jit
+def _dot_tile(
+    # pointers
+    x_ptr, w_ptr,
+    # the tile: batch rows (BLOCK_B,), weight rows (BLOCK_C,) int64, and their masks
+    offs_b, w_rows, mask_b, mask_c,
+    # sizes and strides
+    D, stride_xb, stride_xd, stride_wr, stride_wd,
+    # meta
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_W_SQ: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``<x_b, w_i>`` for a (BLOCK_B, BLOCK_C) tile, fp32, and optionally the weight rows'
+    sums of squares, accumulated from the same loads (no separate pass over W)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x_base = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
+    w_base = w_ptr + w_rows[:, None] * stride_wr
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    w_sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d < D
+        xt = tl.load(x_base + d[None, :] * stride_xd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        wt = tl.load(w_base + d[None, :] * stride_wd, mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        if WITH_W_SQ:
+            wf = wt.to(tl.float32)
+            w_sq += tl.sum(wf * wf, axis=1)
+        acc = _mma(xt, tl.trans(wt), acc, DOT_FP32, INPUT_PRECISION)
+    return acc, w_sq
+
+
+@triton.jit
+def _subcenter_cosines(
+    # pointers
+    x_ptr, w_ptr, col_scale_ptr,
+    # the tile: batch rows, classes (BLOCK_C,), their weight rows' class ids (int64), masks
+    offs_b, offs_c, classes, mask_b, mask_c, row_scale,
+    # sizes and strides
+    D, stride_xb, stride_xd, stride_wr, stride_wd,
+    # meta
+    K: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The backward's recomputation of ``u`` (BLOCK_B, BLOCK_C): the max over the K
+    sub-centers of ``r * q * <x, w>``, with the saved scales, and which sub-center
+    attained it (the lowest on ties) for routing the gradient."""
+    u = tl.full((BLOCK_B, BLOCK_C), float("-inf"), dtype=tl.float32)
+    best = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32)
+    for k in tl.static_range(K):
+        acc, _ = _dot_tile(
+            x_ptr, w_ptr, offs_b, classes * K + k, mask_b, mask_c,
+            D, stride_xb, stride_xd, stride_wr, stride_wd,
+            BLOCK_B, BLOCK_C, BLOCK_D, False, DOT_FP32, INPUT_PRECISION,
+        )
+        uk = acc * row_scale[:, None]
+        if NORMALIZE_W:
+            q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=1.0)
+            uk = uk * q[None, :]
+        better = uk > u
+        u = tl.where(better, uk, u)
+        best = tl.where(better, k, best)
+    return u, best
