@@ -265,3 +265,31 @@ def test_curricular_matches_explicit_construction():
     logits = logits.scatter(1, labels[:, None], target)
     expected = torch.nn.functional.cross_entropy(s * logits, labels, reduction="none")
     assert_rel_close(got, expected, 1e-12, "curricular")
+
+
+# ---- random shapes (hypothesis) ---------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(sorted(set(HEAD_SPECS) - {"circle"})),
+    batch=st.integers(1, 7),
+    classes=st.integers(1, 7),
+    dim=st.integers(1, 5),
+    ignored=st.integers(0, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gradcheck_random_shapes(name, batch, classes, dim, ignored, seed):
+    torch.manual_seed(seed)
+    spec = HEAD_SPECS[name]
+    x, w, labels = make_inputs(batch, classes, dim, num_subcenters=spec.num_subcenters,
+                               ignore_rows=min(ignored, batch))
+    if dim == 1 and spec.normalize_embeddings:
+        x = x + 0.5 * torch.sign(x)  # keep 1-D embeddings away from the zero vector
+    torch.autograd.gradcheck(
+        _functional(spec, labels, backend="reference"),
+        [x.requires_grad_(), w.requires_grad_()], eps=1e-6, atol=1e-5, rtol=1e-4,
+    )
