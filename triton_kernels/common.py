@@ -7,37 +7,40 @@ value ``r_b * q_i * <x_b, w_i>``, ``z = scale * T(u) + bias``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from fused_margin.spec import NonTargetKind
 
 __all__ = [
     "TileConfig",
+    "launch",
     "default_tiles",
     "dot_in_fp32",
     "interpreting",
     "num_programs_target",
 ]
 
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)
 
 # tl.constexpr copies of NonTargetKind (a jit function can't read a Python enum)
-KIND_IDENTITY: tl.constexpr = tl.constexpr(int(NonTargetKind.IDENTITY))
-KIND_AFFINE: tl.constexpr = tl.constexpr(int(NonTargetKind.AFFINE))
-KIND_QUADRATIC: tl.constexpr = tl.constexpr(int(NonTargetKind.QUADRATIC))
-KIND_QUADRATIC_DETACHED: tl.constexpr = tl.constexpr(int(NonTargetKind.QUADRATIC_DETACHED))
-KIND_CURRICULAR: tl.constexpr = tl.constexpr(int(NonTargetKind.CURRICULAR))
+KIND_IDENTITY = tl.constexpr(int(NonTargetKind.IDENTITY))
+KIND_AFFINE = tl.constexpr(int(NonTargetKind.AFFINE))
+KIND_QUADRATIC = tl.constexpr(int(NonTargetKind.QUADRATIC))
+KIND_QUADRATIC_DETACHED = tl.constexpr(int(NonTargetKind.QUADRATIC_DETACHED))
+KIND_CURRICULAR = tl.constexpr(int(NonTargetKind.CURRICULAR))
 
 
 def interpreting() -> bool:
-    """Whether ``@triton.jit`` functions defined now run in Triton's CPU interpreter.
-    Triton reads ``TRITON_INTERPRET`` when a kernel is *decorated*, so the answer for the
-    kernels of this package is fixed when they are first imported."""
+    """Whether the kernels run in Triton's CPU interpreter. Triton reads
+    ``TRITON_INTERPRET`` when a function is *decorated* (its own ``tl.*`` helpers when
+    Triton is first imported), so the variable must be set before that import."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -75,41 +78,87 @@ def num_programs_target(device: torch.device) -> int:
     """About four waves of programs on a GPU; on the interpreter (one thread) a couple of
     splits, enough to run the combine path in tests without making them slow."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 2
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(n, 1)))
 
 
-def default_tiles(kernel: str, batch: int, num_classes: int, dim: int, device: torch.device) -> TileConfig:
-    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw'}.
+#: Upper bound on the dx kernel's fp32 partials (splits x B x D): part of the "bounded
+#: workspace" beside the O(B*D + C) the backward keeps.
+DX_WORKSPACE_BYTES = 16 << 20
 
-    GPU: 64x128 logit tiles with a 64-wide D step (tl.dot needs every side >= 16); the
-    backward programs keep a fp32 accumulator of ``block_b`` (dx) or ``block_c`` (dW)
-    rows by up to 256 columns of D in registers, so those sides are 32 for wide D.
+
+# GPU tiles (block_b, block_c, block_d, block_do, num_warps, num_stages) per kernel and
+# operand kind: "16" (bf16/fp16 operands), "tf32" (fp32 on tensor cores: tf32, tf32x3),
+# "ieee" (fp32 on CUDA cores). Chosen from Triton 3.9's sm_90a compilation (ptxas -v)
+# to keep register spills at or near zero at D = 512; not yet tuned by timing. The
+# backward's fp32 accumulator is block_b (dx) or block_c (dW) rows by block_do columns
+# of D in registers; D > block_do is split across programs that each recompute their
+# logit tiles, hence block_do = 256 except for the register-hungry ieee path.
+_GPU_TILES = {
+    ("forward", "16"): (128, 64, 64, 0, 8, 3),
+    ("forward", "tf32"): (64, 128, 32, 0, 8, 3),
+    ("forward", "ieee"): (64, 64, 16, 0, 8, 2),
+    ("dx", "16"): (64, 32, 64, 256, 8, 2),
+    ("dx", "tf32"): (64, 32, 32, 256, 8, 2),
+    ("dx", "ieee"): (32, 32, 16, 256, 8, 2),
+    ("dw", "16"): (64, 32, 64, 256, 8, 2),
+    ("dw", "tf32"): (64, 32, 32, 256, 8, 2),
+    ("dw", "ieee"): (32, 32, 16, 128, 8, 2),
+}
+
+
+def default_tiles(
+    kernel: str,
+    batch: int,
+    num_classes: int,
+    dim: int,
+    device: torch.device,
+    *,
+    fp32_operands: bool = True,
+    input_precision: str = "ieee",
+) -> TileConfig:
+    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw'} (every ``tl.dot`` side >= 16).
+
     Interpreter: larger tiles (each Triton op costs a NumPy call, so fewer, larger ones
     are faster), still small enough that the tests' odd shapes take several blocks."""
-    gpu = device.type == "cuda"
-    block_b = min(64, _pow2_at_least(batch))
-    block_d = min(64 if gpu else 32, _pow2_at_least(dim))
-    block_do = min(256, _pow2_at_least(dim))
-    if kernel == "forward":
-        block_c = 128
-    elif kernel == "dx":
-        block_c = 64 if gpu else 128
-        if gpu and block_do > 128:
-            block_b = min(block_b, 32)
+    if device.type == "cuda":
+        operands = "16" if not fp32_operands else ("ieee" if input_precision == "ieee" else "tf32")
+        block_b, block_c, block_d, block_do, num_warps, num_stages = _GPU_TILES[(kernel, operands)]
     else:
-        block_c = 32 if (gpu and block_do > 128) else 64
+        block_b, block_d, block_do, num_warps, num_stages = 64, 32, 256, 4, 1
+        block_c = 64 if kernel == "dw" else 128
+    block_b = min(block_b, _pow2_at_least(batch))
+    block_d = min(block_d, _pow2_at_least(dim))
+    block_do = min(block_do, _pow2_at_least(dim))
     class_blocks = triton.cdiv(num_classes, block_c)
     row_blocks = triton.cdiv(batch, block_b)
     splits = 1
     if kernel != "dw":
         splits = max(1, min(class_blocks, num_programs_target(device) // row_blocks, 64))
-    num_warps = 8 if gpu else 4
-    return TileConfig(block_b, block_c, block_d, block_do, splits, num_warps, 3 if kernel == "forward" else 2)
+    if kernel == "dx":
+        splits = max(1, min(splits, DX_WORKSPACE_BYTES // (4 * max(batch, 1) * max(dim, 1))))
+    return TileConfig(block_b, block_c, block_d, block_do, splits, num_warps, num_stages)
+
+
+def launch(kernel, grid: tuple[int, ...], tiles: TileConfig, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with the tiles' warps and stages; on a GPU with
+    less shared memory than the tiles were chosen for (they were for an H100's 227
+    KiB), retry once without software pipelining (num_stages=1), which needs less."""
+    try:
+        kernel[grid](*args, **kwargs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    except OutOfResources:
+        if tiles.num_stages <= 1:
+            raise
+        kernel[grid](*args, **kwargs, num_warps=tiles.num_warps, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------
@@ -209,7 +258,7 @@ def _subcenter_cosines(
     attained it (the lowest on ties) for routing the gradient."""
     u = tl.full((BLOCK_B, BLOCK_C), float("-inf"), dtype=tl.float32)
     best = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32)
-    for k in tl.static_range(K):
+    for k in range(K):
         acc, _ = _dot_tile(
             x_ptr, w_ptr, offs_b, classes * K + k, mask_b, mask_c,
             D, stride_xb, stride_xd, stride_wr, stride_wd,

@@ -27,12 +27,17 @@ from .common import (
     _non_target,
     default_tiles,
     dot_in_fp32,
+    launch,
 )
 
 __all__ = ["margin_lse_fwd"]
 
 # rows of the fp32 partials tensor
-_MAX, _SUMEXP, _SUM, _TARGET, _BEST = range(5)
+_MAX = tl.constexpr(0)
+_SUMEXP = tl.constexpr(1)
+_SUM = tl.constexpr(2)
+_TARGET = tl.constexpr(3)
+_BEST = tl.constexpr(4)
 
 
 @triton.jit
@@ -73,7 +78,8 @@ def _margin_lse_fwd_kernel(
             ).to(tl.float32)
             sq += tl.sum(xt * xt, axis=1)
         row_scale = 1.0 / tl.maximum(tl.sqrt(sq), NORM_EPS)
-        tl.store(row_scale_ptr + offs_b, row_scale, mask=mask_b & (split == 0))
+        if split == 0:
+            tl.store(row_scale_ptr + offs_b, row_scale, mask=mask_b)
     else:
         row_scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
     if KIND == KIND_CURRICULAR:
@@ -98,7 +104,7 @@ def _margin_lse_fwd_kernel(
             classes = offs_c.to(tl.int64)
 
         u = tl.full((BLOCK_B, BLOCK_C), float("-inf"), dtype=tl.float32)
-        for k in tl.static_range(K):
+        for k in range(K):
             acc, w_sq = _dot_tile(
                 x_ptr, w_ptr, offs_b, classes * K + k, mask_b, mask_c,
                 D, stride_xb, stride_xd, stride_wr, stride_wd,
@@ -108,7 +114,8 @@ def _margin_lse_fwd_kernel(
             if NORMALIZE_W:
                 col_scale = 1.0 / tl.maximum(tl.sqrt(w_sq), NORM_EPS)
                 # every row block computes the same scales; the first one saves them
-                tl.store(col_scale_ptr + offs_c.to(tl.int64) * K + k, col_scale, mask=mask_c & (pid_b == 0))
+                if pid_b == 0:
+                    tl.store(col_scale_ptr + offs_c.to(tl.int64) * K + k, col_scale, mask=mask_c)
                 uk = uk * col_scale[None, :]
             u = tl.maximum(u, uk)
 
@@ -198,11 +205,14 @@ def margin_lse_fwd(
     if batch == 0:
         empty = x.new_empty(0, dtype=f32)
         if params.normalize_w:  # no row block ran to save the scales
-            rows = weight if class_index is None else weight.view(-1, k, dim)[class_index].view(-1, dim)
+            rows = weight if class_index is None else weight.reshape(-1, k, dim)[class_index].reshape(-1, dim)
             col_scale = 1.0 / torch.linalg.vector_norm(rows.to(f32), dim=1).clamp_min(1e-12)
         return empty, empty.clone(), empty.clone(), x.new_empty(0, dtype=torch.int64), row_scale, col_scale
 
-    tiles = tiles or default_tiles("forward", batch, num_classes, dim, device)
+    fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
+    tiles = tiles or default_tiles(
+        "forward", batch, num_classes, dim, device, fp32_operands=fp32_operands, input_precision=input_precision
+    )
     row_blocks = triton.cdiv(batch, tiles.block_b)
     class_blocks = triton.cdiv(num_classes, tiles.block_c)
     blocks_per_split = triton.cdiv(class_blocks, max(1, min(tiles.splits, class_blocks)))
@@ -212,7 +222,8 @@ def margin_lse_fwd(
     partial_idx = torch.empty((splits, batch), device=device, dtype=torch.int32)
     labels = labels.contiguous()
     dummy = partial  # any pointer for the arguments a constexpr flag leaves unread
-    _margin_lse_fwd_kernel[(row_blocks, splits)](
+    launch(
+        _margin_lse_fwd_kernel, (row_blocks, splits), tiles,
         x, weight, labels,
         dummy if bias is None else bias.contiguous(),
         dummy if class_index is None else class_index.contiguous(),
@@ -224,8 +235,7 @@ def margin_lse_fwd(
         K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
         HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
-        DOT_FP32=dot_in_fp32(x.dtype, weight.dtype), INPUT_PRECISION=input_precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        DOT_FP32=fp32_operands, INPUT_PRECISION=input_precision,
     )
 
     # Combine the splits (O(splits * B)), in split order.

@@ -1,0 +1,126 @@
+"""The Triton backend: fused GPU kernels (``fused_margin.triton_kernels``).
+
+Runs CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``
+set before Triton is first imported: the tests' way of running the kernels without a
+GPU). Triton and the kernels are imported only when this backend is asked about or
+used, so ``import fused_margin`` works without Triton. No fp64 (Triton's ``tl.dot``
+has no fp64 tensor-core path; use the 'reference' or 'cpu' backends for fp64).
+
+Options (backend attributes, or the environment variables read when an attribute is
+None):
+
+* ``input_precision`` / ``FUSED_MARGIN_TRITON_PRECISION``: how ``tl.dot`` multiplies
+  fp32 operands: ``'ieee'`` (default: exact fp32 on CUDA cores, several times slower
+  than the tensor-core modes), ``'tf32'`` (tensor cores, 10-bit mantissa products:
+  ~1e-3 relative error in each logit), ``'tf32x3'`` (three tf32 products per
+  multiply, close to fp32). bf16/fp16 operands always use tensor cores with fp32
+  accumulation; mixed dtypes (e.g. bf16 x with fp32 W) are multiplied in fp32.
+* ``grad_dot_fp32`` / ``FUSED_MARGIN_TRITON_GRAD_FP32=1``: the backward's two
+  gradient GEMMs take ``dU`` in fp32 instead of rounding it to the bf16/fp16 input
+  dtype. dW is accumulated in fp32 in every case (over the whole batch, in registers,
+  rounded once to W's dtype), so this only removes the rounding of ``dU``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..kernel_params import KernelParams
+from . import Backend
+
+if TYPE_CHECKING:
+    from ..triton_kernels.common import TileConfig
+
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return str(e) or type(e).__name__
+    return ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    auto_priority = {"cuda": 0}
+
+    def __init__(self) -> None:
+        #: 'ieee' | 'tf32' | 'tf32x3' | None (None: $FUSED_MARGIN_TRITON_PRECISION, else 'ieee')
+        self.input_precision: str | None = None
+        #: bool | None (None: $FUSED_MARGIN_TRITON_GRAD_FP32 == '1')
+        self.grad_dot_fp32: bool | None = None
+        #: optional ``TileConfig`` overrides, keyed 'forward', 'dx', 'dw' (tests, tuning)
+        self.tiles: dict[str, TileConfig] = {}
+
+    # ---- options -------------------------------------------------------------------
+
+    def precision(self) -> str:
+        value = self.input_precision or os.environ.get("FUSED_MARGIN_TRITON_PRECISION", "ieee")
+        if value not in _PRECISIONS:
+            raise ValueError(f"the Triton input precision must be one of {_PRECISIONS}, got {value!r}")
+        return value
+
+    def gradient_dot_fp32(self) -> bool:
+        if self.grad_dot_fp32 is not None:
+            return bool(self.grad_dot_fp32)
+        return os.environ.get("FUSED_MARGIN_TRITON_GRAD_FP32", "0") == "1"
+
+    # ---- Backend -------------------------------------------------------------------
+
+    def not_supported_reasons(self, x: Tensor, weight: Tensor, params: KernelParams) -> list[str]:
+        reasons = []
+        error = _triton_import_error()
+        if error:
+            reasons.append(f"triton cannot be imported ({error})")
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+            reasons.append(f"tensors are on {x.device}; Triton needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)")
+        for name, t in (("embeddings", x), ("weight", weight)):
+            if t.dtype not in _SUPPORTED_DTYPES:
+                reasons.append(f"{name} dtype {t.dtype} is not supported (fp32, bf16, fp16; no fp64)")
+        return reasons
+
+    def forward(self, x, weight, labels, bias, class_index, row_threshold, params):
+        from ..triton_kernels.lse_forward import margin_lse_fwd
+
+        if class_index is not None:
+            _check_unique(class_index)
+        return margin_lse_fwd(
+            x, weight, labels, bias, class_index, row_threshold, params,
+            input_precision=self.precision(), tiles=self.tiles.get("forward"),
+        )
+
+    def backward(
+        self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+        lse_neg, row_scale, col_scale, params,
+    ):
+        from ..triton_kernels.backward import margin_lse_bwd
+
+        return margin_lse_bwd(
+            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+            lse_neg, row_scale, col_scale, params,
+            input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32(),
+            dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"),
+        )
+
+
+def _check_unique(class_index: Tensor) -> None:
+    # The dW kernel writes each weight row in use from one program; a repeated class
+    # would be two writers of one row (a race), so repeats are refused up front.
+    if class_index.numel() > 1:
+        ordered = torch.sort(class_index).values
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            raise ValueError("class_index must not repeat a class with backend='triton'")
+
+
+BACKEND = TritonBackend()

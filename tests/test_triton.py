@@ -1,0 +1,491 @@
+"""The Triton backend against the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors. Triton decides
+interpreter or compiler when a function is *decorated*, and ``triton.language``'s own
+helpers (``tl.zeros``, ``tl.sum``, ...) are decorated when Triton is first imported, so
+``TRITON_INTERPRET=1`` must be set before that. This module sets it at import. When
+Triton was already imported in compiled mode (``import fused_margin`` imports it through
+``torch._dynamo``, so another test module collected first does it), the tests of this
+module cannot run in this process: ``test_interpreter_in_subprocess`` then runs this
+file in a fresh interpreter and fails if any of its tests fails, and the in-process
+copies report as skipped, naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_language_interpreted() -> bool:
+    """Whether triton.language was (or will be) imported in the mode this run needs."""
+    standard = sys.modules.get("triton.language.standard")
+    if not INTERPRETED or standard is None:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
+IN_PROCESS = _triton_language_interpreted()
+
+import fused_margin as fm  # noqa: E402
+from fused_margin import BackendUnavailableError, MarginSpec  # noqa: E402
+from fused_margin.backends.triton import BACKEND  # noqa: E402
+from fused_margin.kernel_params import KernelParams  # noqa: E402
+from fused_margin.reference import margin_lse_terms  # noqa: E402
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err  # noqa: E402
+
+DEVICE = "cpu" if INTERPRETED else "cuda"
+# fp32 inputs, exact ('ieee') fp32 dots: the spec's bound for every output
+FP32_TOL = 1e-5
+OUTPUTS = ("loss", "dx", "dW", "dbias")
+
+pytestmark = pytest.mark.skipif(
+    not INTERPRETED and not torch.cuda.is_available(),
+    reason="needs a CUDA device or TRITON_INTERPRET=1",
+)
+
+
+@pytest.fixture(autouse=True)
+def _in_this_process(request):
+    if not IN_PROCESS and request.node.name != "test_interpreter_in_subprocess":
+        pytest.skip("Triton was imported before TRITON_INTERPRET was set: run by test_interpreter_in_subprocess")
+
+
+def test_interpreter_in_subprocess():
+    if IN_PROCESS:
+        pytest.skip("the tests of this file run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout, result.stdout[-2000:]
+
+
+def _run(x, w, labels, spec, *, backend, dtype=None, w_dtype=None, bias=None, upstream=None, **kwargs):
+    """(loss, dx, dW, dbias) with inputs cast to (dtype, w_dtype) on DEVICE (float64 on
+    the reference side: pass dtype=torch.float64)."""
+    dtype = dtype or torch.float32
+    w_dtype = w_dtype or dtype
+    cast = {"device": DEVICE}
+    if upstream is not None:
+        upstream = upstream.to(device=DEVICE, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if kwargs.get("class_index") is not None:
+        kwargs["class_index"] = kwargs["class_index"].to(DEVICE)
+    return loss_and_grads(
+        x.to(dtype=dtype, **cast), w.to(dtype=w_dtype, **cast), labels.to(DEVICE), spec, backend=backend,
+        upstream=upstream, bias=None if bias is None else bias.to(dtype=w_dtype, **cast), **kwargs,
+    )
+
+
+def _check_fp32(name, x, w, labels, spec, tol=FP32_TOL, **kwargs):
+    """Triton in fp32 vs eager in float64 on the same (fp32-representable) inputs."""
+    x, w = x.float().double(), w.float().double()
+    if kwargs.get("bias") is not None:
+        kwargs["bias"] = kwargs["bias"].float().double()
+    ref = _run(x, w, labels, spec, backend="eager", dtype=torch.float64, **kwargs)
+    out = _run(x, w, labels, spec, backend="triton", **kwargs)
+    for what, a, b in zip(OUTPUTS, out, ref):
+        if b is not None:
+            assert_rel_close(a, b, tol, f"{name} {what}")
+    return out
+
+
+def _check_three_way(name, x, w, labels, spec, dtype, w_dtype, tol, **kwargs):
+    """Low-precision inputs: the kernel may be only as wrong, against float64 on the same
+    rounded inputs, as eager PyTorch on the same dtypes is, plus ``tol``."""
+    x, w = x.to(dtype), w.to(w_dtype)
+    if kwargs.get("bias") is not None:
+        kwargs["bias"] = kwargs["bias"].to(w_dtype)
+    ref = _run(x.double(), w.double(), labels, spec, backend="eager", dtype=torch.float64,
+               **{**kwargs, "bias": None if kwargs.get("bias") is None else kwargs["bias"].double()})
+    eager = _run(x, w, labels, spec, backend="eager", dtype=dtype, w_dtype=w_dtype, **kwargs)
+    out = _run(x, w, labels, spec, backend="triton", dtype=dtype, w_dtype=w_dtype, **kwargs)
+    for what, a, e, r in zip(OUTPUTS, out, eager, ref):
+        if r is None:
+            continue
+        assert a.dtype == e.dtype, f"{name} {what}: dtype {a.dtype}, eager gives {e.dtype}"
+        err, err_eager = rel_err(a, r), rel_err(e, r)
+        assert err <= err_eager + tol, f"{name} {what}: error {err:.3e} > eager's {err_eager:.3e} + {tol:.0e}"
+
+
+def _bias_for(name, num_classes):
+    return torch.randn(num_classes, dtype=torch.float64) if name == "softmax" else None
+
+
+# ---------------------------------------------------------------------------------
+# every head, fp32, odd shapes
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_SPECS))
+def test_every_head_matches_float64(name):
+    """Loss, dx, dW (and dbias for the linear head) at B=37, C=1003, D=67 with ignored
+    rows, labels 0 and C-1, and a random upstream gradient per row."""
+    spec = HEAD_SPECS[name]
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters, ignore_rows=3)
+    upstream = torch.randn(37, dtype=torch.float64)
+    _check_fp32(name, x, w, labels, spec, upstream=upstream, bias=_bias_for(name, 1003))
+
+
+_NAMES = sorted(HEAD_SPECS)
+_SHAPES = [(b, c, d, k) for b in (1, 37) for c in (1, 1003) for d in (3, 67) for k in (1, 3)]
+
+
+@pytest.mark.parametrize(("batch", "num_classes", "dim", "k"), _SHAPES)
+def test_odd_shapes(batch, num_classes, dim, k):
+    """Every (B, C, D, K) in {1, 37} x {1, 1003} x {3, 67} x {1, 3}, each with another head
+    (sub-center count K applied to it). C = 1: a row whose only class is its target has
+    no negatives (lse_neg = -inf) and must give 0 loss and no NaN."""
+    name = _NAMES[_SHAPES.index((batch, num_classes, dim, k)) % len(_NAMES)]
+    base = HEAD_SPECS[name]
+    spec = MarginSpec(
+        base.scale, base.target, base.non_target, base.normalize_embeddings, base.normalize_weight, k, name=name
+    )
+    x, w, labels = make_inputs(batch, num_classes, dim, num_subcenters=k, ignore_rows=1 if batch > 2 else 0)
+    upstream = torch.randn(batch, dtype=torch.float64)
+    out = _check_fp32(name, x, w, labels, spec, upstream=upstream, bias=_bias_for(name, num_classes))
+    if num_classes == 1:
+        assert torch.all(out[0][labels >= 0] == 0)
+
+
+def test_forward_terms_match_reference():
+    """The op's outputs themselves: lse_neg, target_u, sum_neg, argmax (exact), and the
+    saved scales, with sub-centers, bias and class_index."""
+    spec = MarginSpec.arcface(num_subcenters=3)
+    params = KernelParams.from_spec(spec)
+    x, w, _ = make_inputs(37, 200, 67, num_subcenters=3)
+    class_index = torch.randperm(200)[:131]
+    labels = torch.randint(0, 131, (37,))
+    labels[-2:] = -1
+    bias = torch.randn(200, dtype=torch.float64)
+    x, w, bias = x.float().double(), w.float().double(), bias.float().double()
+    ref = margin_lse_terms(x, w, labels, bias, class_index, None, params)
+    dev = [t.to(DEVICE) for t in (x.float(), w.float(), labels, bias.float(), class_index)]
+    out = BACKEND.forward(dev[0], dev[1], dev[2], dev[3], dev[4], None, params)
+    for what, a, b in zip(("lse_neg", "target_u", "sum_neg"), out[:3], ref[:3]):
+        assert_rel_close(a, b, FP32_TOL, what)
+    assert torch.equal(out[3].cpu(), ref[3]), "argmax"
+    assert_rel_close(out[4], ref[4], FP32_TOL, "row_scale")
+    assert_rel_close(out[5], ref[5], FP32_TOL, "col_scale")
+    assert out[3].dtype == torch.int64 and out[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_argmax_ties_go_to_the_lowest_class(monkeypatch, splits):
+    """Small-integer inputs to the linear head make exact ties common: the argmax is the
+    lowest maximal class, within a tile, across tiles and across splits."""
+    from fused_margin.triton_kernels.common import TileConfig
+
+    tiles = TileConfig(block_b=16, block_c=32, block_d=16, block_do=32, splits=splits)
+    monkeypatch.setattr(BACKEND, "tiles", {"forward": tiles})
+    x = torch.randint(-1, 2, (37, 5)).double()
+    w = torch.randint(-1, 2, (1003, 5)).double()
+    labels = torch.randint(0, 1003, (37,))
+    params = KernelParams.from_spec(HEAD_SPECS["softmax"])
+    expected = margin_lse_terms(x, w, labels, None, None, None, params)[3]
+    got = BACKEND.forward(x.float().to(DEVICE), w.float().to(DEVICE), labels.to(DEVICE), None, None, None, params)[3]
+    assert torch.equal(got.cpu(), expected)
+    assert (x @ w.T == (x @ w.T).amax(1, keepdim=True)).sum(1).min() > 1  # there were ties
+
+
+def test_accuracy_from_argmax():
+    spec = HEAD_SPECS["cosface"]
+    x, w, labels = make_inputs(37, 1003, 67, ignore_rows=2)
+    x[:10] = 5.0 * w[labels[:10].clamp_min(0)] + 0.1 * x[:10]  # some rows classified right
+    acc = {
+        b: fm.margin_cross_entropy(x.to(DEVICE, t), w.to(DEVICE, t), labels.to(DEVICE), spec, backend=b,
+                                   return_accuracy=True)[1]
+        for b, t in (("eager", torch.float64), ("triton", torch.float32))
+    }
+    # the same rows right (35 rows are not ignored)
+    assert round(float(acc["triton"]) * 35) == round(float(acc["eager"]) * 35) >= 10
+
+
+# ---------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cosface", "softmax", "curricularface", "subcenter_arcface"])
+def test_class_index_and_label_smoothing(name):
+    """Negative-class sampling (rows of W read through the index; rows not in use get a
+    zero gradient) with label smoothing and ignored rows."""
+    spec = HEAD_SPECS[name]
+    k = spec.num_subcenters
+    num_all, num_used = 301, 173
+    x, w, _ = make_inputs(37, num_all, 67, num_subcenters=k)
+    class_index = torch.randperm(num_all)[:num_used]
+    labels = torch.randint(0, num_used, (37,))
+    labels[0], labels[1], labels[-3:] = 0, num_used - 1, -100
+    out = _check_fp32(
+        name, x, w, labels, spec, upstream=torch.randn(37, dtype=torch.float64), bias=_bias_for(name, num_all),
+        class_index=class_index, label_smoothing=0.1,
+    )
+    unused = torch.ones(num_all, dtype=torch.bool)
+    unused[class_index] = False
+    assert torch.all(out[2].view(num_all, k, -1)[unused.to(DEVICE)] == 0)
+    if out[3] is not None:
+        assert torch.all(out[3][unused.to(DEVICE)] == 0)
+
+
+def test_class_index_must_not_repeat():
+    x, w, labels = make_inputs(4, 10, 8, dtype=torch.float32, device=DEVICE)
+    class_index = torch.tensor([1, 3, 3, 5], device=DEVICE)
+    with pytest.raises(ValueError, match="repeat"):
+        fm.margin_cross_entropy(x, w, labels % 4, HEAD_SPECS["cosface"], class_index=class_index, backend="triton")
+
+
+@pytest.mark.parametrize("name", ["normface", "cosface", "cs_softmax", "so_softmax", "softmax"])
+def test_peaked_rows(name):
+    """Rows whose embedding is a multiple of its target weight (c_y = 1): the target
+    logit saturates and the negatives' probabilities underflow; still exact."""
+    spec = HEAD_SPECS[name]
+    x, w, labels = make_inputs(37, 1003, 67, peaked_rows=5, ignore_rows=2)
+    _check_fp32(name, x, w, labels, spec, upstream=torch.randn(37, dtype=torch.float64),
+                bias=_bias_for(name, 1003))
+
+
+@pytest.mark.parametrize("name", ["arcface", "combined", "curricularface", "subcenter_arcface", "circle"])
+def test_peaked_rows_angular_heads_stay_finite(name):
+    """Angular targets at c_y = 1: the target's gradient depends on which side of 1 the
+    rounded cosine lands (see ``SIN2_EPS``), so fp32 cannot match float64 there; the
+    loss does, and nothing is NaN or infinite."""
+    spec = HEAD_SPECS[name]
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters, peaked_rows=5)
+    x, w = x.float(), w.float()
+    upstream = torch.randn(37, dtype=torch.float64)
+    loss, dx, dw, _ = _run(x, w, labels, spec, backend="triton", upstream=upstream)
+    ref = _run(x.double(), w.double(), labels, spec, backend="eager", dtype=torch.float64, upstream=upstream)
+    assert_rel_close(loss, ref[0], 1e-4, f"{name} loss")
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "w_dtype"),
+    [
+        ("softmax", torch.float16, torch.float16),
+        ("arcface", torch.float16, torch.float16),
+        ("subcenter_arcface", torch.float16, torch.float16),
+        ("curricularface", torch.float16, torch.float16),
+        ("circle", torch.float16, torch.float16),
+        ("cosface", torch.float16, torch.float32),
+        ("so_softmax", torch.bfloat16, torch.float32),
+        # Triton 3.9's interpreter converts fp32 to bf16 by truncation (compiled code
+        # rounds to nearest), doubling the error of a bf16 dW: bf16 W on GPU only
+        *([] if INTERPRETED else [("softmax", torch.bfloat16, torch.bfloat16)]),
+        ("lsoftmax", torch.float32, torch.float16),
+    ],
+)
+def test_half_precision_three_way(name, dtype, w_dtype):
+    """fp16, bf16 and mixed inputs: gradients come back in each input's dtype, no less
+    accurate than eager PyTorch on the same dtypes plus 3e-4: the gradient GEMMs round
+    dU to fp16 where eager keeps it in fp32 (measured at fp16: 3.1e-4 against eager's
+    2.1e-4 for dx and dW)."""
+    spec = HEAD_SPECS[name]
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters, ignore_rows=2)
+    _check_three_way(name, x, w, labels, spec, dtype, w_dtype, 3e-4,
+                     upstream=torch.randn(37, dtype=torch.float64), bias=_bias_for(name, 1003))
+
+
+def test_grad_dot_fp32_option(monkeypatch):
+    """With ``grad_dot_fp32`` the fp16 kernel's gradients are as accurate as eager's (the
+    only rounding left is the final cast to fp16)."""
+    monkeypatch.setattr(BACKEND, "grad_dot_fp32", True)
+    spec = HEAD_SPECS["arcface"]
+    x, w, labels = make_inputs(37, 1003, 67, ignore_rows=2)
+    _check_three_way("arcface", x, w, labels, spec, torch.float16, torch.float16, 2e-5,
+                     upstream=torch.randn(37, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("name", "num_classes", "k"), [("softmax", 1003, 1), ("curricularface", 300, 1), ("subcenter_arcface", 77, 3)]
+)
+def test_small_tiles(monkeypatch, name, num_classes, k):
+    """Tiles much smaller than the problem, so that every loop runs several times: row
+    blocks (forward, dW), class blocks per split, three splits combined, D steps and
+    three D slices in the backward (with class_index for the linear head)."""
+    from fused_margin.triton_kernels.common import TileConfig
+
+    tiles = TileConfig(block_b=16, block_c=32, block_d=16, block_do=32, splits=3)
+    monkeypatch.setattr(BACKEND, "tiles", {"forward": tiles, "dx": tiles, "dw": tiles.with_(splits=1)})
+    spec = HEAD_SPECS[name]
+    x, w, labels = make_inputs(37, num_classes, 67, num_subcenters=k, ignore_rows=2)
+    kwargs = {}
+    if name == "softmax":
+        kwargs["class_index"] = torch.randperm(num_classes)[:900]
+        labels = torch.randint(0, 900, (37,))
+    _check_fp32(name, x, w, labels, spec, upstream=torch.randn(37, dtype=torch.float64),
+                bias=_bias_for(name, num_classes), label_smoothing=0.05, **kwargs)
+
+
+def test_deterministic():
+    """Same inputs, same bits: no atomics, partials combined in a fixed order."""
+    spec = HEAD_SPECS["subcenter_arcface"]
+    x, w, labels = make_inputs(37, 300, 67, num_subcenters=3, dtype=torch.float32, device=DEVICE)
+    first = loss_and_grads(x, w, labels, spec, backend="triton")
+    second = loss_and_grads(x, w, labels, spec, backend="triton")
+    for what, a, b in zip(OUTPUTS, first, second):
+        if a is not None:
+            assert torch.equal(a, b), what
+
+
+# ---------------------------------------------------------------------------------
+# what the backend refuses
+# ---------------------------------------------------------------------------------
+
+
+def test_float64_is_refused():
+    x, w, labels = make_inputs(4, 5, 3, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["arcface"], backend="triton")
+    assert BACKEND.not_supported_reasons(x.float(), w.float(), None) == []
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = BACKEND.not_supported_reasons(torch.zeros(2, 3), torch.zeros(4, 3), None)
+    assert any("CUDA" in r for r in reasons)
+    # never picked on CPU by 'auto'
+    assert "cpu" not in BACKEND.auto_priority
+
+
+def test_bad_precision_option(monkeypatch):
+    monkeypatch.setenv("FUSED_MARGIN_TRITON_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="precision"):
+        BACKEND.precision()
+    monkeypatch.setenv("FUSED_MARGIN_TRITON_PRECISION", "tf32")
+    assert BACKEND.precision() == "tf32"
+
+
+def test_import_without_triton():
+    """``import fused_margin`` works when triton cannot be imported; the Triton backend
+    then explains why it cannot run, and the default backend still runs."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fused_margin as fm\n"
+        "x, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 4, 2])\n"
+        "fm.margin_cross_entropy(x, w, y, fm.MarginSpec.cosface())\n"
+        "try:\n"
+        "    fm.margin_cross_entropy(x, w, y, fm.MarginSpec.cosface(), backend='triton')\n"
+        "except fm.BackendUnavailableError as e:\n"
+        "    assert 'triton cannot be imported' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('triton backend ran without triton')\n"
+        "assert not any(m.startswith('fused_margin.triton_kernels.') for m in sys.modules)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the compiled kernels run in every other test")
+def test_kernels_compile_for_hopper():
+    """What the interpreter cannot see: Triton's compiler accepts every kernel with the
+    GPU tile sizes (sm_90, every transform, dtype pairing, precision and flag), and each
+    fits in an H100's 227 KiB of shared memory. Needs no GPU; runs in a fresh process
+    because the kernels must be decorated with TRITON_INTERPRET unset."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore')\n"
+        "from fused_margin.triton_kernels.compile_check import compile_variants\n"
+        "for kernel, variant, shared in compile_variants(90):\n"
+        "    assert shared <= 227 * 1024, (kernel, variant, shared)\n"
+        "print('compiled', kernel)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled dw" in result.stdout
+
+
+# ---------------------------------------------------------------------------------
+# GPU only: compiled kernels, large shapes, bf16, precision modes, memory
+# ---------------------------------------------------------------------------------
+
+LARGE = (1024, 131072, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["arcface", "softmax", "curricularface", "subcenter_arcface"])
+def test_gpu_large_half_precision(name, dtype):
+    if INTERPRETED:
+        pytest.skip("large shapes are for the compiled kernels")
+    spec = HEAD_SPECS[name]
+    batch, num_classes, dim = LARGE
+    k = spec.num_subcenters
+    if k > 1:
+        num_classes //= k
+    torch.manual_seed(0)
+    x = torch.randn(batch, dim, device="cuda", dtype=torch.float64)
+    w = torch.randn(num_classes * k, dim, device="cuda", dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (batch,), device="cuda")
+    labels[-8:] = -100
+    bias = torch.randn(num_classes, device="cuda", dtype=torch.float64) if name == "softmax" else None
+    tol = 3e-3 if dtype == torch.bfloat16 else 5e-4
+    _check_three_way(name, x, w, labels, spec, dtype, dtype, tol,
+                     upstream=torch.randn(batch, dtype=torch.float64), bias=bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("precision", "tol"), [("ieee", 1e-5), ("tf32x3", 1e-4), ("tf32", 1e-2)])
+def test_gpu_fp32_precision_modes(monkeypatch, precision, tol):
+    if INTERPRETED:
+        pytest.skip("the interpreter multiplies fp32 exactly in every mode")
+    monkeypatch.setattr(BACKEND, "input_precision", precision)
+    spec = HEAD_SPECS["arcface"]
+    torch.manual_seed(0)
+    x, w, labels = make_inputs(512, 32768, 512, device="cuda", ignore_rows=4)
+    _check_fp32("arcface", x, w, labels, spec, tol=tol, upstream=torch.randn(512, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_large():
+    if INTERPRETED:
+        pytest.skip("compiled kernels only")
+    spec = HEAD_SPECS["arcface"]
+    x, w, labels = make_inputs(1024, 65536, 512, dtype=torch.bfloat16, device="cuda")
+    first = loss_and_grads(x, w, labels, spec, backend="triton")
+    second = loss_and_grads(x, w, labels, spec, backend="triton")
+    for what, a, b in zip(OUTPUTS, first, second):
+        if a is not None:
+            assert torch.equal(a, b), what
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory():
+    """Forward + backward at B=1024, C=262144, D=512 (bf16) allocates at most the
+    gradients + 64 MiB beyond the inputs: no (B, C) buffer anywhere."""
+    if INTERPRETED:
+        pytest.skip("compiled kernels only")
+    batch, num_classes, dim = 1024, 262144, 512
+    x = torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(num_classes, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, num_classes, (batch,), device="cuda")
+    spec = HEAD_SPECS["arcface"]
+    fm.margin_cross_entropy(x[:64], w[:4096], labels[:64] % 4096, spec, backend="triton").backward()  # compile
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fm.margin_cross_entropy(x, w, labels, spec, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = x.numel() * x.element_size() + w.numel() * w.element_size()
+    assert extra <= grads + (64 << 20), f"peak {extra / 2**20:.1f} MiB beyond inputs, gradients {grads / 2**20:.1f} MiB"

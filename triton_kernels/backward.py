@@ -1,0 +1,352 @@
+"""Backward: ``grad_x, grad_weight, grad_bias`` recomputing the logit tiles.
+
+Two kernels, each recomputing ``u`` tile by tile from ``x``, ``W`` and the saved
+scales (2 B C D flops each) instead of storing any (B, C) matrix:
+
+* ``_margin_lse_bwd_dx_kernel`` owns a block of rows and a split of the classes and
+  accumulates ``G_x = dU (Q W)`` and ``rho = sum_j dU u`` for its rows; the launcher sums
+  the (splits, B, D) fp32 partials in split order and applies the normalization term
+  ``dx = r (G_x - rho r x)``.
+* ``_margin_lse_bwd_dw_kernel`` owns a block of classes (one sub-center) and loops over
+  *all* rows, accumulating ``G_w = dU^T (R x)``, ``kappa`` and the bias gradient in
+  fp32 registers, then writes ``dw = q (G_w - kappa q w)`` once, in W's dtype.
+
+No atomics: every output element is written by one program after a fixed-order loop,
+so the gradients are bitwise reproducible for fixed inputs and tile sizes.
+Sub-centers: the gradient of class j goes to the sub-center that attained the max
+(recomputed: the dW program of sub-center k recomputes all K to know where the max
+is, so sub-center heads pay K times the recomputation in that kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_margin.kernel_params import KernelParams
+from fused_margin.spec import NonTargetKind
+
+from .common import (
+    KIND_CURRICULAR,
+    TileConfig,
+    _mma,
+    _non_target,
+    _non_target_grad,
+    _subcenter_cosines,
+    default_tiles,
+    dot_in_fp32,
+    launch,
+)
+from .lse_forward import num_classes_in_use
+
+__all__ = ["margin_lse_bwd"]
+
+
+@triton.jit
+def _load_row_terms(
+    offs_b, mask_b,
+    labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr, threshold_ptr,
+    BLOCK_B: tl.constexpr, NORMALIZE_X: tl.constexpr, KIND: tl.constexpr,
+):
+    labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
+    lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_target = tl.load(grad_target_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_sum = tl.load(grad_sum_ptr + offs_b, mask=mask_b, other=0.0)
+    if NORMALIZE_X:
+        row_scale = tl.load(row_scale_ptr + offs_b, mask=mask_b, other=0.0)
+    else:
+        row_scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
+    if KIND == KIND_CURRICULAR:
+        threshold = tl.load(threshold_ptr + offs_b, mask=mask_b, other=0.0)
+    else:
+        threshold = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    return labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold
+
+
+@triton.jit
+def _logit_grads(
+    u, offs_c, mask_c, mask_b, bias,
+    labels, lse, grad_lse, grad_target, grad_sum, threshold,
+    scale, alpha, delta, margin, t, KIND: tl.constexpr,
+):
+    """``(dz, dU)`` for a tile: ``dz = g_lse p + g_sum`` on the negatives (0 elsewhere),
+    ``dU = dz s T'(u)`` plus ``g_target`` at the target column."""
+    z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t, KIND) + bias[None, :]
+    valid = mask_b[:, None] & mask_c[None, :]
+    is_target = valid & (offs_c[None, :] == labels[:, None])
+    negative = valid & (offs_c[None, :] != labels[:, None])
+    # lse_neg = -inf: the row has no negative. Shift by 0 there (never -inf - -inf), and
+    # exponentiate only negatives (the target's z may exceed lse_neg by far: exp = inf).
+    has_negative = lse > float("-inf")
+    shift = tl.where(has_negative, lse, 0.0)
+    prob = tl.exp(tl.where(negative & has_negative[:, None], z - shift[:, None], float("-inf")))
+    dz = tl.where(negative, grad_lse[:, None] * prob + grad_sum[:, None], 0.0)
+    du = dz * scale * _non_target_grad(u, threshold[:, None], alpha, margin, t, KIND)
+    du += tl.where(is_target, grad_target[:, None], 0.0)
+    return dz, du
+
+
+@triton.jit
+def _margin_lse_bwd_dx_kernel(
+    # pointers: inputs
+    x_ptr, w_ptr, labels_ptr, bias_ptr, class_index_ptr, threshold_ptr,
+    # pointers: upstream gradients (B,) and saved forward results
+    grad_lse_ptr, grad_target_ptr, grad_sum_ptr, lse_ptr, row_scale_ptr, col_scale_ptr,
+    # pointers: outputs, fp32 partials G_x (splits, B, D) and rho (splits, B)
+    gx_partial_ptr, rho_partial_ptr,
+    # sizes
+    B, C, D, blocks_per_split,
+    # strides
+    stride_xb, stride_xd, stride_wr, stride_wd,
+    # scalars of the transform
+    scale, alpha, delta, margin, t,
+    # meta
+    K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    DOT_FP32: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+        offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
+        threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+    )
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < D
+
+    acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    rho = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    c_begin = split * blocks_per_split * BLOCK_C
+    for cb in range(0, blocks_per_split):
+        offs_c = c_begin + cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if HAS_INDEX:
+            classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
+        else:
+            classes = offs_c.to(tl.int64)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        u, best = _subcenter_cosines(
+            x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
+            D, stride_xb, stride_xd, stride_wr, stride_wd,
+            K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        )
+        _, du = _logit_grads(
+            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
+            scale, alpha, delta, margin, t, KIND,
+        )
+        rho += tl.sum(du * u, axis=1)
+        for k in range(K):
+            routed = tl.where(best == k, du, 0.0)
+            if NORMALIZE_W:
+                q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=0.0)
+                routed = routed * q[None, :]
+            wt = tl.load(
+                w_ptr + (classes * K + k)[:, None] * stride_wr + offs_do[None, :] * stride_wd,
+                mask=mask_c[:, None] & mask_do[None, :], other=0.0,
+            )
+            acc = _mma(routed, wt, acc, GRAD_DOT_FP32, INPUT_PRECISION)
+
+    out = gx_partial_ptr + (split * B + offs_b).to(tl.int64)[:, None] * D + offs_do[None, :]
+    tl.store(out, acc, mask=mask_b[:, None] & mask_do[None, :])
+    if pid_d == 0:
+        tl.store(rho_partial_ptr + split * B + offs_b, rho, mask=mask_b)
+
+
+@triton.jit
+def _margin_lse_bwd_dw_kernel(
+    # pointers: inputs
+    x_ptr, w_ptr, labels_ptr, bias_ptr, class_index_ptr, threshold_ptr,
+    # pointers: upstream gradients (B,) and saved forward results
+    grad_lse_ptr, grad_target_ptr, grad_sum_ptr, lse_ptr, row_scale_ptr, col_scale_ptr,
+    # pointers: outputs, grad_w (rows of W, D) in W's dtype and grad_bias (C_all,) fp32
+    grad_w_ptr, grad_bias_ptr,
+    # sizes
+    B, C, D,
+    # strides
+    stride_xb, stride_xd, stride_wr, stride_wd, stride_gr, stride_gd,
+    # scalars of the transform
+    scale, alpha, delta, margin, t,
+    # meta
+    K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    DOT_FP32: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    sub = tl.program_id(1)  # the sub-center whose rows this program writes
+    pid_d = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if HAS_INDEX:
+        classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        classes = offs_c.to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    own_rows = classes * K + sub
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < D
+
+    acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=tl.float32)
+    kappa = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    grad_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+            offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
+            threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+        )
+        u, best = _subcenter_cosines(
+            x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
+            D, stride_xb, stride_xd, stride_wr, stride_wd,
+            K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        )
+        dz, du = _logit_grads(
+            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
+            scale, alpha, delta, margin, t, KIND,
+        )
+        routed = tl.where(best == sub, du, 0.0)
+        kappa += tl.sum(routed * u, axis=0)
+        grad_bias += tl.sum(dz, axis=0)
+        if NORMALIZE_X:
+            routed = routed * row_scale[:, None]
+        xt = tl.load(
+            x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb + offs_do[None, :] * stride_xd,
+            mask=mask_b[:, None] & mask_do[None, :], other=0.0,
+        )
+        acc = _mma(tl.trans(routed), xt, acc, GRAD_DOT_FP32, INPUT_PRECISION)
+
+    if NORMALIZE_W:
+        q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + sub, mask=mask_c, other=0.0)
+        wt = tl.load(
+            w_ptr + own_rows[:, None] * stride_wr + offs_do[None, :] * stride_wd,
+            mask=mask_c[:, None] & mask_do[None, :], other=0.0,
+        ).to(tl.float32)
+        acc = q[:, None] * (acc - (kappa * q)[:, None] * wt)
+    tl.store(
+        grad_w_ptr + own_rows[:, None] * stride_gr + offs_do[None, :] * stride_gd,
+        acc.to(grad_w_ptr.dtype.element_ty),
+        mask=mask_c[:, None] & mask_do[None, :],
+    )
+    if HAS_BIAS:
+        if (sub == 0) & (pid_d == 0):
+            tl.store(grad_bias_ptr + classes, grad_bias, mask=mask_c)
+
+
+def margin_lse_bwd(
+    grad_lse: torch.Tensor,
+    grad_target_u: torch.Tensor,
+    grad_sum: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_index: torch.Tensor | None,
+    row_threshold: torch.Tensor | None,
+    lse_neg: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    params: KernelParams,
+    *,
+    input_precision: str = "ieee",
+    grad_dot_fp32: bool = False,
+    dx_tiles: TileConfig | None = None,
+    dw_tiles: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of :mod:`fused_margin.kernel_params` on one device.
+
+    Args:
+        grad_lse, grad_target_u, grad_sum: (B,) upstream gradients of the forward's
+            first three outputs; lse_neg, row_scale, col_scale: the forward's outputs.
+        input_precision: ``tl.dot`` precision for fp32 operands ('ieee', 'tf32', 'tf32x3').
+        grad_dot_fp32: feed ``dU`` to the two gradient GEMMs in fp32 (x and W upcast)
+            instead of rounding it to the 16-bit input dtype. Accumulation is fp32 either
+            way: dW is summed over the whole batch in registers and rounded once.
+        dx_tiles, dw_tiles: tile sizes (default: :func:`default_tiles`).
+
+    Returns ``(grad_x, grad_weight, grad_bias)`` in the dtypes of x, weight, bias;
+    ``class_index`` must not repeat a class (each weight row has one writer).
+    """
+    k = params.num_subcenters
+    batch, dim = x.shape
+    num_classes = num_classes_in_use(weight, class_index, k)
+    if params.kind == NonTargetKind.CURRICULAR and row_threshold is None:
+        raise ValueError("the CurricularFace transform needs row_threshold")
+    device = x.device
+    f32 = torch.float32
+    # Every weight row in use is written by the dW kernel; the others must read 0.
+    grad_w = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+    grad_bias_acc = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
+    if batch == 0:
+        grad_w.zero_()
+        grad_b = None if bias is None else torch.zeros_like(bias)
+        return torch.zeros_like(x), grad_w, grad_b
+
+    vectors = [t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)]
+    labels = labels.contiguous()
+    dummy = vectors[0]  # any pointer for the arguments a constexpr flag leaves unread
+    tensor_args = (
+        x, weight, labels,
+        dummy if bias is None else bias.contiguous(),
+        dummy if class_index is None else class_index.contiguous(),
+        dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
+        *vectors,
+    )
+    scalars = (float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t))
+    fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
+    meta = dict(
+        K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
+        HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
+        DOT_FP32=fp32_operands, GRAD_DOT_FP32=fp32_operands or grad_dot_fp32, INPUT_PRECISION=input_precision,
+    )
+
+    # dx: rows x class splits x D slices
+    kind = dict(fp32_operands=meta["GRAD_DOT_FP32"], input_precision=input_precision)
+    tiles = dx_tiles or default_tiles("dx", batch, num_classes, dim, device, **kind)
+    class_blocks = triton.cdiv(num_classes, tiles.block_c)
+    blocks_per_split = triton.cdiv(class_blocks, max(1, min(tiles.splits, class_blocks)))
+    splits = triton.cdiv(class_blocks, blocks_per_split)
+    gx_partial = torch.empty((splits, batch, dim), device=device, dtype=f32)
+    rho_partial = torch.empty((splits, batch), device=device, dtype=f32)
+    grid = (triton.cdiv(batch, tiles.block_b), splits, triton.cdiv(dim, tiles.block_do))
+    launch(
+        _margin_lse_bwd_dx_kernel, grid, tiles,
+        *tensor_args, gx_partial, rho_partial,
+        batch, num_classes, dim, blocks_per_split,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        *scalars,
+        BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
+        **meta,
+    )
+    grad_x = gx_partial.sum(dim=0)  # a fresh tensor also for one split: no view of the workspace
+    if params.normalize_x:
+        r = vectors[4]
+        grad_x = r[:, None] * (grad_x - (rho_partial.sum(dim=0) * r)[:, None] * x.to(f32))
+    grad_x = grad_x.to(x.dtype)
+
+    # dW (and the bias gradient): class blocks x sub-centers x D slices
+    tiles = dw_tiles or default_tiles("dw", batch, num_classes, dim, device, **kind)
+    grid = (triton.cdiv(num_classes, tiles.block_c), k, triton.cdiv(dim, tiles.block_do))
+    launch(
+        _margin_lse_bwd_dw_kernel, grid, tiles,
+        *tensor_args, grad_w, dummy if grad_bias_acc is None else grad_bias_acc,
+        batch, num_classes, dim,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
+        *scalars,
+        BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
+        **meta,
+    )
+    grad_b = None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)
+    return grad_x, grad_w, grad_b
