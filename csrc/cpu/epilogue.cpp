@@ -1,0 +1,498 @@
+// Vectorizable row loops of the CPU epilogue (see epilogue.h).
+//
+// Reductions run in SIMD lanes (GCC vector extensions) that fold in a fixed order: the
+// result depends neither on the thread count nor on the instruction set the loader
+// picked. Branches are written as selects so the
+// loops vectorize without -ffast-math (which would break the -inf masking); GCC turns
+// those selects into blends only with -fno-trapping-math (setup.py passes it, as torch's
+// own build does; it changes no value).
+
+#include "epilogue.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+// One clone for AVX2 + FMA machines (x86-64-v3) and one baseline, chosen by the dynamic
+// loader (ifunc) from the running CPU. (An AVX-512 clone measured no faster here: the
+// epilogue is a few percent of the GEMMs; it would add to the build time.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__linux__)
+#define FM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FM_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define FM_INLINE inline __attribute__((always_inline))
+#else
+#define FM_INLINE inline
+#endif
+
+// The vector types never cross a non-inlined call: no ABI to keep stable.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace fused_margin {
+namespace cpu {
+namespace {
+
+// 32-byte SIMD vectors (GCC vector extensions): one AVX2 register, two SSE registers in
+// the baseline clone. Wider generic vectors are lowered through the stack by GCC.
+// Every clone sees the same lanes, so the same results.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int kWidth = 8;
+  typedef float V __attribute__((vector_size(32)));
+  typedef uint32_t Bits __attribute__((vector_size(32)));
+  typedef int32_t Index __attribute__((vector_size(32)));  // also the type of V < V
+};
+template <>
+struct Lanes<double> {
+  static constexpr int kWidth = 4;
+  typedef double V __attribute__((vector_size(32)));
+  typedef uint64_t Bits __attribute__((vector_size(32)));
+  typedef int64_t Index __attribute__((vector_size(32)));
+};
+
+// Same-width unsigned integer type of a scalar or a vector.
+template <typename X>
+struct BitsOf;
+template <>
+struct BitsOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct BitsOf<double> {
+  using type = uint64_t;
+};
+template <>
+struct BitsOf<Lanes<float>::V> {
+  using type = Lanes<float>::Bits;
+};
+template <>
+struct BitsOf<Lanes<double>::V> {
+  using type = Lanes<double>::Bits;
+};
+
+template <typename To, typename From>
+FM_INLINE To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between different sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
+template <typename V, typename T>
+FM_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T, typename V>
+FM_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// c ? a : b, for scalars (c bool) and vectors (c a lane mask): a blend, no branch.
+template <typename M, typename X>
+FM_INLINE X select(M c, X a, X b) {
+  return c ? a : b;
+}
+
+// exp(x) for the softmax terms: x <= 0 in practice (z - running max, z - lse); X is a
+// float or double scalar or vector. Range reduction x = n ln2 + r with |r| <= ln2/2, a
+// minimax (float) or Taylor (double) polynomial for exp(r), and 2^n assembled in the
+// exponent bits. Results below the smallest normal number are returned as exactly 0:
+// those probabilities can never matter next to the row's largest (>= 1/C), and a
+// denormal operand makes the next GEMM run ~25x slower on x86 (DESIGN.md section 5) --
+// this is the flush, done here instead of in the process-wide FTZ/DAZ state.
+template <typename X>
+FM_INLINE X exp_flush_f32(X x) {
+  using U = typename BitsOf<X>::type;
+  constexpr float kLow = -87.0f;  // e^-87 = 1.6e-38 > FLT_MIN
+  const X zero{};
+  const X xc = select(x < kLow, zero + kLow, select(x > 88.0f, zero + 88.0f, x));
+  const X shifted = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23: round to integer
+  const X n = shifted - 12582912.0f;
+  const X r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in two (Cephes)
+  X poly = zero + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * (r * r) + r + 1.0f;
+  const U scale_bits = (bit_cast<U>(shifted) + 127u) << 23;  // low mantissa bits of `shifted` hold n
+  return select(x < kLow, zero, poly * bit_cast<X>(scale_bits));  // NaN propagates, -inf gives 0
+}
+
+template <typename X>
+FM_INLINE X exp_flush_f64(X x) {
+  using U = typename BitsOf<X>::type;
+  constexpr double kLow = -708.0;  // e^-708 = 3.3e-308 > DBL_MIN
+  const X zero{};
+  const X xc = select(x < kLow, zero + kLow, select(x > 709.0, zero + 709.0, x));
+  const X shifted = xc * 1.4426950408889634074 + 6755399441055744.0;  // + 1.5 * 2^52
+  const X n = shifted - 6755399441055744.0;
+  const X r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  // Taylor series to degree 13: truncation error (ln2/2)^14/14! < 1e-17 on |r| <= ln2/2.
+  X poly = zero + 1.0 / 6227020800.0;
+  poly = poly * r + 1.0 / 479001600.0;
+  poly = poly * r + 1.0 / 39916800.0;
+  poly = poly * r + 1.0 / 3628800.0;
+  poly = poly * r + 1.0 / 362880.0;
+  poly = poly * r + 1.0 / 40320.0;
+  poly = poly * r + 1.0 / 5040.0;
+  poly = poly * r + 1.0 / 720.0;
+  poly = poly * r + 1.0 / 120.0;
+  poly = poly * r + 1.0 / 24.0;
+  poly = poly * r + 1.0 / 6.0;
+  poly = poly * r + 0.5;
+  poly = poly * r + 1.0;
+  poly = poly * r + 1.0;
+  const U scale_bits = (bit_cast<U>(shifted) + 1023u) << 52;
+  return select(x < kLow, zero, poly * bit_cast<X>(scale_bits));
+}
+
+FM_INLINE float exp_flush(float x) { return exp_flush_f32(x); }
+FM_INLINE double exp_flush(double x) { return exp_flush_f64(x); }
+FM_INLINE Lanes<float>::V exp_flush(Lanes<float>::V x) { return exp_flush_f32(x); }
+FM_INLINE Lanes<double>::V exp_flush(Lanes<double>::V x) { return exp_flush_f64(x); }
+
+template <typename T>
+constexpr T smallest_normal() {
+  return std::numeric_limits<T>::min();
+}
+
+// The non-target transform T(u) and the derivative T'(u) the backward uses
+// (reference.non_target_derivative: CurricularFace's t and threshold and the Circle
+// weight [u + m]_+ are constants).
+template <int64_t KIND, typename T>
+struct Transform {
+  T alpha, delta, margin, t;
+
+  // X: T or Lanes<T>::V
+  template <typename X>
+  FM_INLINE X value(X u, X threshold) const {
+    if constexpr (KIND == kIdentity) {
+      return u;
+    } else if constexpr (KIND == kAffine) {
+      return alpha * u + delta;
+    } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
+      const X shifted = u + margin;
+      return select(shifted > T(0), shifted, X{}) * (u - margin);
+    } else {
+      return select(u > threshold, u * (t + u), u);
+    }
+  }
+
+  template <typename X>
+  FM_INLINE X derivative(X u, X threshold) const {
+    const X zero{};
+    if constexpr (KIND == kIdentity) {
+      return zero + T(1);
+    } else if constexpr (KIND == kAffine) {
+      return zero + alpha;
+    } else if constexpr (KIND == kQuadratic) {
+      return select(u > -margin, T(2) * u, zero);
+    } else if constexpr (KIND == kQuadraticDetached) {
+      const X shifted = u + margin;
+      return select(shifted > T(0), shifted, zero);
+    } else {
+      return select(u > threshold, t + T(2) * u, zero + T(1));
+    }
+  }
+};
+
+// u_j = max_k r q_{jK+k} t_{jK+k} over the K sub-centers of each class of a tile row.
+// K = 1 scales the row in place and returns it; K > 1 writes `u` and the argmax `best`.
+template <typename T>
+FM_INLINE const T* class_cosines(T* row, const T* q, T r, int64_t n, int64_t k, T* u, int32_t* best) {
+  if (k == 1) {
+    for (int64_t j = 0; j < n; ++j) row[j] = row[j] * (r * q[j]);
+    return row;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    T top = row[j * k] * (r * q[j * k]);
+    int32_t arg = 0;
+    for (int64_t s = 1; s < k; ++s) {
+      const T v = row[j * k + s] * (r * q[j * k + s]);
+      const bool gt = v > top;  // strict: the lowest sub-center on ties
+      top = select(gt, v, top);
+      arg = select(gt, static_cast<int32_t>(s), arg);
+    }
+    u[j] = top;
+    best[j] = arg;
+  }
+  return u;
+}
+
+template <typename T, int64_t KIND>
+FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowState* state, T* target_u) {
+  const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin), T(p.t)};
+  const T s = T(p.scale);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int32_t n = static_cast<int32_t>(c.num_classes);
+  const int64_t k = p.num_subcenters;
+  using V = typename Lanes<T>::V;
+  using Index = typename Lanes<T>::Index;
+  constexpr int32_t W = Lanes<T>::kWidth;
+  const int32_t n_full = n / W * W;
+  T* z = c.scratch;
+  T* u_sub = c.scratch + n;
+
+  for (int64_t b = 0; b < c.num_rows; ++b) {
+    const T* u = class_cosines(c.tile + b * n * k, c.col_scale, c.row_scale[b], n, k, u_sub, c.best_sub);
+    const int64_t y = c.labels[b] - c.first_class;
+    const int32_t target = (y >= 0 && y < n) ? static_cast<int32_t>(y) : -1;
+    const T threshold = c.row_threshold != nullptr ? c.row_threshold[b] : T(0);
+
+    // Pass 1: z_j = s T(u_j) + bias_j with its lane maxima and sums (over all classes;
+    // the target is taken out below), and the lane argmax of the margin-free logit
+    // s u_j + bias_j (training accuracy). Lane l owns the classes j = l (mod W).
+    const V threshold_v = V{} + threshold;
+    V pmax = V{} + neg_inf;
+    Index parg{};
+    Index jv;
+    for (int32_t l = 0; l < W; ++l) jv[l] = l;
+    V zmax = V{} + neg_inf;
+    V zsum{};
+    for (int32_t j0 = 0; j0 < n_full; j0 += W, jv += W) {
+      const V uj = load<V>(u + j0);
+      const V bj = load<V>(c.bias + j0);
+      const V zj = s * tr.value(uj, threshold_v) + bj;
+      store(z + j0, zj);
+      zmax = select(zj > zmax, zj, zmax);
+      zsum += zj;
+      const V pj = s * uj + bj;
+      const Index better = pj > pmax;  // strict: the lowest class of a lane on ties
+      pmax = select(better, pj, pmax);
+      parg = select(better, jv, parg);
+    }
+    for (int32_t j = n_full; j < n; ++j) {
+      const int32_t l = j - n_full;
+      const T zj = s * tr.value(u[j], threshold) + c.bias[j];
+      z[j] = zj;
+      zmax[l] = select(zj > zmax[l], zj, T(zmax[l]));
+      zsum[l] += zj;
+      const T pj = s * u[j] + c.bias[j];
+      if (pj > pmax[l]) {
+        pmax[l] = pj;
+        parg[l] = j;
+      }
+    }
+    RowState& st = state[b];
+    T best = pmax[0];
+    int64_t best_j = parg[0];
+    for (int l = 1; l < W; ++l) {
+      if (pmax[l] > best || (pmax[l] == best && parg[l] < best_j)) {
+        best = pmax[l];
+        best_j = parg[l];
+      }
+    }
+    if (double(best) > st.best) {  // strict: chunks arrive in class order
+      st.best = double(best);
+      st.best_index = c.first_class + best_j;
+    }
+
+    T m = zmax[0];
+    double sum = 0.0;
+    for (int l = 0; l < W; ++l) {
+      m = select(zmax[l] > m, T(zmax[l]), m);
+      sum += double(zsum[l]);
+    }
+    // The target is not a negative: out of the sum, the max and the exp-sum.
+    if (target >= 0) {
+      target_u[b] = u[target];
+      const T zt = z[target];
+      z[target] = neg_inf;
+      sum -= double(zt);
+      if (!(zt < m)) {  // the target held the chunk's max: take the max of the others
+        m = neg_inf;
+        for (int32_t j = 0; j < n; ++j) m = select(z[j] > m, z[j], m);
+      }
+    }
+    st.sum += sum;
+    if (!(m > neg_inf)) continue;  // the chunk holds no negative class of this row
+
+    // Pass 3: sum exp(z - m), merged into the row's running (max, sumexp) in double.
+    V e = V{};
+    for (int32_t j0 = 0; j0 < n_full; j0 += W) e += exp_flush(load<V>(z + j0) - m);
+    for (int32_t j = n_full; j < n; ++j) e[j - n_full] += exp_flush(z[j] - m);
+    double se = 0.0;
+    for (int l = 0; l < W; ++l) se += double(e[l]);
+    const double md = double(m);
+    if (md > st.max) {
+      st.sumexp = st.sumexp * std::exp(st.max - md) + se;
+      st.max = md;
+    } else {
+      st.sumexp += se * std::exp(md - st.max);
+    }
+  }
+}
+
+template <typename T, int64_t KIND>
+FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const RowGrads<T>& g) {
+  const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin), T(p.t)};
+  const T s = T(p.scale);
+  const T tiny = smallest_normal<T>();
+  const int64_t n = c.num_classes, k = p.num_subcenters;
+  T* du = c.scratch;
+  T* u_sub = c.scratch + n;
+  T* dz_buf = c.scratch + 2 * n;
+
+  for (int64_t b = 0; b < c.num_rows; ++b) {
+    T* row = c.tile + b * n * k;
+    const T r = c.row_scale[b];
+    const T* u = class_cosines(row, c.col_scale, r, n, k, u_sub, c.best_sub);
+    const int64_t y = c.labels[b] - c.first_class;
+    const int64_t target = (y >= 0 && y < n) ? y : -1;
+    const T threshold = c.row_threshold != nullptr ? c.row_threshold[b] : T(0);
+    T lse = g.lse_neg[b];
+    T grad_lse = g.grad_lse[b];
+    if (!std::isfinite(lse)) {  // no negative class in this row: no softmax term
+      lse = T(0);
+      grad_lse = T(0);
+    }
+    const T grad_sum = g.grad_sum[b];
+
+    // Every class as a negative first: dz = grad_lse * softmax + grad_sum,
+    // dU = dz * s * T'(u); G = dU * r_b * q_i is what the GEMMs consume (denormals flushed).
+    // The target's entry is then overwritten (no index test in the vector loop).
+    auto dz_of = [&](int64_t j) {
+      const T zj = s * tr.value(u[j], threshold) + c.bias[j];
+      return grad_lse * exp_flush(zj - lse) + grad_sum;
+    };
+    if (k == 1) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T dz = dz_of(j);
+        dz_buf[j] = dz;
+        const T gj = dz * (s * tr.derivative(u[j], threshold)) * (r * c.col_scale[j]);
+        row[j] = select(std::abs(gj) < tiny, T(0), gj);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const T dz = dz_of(j);
+        dz_buf[j] = dz;
+        du[j] = dz * (s * tr.derivative(u[j], threshold));
+      }
+    }
+    if (target >= 0) {
+      const T dt = g.grad_target_u[b];
+      dz_buf[target] = T(0);
+      if (k == 1) {
+        const T gt = dt * (r * c.col_scale[target]);
+        row[target] = select(std::abs(gt) < tiny, T(0), gt);
+      } else {
+        du[target] = dt;
+      }
+    }
+    if (g.grad_bias != nullptr) {
+      for (int64_t j = 0; j < n; ++j) g.grad_bias[j] += dz_buf[j];
+    }
+    if (k == 1) continue;
+    // Route each class's gradient to the sub-center that attained the max.
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t top = c.best_sub[j];
+      for (int64_t sc = 0; sc < k; ++sc) {
+        const T gj = du[j] * (r * c.col_scale[j * k + sc]);
+        row[j * k + sc] = select(sc == top && !(std::abs(gj) < tiny), gj, T(0));
+      }
+    }
+  }
+}
+
+template <typename T>
+FM_INLINE void forward_any(const ChunkTile<T>& c, const MarginParams& p, RowState* state, T* target_u) {
+  switch (p.kind) {
+    case kIdentity: return forward_rows<T, kIdentity>(c, p, state, target_u);
+    case kAffine: return forward_rows<T, kAffine>(c, p, state, target_u);
+    case kQuadratic: return forward_rows<T, kQuadratic>(c, p, state, target_u);
+    case kQuadraticDetached: return forward_rows<T, kQuadraticDetached>(c, p, state, target_u);
+    default: return forward_rows<T, kCurricular>(c, p, state, target_u);
+  }
+}
+
+template <typename T>
+FM_INLINE void backward_any(const ChunkTile<T>& c, const MarginParams& p, const RowGrads<T>& g) {
+  switch (p.kind) {
+    case kIdentity: return backward_rows<T, kIdentity>(c, p, g);
+    case kAffine: return backward_rows<T, kAffine>(c, p, g);
+    case kQuadratic: return backward_rows<T, kQuadratic>(c, p, g);
+    case kQuadraticDetached: return backward_rows<T, kQuadraticDetached>(c, p, g);
+    default: return backward_rows<T, kCurricular>(c, p, g);
+  }
+}
+
+// Sums of squares / dot products over a row: two vector accumulators in T, folded in
+// double in a fixed order. O(rows x D), next to the O(B x rows x D) GEMMs.
+template <typename T>
+FM_INLINE double dot_lanes(const T* a, const T* b, int64_t dim) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::kWidth;
+  V acc0{}, acc1{};
+  const int64_t full = dim / (2 * W) * (2 * W);
+  for (int64_t d0 = 0; d0 < full; d0 += 2 * W) {
+    acc0 += load<V>(a + d0) * load<V>(b + d0);
+    acc1 += load<V>(a + d0 + W) * load<V>(b + d0 + W);
+  }
+  double total = 0.0;
+  for (int64_t l = 0; l < W; ++l) total += double(acc0[l]) + double(acc1[l]);
+  for (int64_t d = full; d < dim; ++d) total += double(a[d]) * double(b[d]);
+  return total;
+}
+
+template <typename T>
+FM_INLINE void inv_row_norms_impl(const T* rows, int64_t n, int64_t dim, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* v = rows + i * dim;
+    out[i] = T(1.0 / std::max(std::sqrt(dot_lanes(v, v, dim)), kNormEps));
+  }
+}
+
+template <typename T>
+FM_INLINE void remove_radial_impl(T* grads, const T* rows, const T* inv_norm, int64_t n, int64_t dim) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* gi = grads + i * dim;
+    const T* vi = rows + i * dim;
+    const double s = double(inv_norm[i]);
+    const T coef = T(dot_lanes(gi, vi, dim) * s * s);
+    for (int64_t d = 0; d < dim; ++d) gi[d] -= coef * vi[d];
+  }
+}
+
+}  // namespace
+
+FM_MULTIVERSION void forward_epilogue(const ChunkTile<float>& c, const MarginParams& p, RowState* state,
+                                      float* target_u) {
+  forward_any(c, p, state, target_u);
+}
+FM_MULTIVERSION void forward_epilogue(const ChunkTile<double>& c, const MarginParams& p, RowState* state,
+                                      double* target_u) {
+  forward_any(c, p, state, target_u);
+}
+FM_MULTIVERSION void backward_epilogue(const ChunkTile<float>& c, const MarginParams& p, const RowGrads<float>& g) {
+  backward_any(c, p, g);
+}
+FM_MULTIVERSION void backward_epilogue(const ChunkTile<double>& c, const MarginParams& p,
+                                       const RowGrads<double>& g) {
+  backward_any(c, p, g);
+}
+FM_MULTIVERSION void inv_row_norms(const float* rows, int64_t n, int64_t dim, float* out) {
+  inv_row_norms_impl(rows, n, dim, out);
+}
+FM_MULTIVERSION void inv_row_norms(const double* rows, int64_t n, int64_t dim, double* out) {
+  inv_row_norms_impl(rows, n, dim, out);
+}
+FM_MULTIVERSION void remove_radial(float* grads, const float* rows, const float* inv_norm, int64_t n, int64_t dim) {
+  remove_radial_impl(grads, rows, inv_norm, n, dim);
+}
+FM_MULTIVERSION void remove_radial(double* grads, const double* rows, const double* inv_norm, int64_t n,
+                                   int64_t dim) {
+  remove_radial_impl(grads, rows, inv_norm, n, dim);
+}
+
+}  // namespace cpu
+}  // namespace fused_margin

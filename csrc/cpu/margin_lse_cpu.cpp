@@ -1,0 +1,587 @@
+// CPU implementation of fused_margin_C::margin_lse_fwd / margin_lse_bwd.
+//
+// The classes in use are cut into chunks; a chunk's logits tile (B x chunk) comes from
+// one ATen GEMM (MKL), is consumed at once by the fused epilogue (epilogue.cpp) while it
+// is still in L2, and never exists for all classes at once. Chunks are gathered into a
+// fixed number of contiguous groups that depends on the shapes only: threads take whole
+// groups (one at a time, from a shared counter), a group runs its chunks in class order
+// with single-threaded GEMMs, and the groups' partials (row states, dX) are merged in
+// group order -- so results do not depend on the thread count.
+//
+// Per-op headers instead of <ATen/ATen.h>: a third of the compile time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../margin_params.h"
+#include "epilogue.h"
+
+// MKL's per-thread thread count, exported by torch's x86 builds (weak: absent elsewhere).
+// The C entry point: mkl_service.h maps mkl_set_num_threads_local to it, while the
+// exported lowercase symbol is the Fortran one (argument by pointer).
+#if defined(__GNUC__) && !defined(_WIN32)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#define FM_MKL_LOCAL_THREADS 1
+#else
+#define FM_MKL_LOCAL_THREADS 0
+#endif
+
+namespace fused_margin {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------
+// Validation at the boundary (messages name the argument).
+// ---------------------------------------------------------------------------------
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fused_margin cpu backend: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_vector(const Tensor& t, const char* name, int64_t size) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "fused_margin cpu backend: ", name, " must have shape (", size,
+              ",), got ", t.sizes());
+}
+
+MarginParams make_params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha,
+                         double delta, double margin, double t, int64_t num_subcenters) {
+  TORCH_CHECK(kind >= kIdentity && kind <= kCurricular, "fused_margin cpu backend: kind must be a NonTargetKind (0..4), got ",
+              kind);
+  TORCH_CHECK(num_subcenters >= 1, "fused_margin cpu backend: num_subcenters must be >= 1, got ", num_subcenters);
+  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters};
+}
+
+// Checks the shared inputs; returns C, the number of classes in use.
+int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+                     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold,
+                     const MarginParams& p) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(x.dim() == 2, "fused_margin cpu backend: x must have shape (B, D), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
+              "fused_margin cpu backend: weight must have shape (R, ", x.size(1), ") to match x, got ", weight.sizes());
+  TORCH_CHECK(x.is_floating_point() && weight.is_floating_point(),
+              "fused_margin cpu backend: x and weight must be floating point, got ", x.scalar_type(), " and ",
+              weight.scalar_type());
+  const int64_t k = p.num_subcenters;
+  TORCH_CHECK(weight.size(0) % k == 0, "fused_margin cpu backend: weight has ", weight.size(0),
+              " rows, not a multiple of num_subcenters=", k);
+  const int64_t classes_all = weight.size(0) / k;
+  check_vector(labels, "labels", x.size(0));
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "fused_margin cpu backend: labels must be int64, got ",
+              labels.scalar_type());
+  if (bias.has_value()) {
+    check_vector(*bias, "bias", classes_all);
+    TORCH_CHECK(bias->is_floating_point(), "fused_margin cpu backend: bias must be floating point");
+  }
+  int64_t classes = classes_all;
+  if (class_index.has_value()) {
+    check_cpu(*class_index, "class_index");
+    TORCH_CHECK(class_index->dim() == 1 && class_index->scalar_type() == at::kLong,
+                "fused_margin cpu backend: class_index must be a 1-D int64 tensor, got ", class_index->sizes(), " ",
+                class_index->scalar_type());
+    classes = class_index->size(0);
+  }
+  TORCH_CHECK(classes >= 1, "fused_margin cpu backend: there must be at least one class");
+  if (p.kind == kCurricular) {
+    TORCH_CHECK(row_threshold.has_value(), "fused_margin cpu backend: the CurricularFace kind needs row_threshold");
+  }
+  if (row_threshold.has_value()) check_vector(*row_threshold, "row_threshold", x.size(0));
+  return classes;
+}
+
+// class_index values must be valid rows; returns whether they are all distinct (then a
+// chunk's weight-gradient rows can be written in place by the thread that owns it).
+bool check_class_index(const Tensor& class_index, int64_t classes_all) {
+  const int64_t* idx = class_index.data_ptr<int64_t>();
+  std::vector<bool> seen(classes_all, false);
+  bool unique = true;
+  for (int64_t i = 0; i < class_index.numel(); ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < classes_all, "fused_margin cpu backend: class_index[", i, "] = ", idx[i],
+                " is not a class of weight (", classes_all, " classes)");
+    unique = unique && !seen[idx[i]];
+    seen[idx[i]] = true;
+  }
+  return unique;
+}
+
+// Inside a group, each GEMM runs on the calling thread. MKL otherwise picks its own
+// split for the thread count it sees -- splitting the inner dimension of the dX GEMM
+// (K = the chunk's rows) changes its summation order, so results would depend on the
+// thread count. The setting is thread-local and is restored on exit: the
+// process-wide settings stay the user's.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+#if FM_MKL_LOCAL_THREADS
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+#endif
+  }
+  ~SingleThreadedBlas() {
+#if FM_MKL_LOCAL_THREADS
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+#endif
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;  // 0: back to the global setting
+};
+
+// ---------------------------------------------------------------------------------
+// Chunking
+// ---------------------------------------------------------------------------------
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    long value = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    value = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (value <= 0) value = 1 << 20;
+    return std::clamp<int64_t>(value, 256 << 10, 8 << 20);
+  }();
+  return bytes;
+}
+
+struct Plan {
+  int64_t classes;  // C
+  int64_t chunk;    // classes per chunk
+  int64_t num_chunks;
+  int64_t num_groups;
+
+  int64_t group_begin(int64_t g) const { return g * num_chunks / num_groups; }
+};
+
+// Classes per chunk: the tile (B x chunk*K) and the chunk's weight rows (chunk*K x D)
+// should fit in half the L2 together, so that the GEMM leaves them where the epilogue
+// (and in the backward the next two GEMMs) read them. A function of the shapes and the
+// machine, never of the thread count.
+int64_t chunk_classes(int64_t batch, int64_t dim, int64_t k, int64_t elem_bytes, int64_t requested) {
+  if (requested > 0) return requested;
+  int64_t rows = (l2_cache_bytes() / 2) / ((batch + dim) * elem_bytes);
+  rows = std::clamp<int64_t>(rows / 16 * 16, 64, 4096);  // whole SIMD/GEMM panels; skinny GEMMs are slow
+  return std::max<int64_t>(1, rows / k);
+}
+
+Plan make_plan(int64_t classes, int64_t chunk, int64_t max_groups) {
+  Plan plan;
+  plan.classes = classes;
+  plan.chunk = std::min(chunk, classes);
+  plan.num_chunks = (classes + plan.chunk - 1) / plan.chunk;
+  plan.num_groups = std::max<int64_t>(1, std::min(plan.num_chunks, max_groups));
+  return plan;
+}
+
+// Forward groups: each carries B row states (40 bytes each); 256 keeps every thread of a
+// large machine busy.
+constexpr int64_t kMaxForwardGroups = 256;
+// Backward groups: each carries a (B, D) partial dX (fresh pages, summed at the end):
+// as many as fit in 16 MiB, but at least 8 (parallelism for large B) and at most 64.
+constexpr int64_t kBackwardPartialBytes = int64_t(16) << 20;
+
+// ---------------------------------------------------------------------------------
+// Weight rows of a chunk, in the accumulation dtype
+// ---------------------------------------------------------------------------------
+
+// Hands out the weight rows of a chunk (n classes * K sub-centers) as a contiguous
+// (n*K, D) tensor of the accumulation dtype: a view of `weight` when possible, else a
+// gathered / converted copy of just this chunk (bounded workspace, reused).
+class ChunkRows {
+ public:
+  ChunkRows(const Tensor& weight, const c10::optional<Tensor>& class_index, int64_t k, at::ScalarType acc,
+            int64_t max_rows)
+      : weight_(weight), index_(class_index), k_(k), acc_(acc) {
+    direct_ = !index_.has_value() && weight.scalar_type() == acc;
+    if (!direct_) buffer_ = at::empty({max_rows, weight.size(1)}, weight.options().dtype(acc));
+    if (index_.has_value()) {
+      rows_ = at::empty({max_rows}, weight.options().dtype(at::kLong));
+      if (weight.scalar_type() != acc) native_ = at::empty({max_rows, weight.size(1)}, weight.options());
+    }
+  }
+
+  bool direct() const { return direct_; }
+
+  // Row indices into `weight` of the chunk [c0, c0 + n) (class_index only).
+  Tensor row_ids(int64_t c0, int64_t n) {
+    Tensor ids = rows_.narrow(0, 0, n * k_);
+    const int64_t* cls = index_->data_ptr<int64_t>() + c0;
+    int64_t* out = ids.data_ptr<int64_t>();
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t s = 0; s < k_; ++s) out[j * k_ + s] = cls[j] * k_ + s;
+    }
+    return ids;
+  }
+
+  Tensor load(int64_t c0, int64_t n) {
+    const int64_t rows = n * k_;
+    if (direct_) return weight_.narrow(0, c0 * k_, rows);
+    Tensor out = buffer_.narrow(0, 0, rows);
+    if (!index_.has_value()) {
+      out.copy_(weight_.narrow(0, c0 * k_, rows));
+    } else if (weight_.scalar_type() == acc_) {
+      at::index_select_out(out, weight_, 0, row_ids(c0, n));
+    } else {
+      Tensor native = native_.narrow(0, 0, rows);
+      at::index_select_out(native, weight_, 0, row_ids(c0, n));
+      out.copy_(native);
+    }
+    return out;
+  }
+
+ private:
+  Tensor weight_;
+  c10::optional<Tensor> index_;
+  int64_t k_;
+  at::ScalarType acc_;
+  bool direct_;
+  Tensor buffer_, rows_, native_;
+};
+
+at::ScalarType acc_dtype(const Tensor& x, const Tensor& weight) {
+  return (x.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+Tensor inverse_row_norms(const Tensor& rows) {
+  Tensor out = at::empty({rows.size(0)}, rows.options());
+  const T* src = rows.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t dim = rows.size(1);
+  at::parallel_for(0, rows.size(0), 64, [&](int64_t b0, int64_t b1) {
+    inv_row_norms(src + b0 * dim, b1 - b0, dim, dst + b0);
+  });
+  return out;
+}
+
+// Per-row bias of the classes in use, in the accumulation dtype (O(C)).
+c10::optional<Tensor> bias_in_use(const c10::optional<Tensor>& bias, const c10::optional<Tensor>& class_index,
+                                  at::ScalarType acc) {
+  if (!bias.has_value()) return c10::nullopt;
+  Tensor b = class_index.has_value() ? bias->index_select(0, *class_index) : *bias;
+  return b.to(acc).contiguous();
+}
+
+// ---------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
+    const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
+    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
+    const MarginParams& p, int64_t classes, int64_t chunk_request) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
+  // Detached: the GEMMs below run on worker threads, where no autograd state is set up.
+  const Tensor x = x_in.detach().to(acc).contiguous();
+  const Tensor weight = weight_in.detach().contiguous();
+  const Tensor labels = labels_in.contiguous();
+  c10::optional<Tensor> class_index;
+  if (class_index_in.has_value()) {
+    class_index = class_index_in->contiguous();
+    check_class_index(*class_index, weight.size(0) / k);
+  }
+  const c10::optional<Tensor> bias = bias_in_use(bias_in, class_index, acc);
+  c10::optional<Tensor> threshold;
+  if (row_threshold_in.has_value()) threshold = row_threshold_in->to(acc).contiguous();
+
+  const Tensor row_scale = p.normalize_x ? inverse_row_norms<T>(x) : at::ones({batch}, x.options());
+  Tensor col_scale = at::empty({classes * k}, x.options());
+  Tensor target_u = at::zeros({batch}, x.options());
+  Tensor lse_neg = at::empty({batch}, x.options());
+  Tensor sum_neg = at::empty({batch}, x.options());
+  Tensor argmax = at::zeros({batch}, labels.options());
+  if (batch == 0) return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale.fill_(1)};
+
+  const Plan plan = make_plan(classes, chunk_classes(batch, dim, k, sizeof(T), chunk_request), kMaxForwardGroups);
+  std::vector<RowState> states(plan.num_groups * batch);
+
+  std::atomic<int64_t> next_group{0};
+  at::parallel_for(0, plan.num_groups, 1, [&](int64_t /*g0*/, int64_t /*g1*/) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: this may be a worker thread
+    SingleThreadedBlas one_blas_thread;
+    ChunkRows chunk_rows(weight, class_index, k, acc, plan.chunk * k);
+    Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
+    std::vector<T> scratch(3 * plan.chunk);
+    std::vector<int32_t> best_sub(plan.chunk);
+    const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
+    // Groups are handed out one at a time (not the static split of parallel_for): a
+    // preempted or slower thread does not hold back the others. The result of a group
+    // does not depend on which thread ran it.
+    for (int64_t g; (g = next_group.fetch_add(1)) < plan.num_groups;) {
+      for (int64_t c = plan.group_begin(g); c < plan.group_begin(g + 1); ++c) {
+        const int64_t c0 = c * plan.chunk, n = std::min(plan.chunk, classes - c0);
+        const Tensor w = chunk_rows.load(c0, n);
+        T* q = col_scale.data_ptr<T>() + c0 * k;
+        if (p.normalize_w) {
+          inv_row_norms(w.data_ptr<T>(), n * k, dim, q);
+        } else {
+          std::fill(q, q + n * k, T(1));
+        }
+        Tensor tile = tile_buffer.narrow(0, 0, batch * n * k).view({batch, n * k});
+        at::mm_out(tile, x, w.t());
+        ChunkTile<T> ct{tile.data_ptr<T>(),
+                        batch,
+                        n,
+                        c0,
+                        row_scale.data_ptr<T>(),
+                        threshold.has_value() ? threshold->data_ptr<T>() : nullptr,
+                        labels.data_ptr<int64_t>(),
+                        q,
+                        bias.has_value() ? bias->data_ptr<T>() + c0 : no_bias.data(),
+                        scratch.data(),
+                        best_sub.data()};
+        // Each row's target lies in one chunk: one writer per target_u entry.
+        forward_epilogue(ct, p, states.data() + g * batch, target_u.data_ptr<T>());
+      }
+    }
+  });
+
+  // Merge the groups' row states in group order.
+  T* lse_p = lse_neg.data_ptr<T>();
+  T* sum_p = sum_neg.data_ptr<T>();
+  int64_t* arg_p = argmax.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    RowState total = states[b];
+    for (int64_t g = 1; g < plan.num_groups; ++g) {
+      const RowState& s = states[g * batch + b];
+      if (s.max > total.max) {
+        total.sumexp = total.sumexp * std::exp(total.max - s.max) + s.sumexp;
+        total.max = s.max;
+      } else if (s.max > -std::numeric_limits<double>::infinity()) {
+        total.sumexp += s.sumexp * std::exp(s.max - total.max);
+      }
+      total.sum += s.sum;
+      if (s.best > total.best) {
+        total.best = s.best;
+        total.best_index = s.best_index;
+      }
+    }
+    // No negative class (C = 1 with a target): lse_neg = -inf, never NaN.
+    lse_p[b] = total.sumexp > 0.0 ? T(total.max + std::log(total.sumexp)) : -std::numeric_limits<T>::infinity();
+    sum_p[b] = T(total.sum);
+    arg_p[b] = std::max<int64_t>(total.best_index, 0);
+  }
+  return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
+}
+
+// ---------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_lse_in, const Tensor& grad_target_u_in, const Tensor& grad_sum_in, const Tensor& x_in,
+    const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
+    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
+    const Tensor& lse_neg_in, const Tensor& row_scale_in, const Tensor& col_scale_in, const MarginParams& p,
+    int64_t classes, int64_t chunk_request) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
+  const int64_t classes_all = weight_in.size(0) / k;
+  const Tensor x = x_in.detach().to(acc).contiguous();
+  const Tensor weight = weight_in.detach().contiguous();
+  const Tensor labels = labels_in.contiguous();
+  auto as_acc = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const Tensor grad_lse = as_acc(grad_lse_in), grad_target_u = as_acc(grad_target_u_in);
+  const Tensor grad_sum = as_acc(grad_sum_in), lse_neg = as_acc(lse_neg_in);
+  const Tensor row_scale = as_acc(row_scale_in), col_scale = as_acc(col_scale_in);
+  c10::optional<Tensor> class_index;
+  bool unique_index = true;
+  if (class_index_in.has_value()) {
+    class_index = class_index_in->contiguous();
+    unique_index = check_class_index(*class_index, classes_all);
+  }
+  const c10::optional<Tensor> bias = bias_in_use(bias_in, class_index, acc);
+  c10::optional<Tensor> threshold;
+  if (row_threshold_in.has_value()) threshold = as_acc(*row_threshold_in);
+
+  // Rows of weight not in use get 0; without class_index every row is written.
+  Tensor grad_weight = class_index.has_value() ? at::zeros_like(weight) : at::empty_like(weight);
+  // Where several chunks may hit one weight row (repeated class_index entries), the
+  // chunks write a (C*K, D) buffer that index_add_ folds in afterwards.
+  Tensor grad_weight_used;
+  if (!unique_index) grad_weight_used = at::empty({classes * k, dim}, x.options());
+  Tensor grad_bias_used;
+  if (bias.has_value()) grad_bias_used = at::zeros({classes}, x.options());
+
+  const int64_t chunk = chunk_classes(batch, dim, k, sizeof(T), chunk_request);
+  const int64_t partial_bytes = std::max<int64_t>(1, batch * dim * int64_t(sizeof(T)));
+  const int64_t max_groups = std::clamp<int64_t>(kBackwardPartialBytes / partial_bytes, 8, 64);
+  const Plan plan = make_plan(classes, chunk, max_groups);
+  // dX partials: group 0 accumulates into grad_x_acc itself.
+  // (every group has at least one chunk, whose GEMM writes its partial: no zeroing)
+  Tensor grad_x_acc = at::empty({batch, dim}, x.options());
+  Tensor partials;
+  if (plan.num_groups > 1) partials = at::empty({plan.num_groups - 1, batch, dim}, x.options());
+  // In-place GEMM output: the weight gradient rows of a chunk are contiguous in grad_weight.
+  const bool write_in_place = !class_index.has_value() && weight.scalar_type() == acc;
+
+  std::atomic<int64_t> next_group{0};
+  at::parallel_for(0, plan.num_groups, 1, [&](int64_t /*g0*/, int64_t /*g1*/) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    SingleThreadedBlas one_blas_thread;
+    ChunkRows chunk_rows(weight, class_index, k, acc, plan.chunk * k);
+    Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
+    Tensor dw_buffer;
+    if (!write_in_place && unique_index) dw_buffer = at::empty({plan.chunk * k, dim}, x.options());
+    std::vector<T> scratch(3 * plan.chunk);
+    std::vector<int32_t> best_sub(plan.chunk);
+    const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
+    // Groups are handed out one at a time (not the static split of parallel_for): a
+    // preempted or slower thread does not hold back the others. The result of a group
+    // does not depend on which thread ran it.
+    for (int64_t g; (g = next_group.fetch_add(1)) < plan.num_groups;) {
+      Tensor grad_x_group = g == 0 ? grad_x_acc : partials[g - 1];
+      for (int64_t c = plan.group_begin(g); c < plan.group_begin(g + 1); ++c) {
+        const int64_t c0 = c * plan.chunk, n = std::min(plan.chunk, classes - c0), rows = n * k;
+        const Tensor w = chunk_rows.load(c0, n);
+        Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
+        at::mm_out(tile, x, w.t());
+        const T* q = col_scale.data_ptr<T>() + c0 * k;
+        ChunkTile<T> ct{tile.data_ptr<T>(),
+                        batch,
+                        n,
+                        c0,
+                        row_scale.data_ptr<T>(),
+                        threshold.has_value() ? threshold->data_ptr<T>() : nullptr,
+                        labels.data_ptr<int64_t>(),
+                        q,
+                        bias.has_value() ? bias->data_ptr<T>() + c0 : no_bias.data(),
+                        scratch.data(),
+                        best_sub.data()};
+        RowGrads<T> rg{grad_lse.data_ptr<T>(), grad_target_u.data_ptr<T>(), grad_sum.data_ptr<T>(),
+                       lse_neg.data_ptr<T>(), bias.has_value() ? grad_bias_used.data_ptr<T>() + c0 : nullptr};
+        backward_epilogue(ct, p, rg);  // tile := G = dU * r_b * q_i
+
+        // dX += G W_chunk;  dW_chunk = G^T x (both through the folded scales, see epilogue.h).
+        if (c == plan.group_begin(g)) {
+          at::mm_out(grad_x_group, tile, w);
+        } else {
+          grad_x_group.addmm_(tile, w);
+        }
+        Tensor dw;
+        if (write_in_place) {
+          dw = grad_weight.narrow(0, c0 * k, rows);
+        } else if (unique_index) {
+          dw = dw_buffer.narrow(0, 0, rows);
+        } else {
+          dw = grad_weight_used.narrow(0, c0 * k, rows);
+        }
+        at::mm_out(dw, tile.t(), x);
+        if (p.normalize_w) remove_radial(dw.data_ptr<T>(), w.data_ptr<T>(), q, rows, dim);
+        if (!write_in_place && unique_index) {
+          if (class_index.has_value()) {
+            // Distinct rows: threads write disjoint rows of grad_weight.
+            grad_weight.index_copy_(0, chunk_rows.row_ids(c0, n), dw.to(weight.scalar_type()));
+          } else {
+            grad_weight.narrow(0, c0 * k, rows).copy_(dw);
+          }
+        }
+      }
+    }
+  });
+
+  // dX = the groups' partials summed in group order, then the folded-norm projection.
+  // One parallel region over rows (not one per partial: each region ends on a barrier,
+  // which costs a scheduler tick whenever a thread is preempted).
+  {
+    T* dx = grad_x_acc.data_ptr<T>();
+    const T* part = plan.num_groups > 1 ? partials.data_ptr<T>() : nullptr;
+    const int64_t stride = batch * dim;
+    at::parallel_for(0, batch, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t g = 1; g < plan.num_groups; ++g) {
+        const T* src = part + (g - 1) * stride;
+        for (int64_t i = b0 * dim; i < b1 * dim; ++i) dx[i] += src[i];
+      }
+      if (p.normalize_x) {
+        remove_radial(dx + b0 * dim, x.data_ptr<T>() + b0 * dim, row_scale.data_ptr<T>() + b0, b1 - b0, dim);
+      }
+    });
+  }
+  if (!unique_index) {
+    const Tensor all_rows = class_index->mul(k).unsqueeze(1).add(at::arange(k, class_index->options())).reshape(-1);
+    grad_weight.index_add_(0, all_rows, grad_weight_used.to(weight.scalar_type()));
+  }
+  Tensor grad_bias = at::empty({0}, x_in.options());
+  if (bias.has_value()) {
+    if (class_index.has_value()) {
+      grad_bias = at::zeros_like(*bias_in).index_add_(0, *class_index, grad_bias_used.to(bias_in->scalar_type()));
+    } else {
+      grad_bias = grad_bias_used.to(bias_in->scalar_type());
+    }
+  }
+  return {grad_x_acc.to(x_in.scalar_type()), grad_weight, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------
+// Op entry points
+// ---------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cpu(
+    const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, bool normalize_x,
+    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin, double t,
+    int64_t num_subcenters, int64_t chunk_size) {
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const int64_t classes = check_inputs(x, weight, labels, bias, class_index, row_threshold, p);
+  if (acc_dtype(x, weight) == at::kDouble) {
+    return forward_impl<double>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
+  }
+  return forward_impl<float>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
+}
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
+    const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
+    const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
+    const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
+    double alpha, double delta, double margin, double t, int64_t num_subcenters, int64_t chunk_size) {
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const int64_t classes = check_inputs(x, weight, labels, bias, class_index, row_threshold, p);
+  const int64_t batch = x.size(0);
+  check_vector(grad_lse, "grad_lse", batch);
+  check_vector(grad_target_u, "grad_target_u", batch);
+  check_vector(grad_sum, "grad_sum", batch);
+  check_vector(lse_neg, "lse_neg", batch);
+  check_vector(row_scale, "row_scale", batch);
+  check_vector(col_scale, "col_scale", classes * num_subcenters);
+  if (acc_dtype(x, weight) == at::kDouble) {
+    return backward_impl<double>(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
+                                 row_threshold, lse_neg, row_scale, col_scale, p, classes, chunk_size);
+  }
+  return backward_impl<float>(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+                              lse_neg, row_scale, col_scale, p, classes, chunk_size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
+  m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
+  m.impl("margin_lse_bwd", &margin_lse_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_margin

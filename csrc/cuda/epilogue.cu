@@ -1,0 +1,571 @@
+// CUDA kernels of the fused operation (see epilogue.cuh). No torch headers.
+//
+// Every reduction has a fixed shape (thread -> warp shuffle tree -> block -> segments
+// in order -> chunks in order): results are run-to-run deterministic, with no atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "epilogue.cuh"
+
+namespace fused_margin {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;              // threads per block
+constexpr int kItems = 8;                  // classes per thread in a forward segment
+constexpr int kSegment = kThreads * kItems;  // classes per forward segment
+constexpr int kRowsPerBlock = 32;          // rows per backward block
+constexpr int kWarps = kThreads / 32;
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fused_margin cuda backend: ") + what + " failed: " + cudaGetErrorString(err));
+  }
+}
+
+// ---- storage conversions -------------------------------------------------------
+
+template <typename A, typename T>
+__device__ __forceinline__ A load(const T* p, int64_t i) {
+  return static_cast<A>(p[i]);
+}
+template <>
+__device__ __forceinline__ float load<float, __half>(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+template <>
+__device__ __forceinline__ double load<double, __half>(const __half* p, int64_t i) {
+  return static_cast<double>(__half2float(p[i]));
+}
+template <>
+__device__ __forceinline__ float load<float, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+template <>
+__device__ __forceinline__ double load<double, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return static_cast<double>(__bfloat162float(p[i]));
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T store_as(A v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half store_as<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __half store_as<__half, double>(double v) {
+  return __double2half(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, double>(double v) {
+  return __float2bfloat16_rn(static_cast<float>(v));
+}
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -static_cast<A>(INFINITY);
+}
+
+// ---- the non-target transform ----------------------------------------------------
+
+template <typename A>
+struct Transform {
+  A scale, alpha, delta, margin, t;
+};
+
+template <int64_t KIND, typename A>
+__device__ __forceinline__ A transform_value(const Transform<A>& tr, A u, A threshold) {
+  if constexpr (KIND == kIdentity) {
+    return u;
+  } else if constexpr (KIND == kAffine) {
+    return tr.alpha * u + tr.delta;
+  } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
+    return fmax(u + tr.margin, A(0)) * (u - tr.margin);
+  } else {
+    return u > threshold ? u * (tr.t + u) : u;
+  }
+}
+
+// T'(u) as the reference uses it (reference.non_target_derivative).
+template <int64_t KIND, typename A>
+__device__ __forceinline__ A transform_derivative(const Transform<A>& tr, A u, A threshold) {
+  if constexpr (KIND == kIdentity) {
+    return A(1);
+  } else if constexpr (KIND == kAffine) {
+    return tr.alpha;
+  } else if constexpr (KIND == kQuadratic) {
+    return u > -tr.margin ? A(2) * u : A(0);
+  } else if constexpr (KIND == kQuadraticDetached) {
+    return fmax(u + tr.margin, A(0));
+  } else {
+    return u > threshold ? tr.t + A(2) * u : A(1);
+  }
+}
+
+// u_j = max_k r q_{jK+k} <x_b, w_{jK+k}>; `best` is the sub-center attaining it (lowest on ties).
+template <typename A>
+__device__ __forceinline__ A class_cosine(const A* row, const A* q, A r, int64_t j, int64_t k, int64_t* best) {
+  A top = row[j * k] * (r * q[j * k]);
+  int64_t arg = 0;
+  for (int64_t s = 1; s < k; ++s) {
+    const A v = row[j * k + s] * (r * q[j * k + s]);
+    if (v > top) {
+      top = v;
+      arg = s;
+    }
+  }
+  *best = arg;
+  return top;
+}
+
+// ---- reductions --------------------------------------------------------------------
+
+template <typename A>
+struct Partial {
+  A max;     // of the non-target z
+  A sumexp;  // sum exp(z - max)
+  A sum;     // sum of the non-target z
+  A best;    // max plain logit
+  int64_t best_index;
+};
+
+template <typename A>
+__device__ __forceinline__ Partial<A> combine(const Partial<A>& a, const Partial<A>& b) {
+  Partial<A> out;
+  out.max = fmax(a.max, b.max);
+  if (out.max == neg_inf<A>()) {
+    out.sumexp = A(0);
+  } else {
+    out.sumexp = a.sumexp * exp(a.max - out.max) + b.sumexp * exp(b.max - out.max);
+  }
+  out.sum = a.sum + b.sum;
+  const bool take_b = b.best > a.best || (b.best == a.best && b.best_index < a.best_index);
+  out.best = take_b ? b.best : a.best;
+  out.best_index = take_b ? b.best_index : a.best_index;
+  return out;
+}
+
+template <typename A>
+__device__ __forceinline__ Partial<A> shuffle_down(const Partial<A>& p, int offset) {
+  Partial<A> o;
+  o.max = __shfl_down_sync(0xffffffffu, p.max, offset);
+  o.sumexp = __shfl_down_sync(0xffffffffu, p.sumexp, offset);
+  o.sum = __shfl_down_sync(0xffffffffu, p.sum, offset);
+  o.best = __shfl_down_sync(0xffffffffu, p.best, offset);
+  o.best_index = __shfl_down_sync(0xffffffffu, p.best_index, offset);
+  return o;
+}
+
+// ---- forward ----------------------------------------------------------------------
+
+template <typename A>
+struct ForwardKernelArgs {
+  const A* tile;
+  int64_t num_rows, num_classes, first_class, k;
+  const A* row_scale;
+  const A* row_threshold;
+  const int64_t* labels;
+  const A* col_scale;
+  const A* bias;
+  A* target_u;
+  Partial<A>* partials;  // (segments, B)
+};
+
+// grid (segments, B): one block reduces kSegment classes of one row.
+template <typename A, int64_t KIND>
+__global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernelArgs<A> a, Transform<A> tr) {
+  const int64_t b = blockIdx.y;
+  const int64_t n = a.num_classes;
+  const A* row = a.tile + b * n * a.k;
+  const A r = a.row_scale[b];
+  const int64_t target = a.labels[b] - a.first_class;  // in [0, n) iff the target is in this chunk
+  const A threshold = a.row_threshold != nullptr ? a.row_threshold[b] : A(0);
+
+  A z[kItems];
+  Partial<A> p{neg_inf<A>(), A(0), A(0), neg_inf<A>(), INT64_MAX};
+  const int64_t base = int64_t(blockIdx.x) * kSegment + threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t j = base + int64_t(i) * kThreads;  // coalesced across the warp
+    z[i] = neg_inf<A>();
+    if (j < n) {
+      int64_t sub;
+      const A u = a.k == 1 ? row[j] * (r * a.col_scale[j]) : class_cosine(row, a.col_scale, r, j, a.k, &sub);
+      const A bj = a.bias != nullptr ? a.bias[j] : A(0);
+      const A plain = tr.scale * u + bj;  // margin-free logit: training accuracy
+      if (plain > p.best) {  // j increases per thread: strict keeps the lowest
+        p.best = plain;
+        p.best_index = j;
+      }
+      if (j == target) {
+        a.target_u[b] = u;
+      } else {
+        z[i] = tr.scale * transform_value<KIND>(tr, u, threshold) + bj;
+        p.sum += z[i];
+        p.max = fmax(p.max, z[i]);
+      }
+    }
+  }
+  if (p.max > neg_inf<A>()) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) p.sumexp += exp(z[i] - p.max);  // exp(-inf) = 0
+  }
+
+  // warp tree, then the warps' results in order
+  for (int offset = 16; offset > 0; offset >>= 1) p = combine(p, shuffle_down(p, offset));
+  __shared__ Partial<A> warp_partials[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_partials[warp] = p;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Partial<A> total = warp_partials[0];
+    for (int w = 1; w < kWarps; ++w) total = combine(total, warp_partials[w]);
+    a.partials[int64_t(blockIdx.x) * a.num_rows + b] = total;
+  }
+}
+
+// One thread per row: merges the chunk's segments, in order, into the running state.
+template <typename A>
+__global__ void merge_segments_kernel(const Partial<A>* partials, int64_t segments, int64_t num_rows,
+                                      int64_t first_class, RowStates st) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= num_rows) return;
+  double mx = st.max[b], se = st.sumexp[b], sum = st.sum[b], best = st.best[b];
+  int64_t best_index = st.best_index[b];
+  for (int64_t s = 0; s < segments; ++s) {
+    const Partial<A> p = partials[s * num_rows + b];
+    const double pm = double(p.max);
+    if (pm > mx) {
+      se = se * exp(mx - pm) + double(p.sumexp);
+      mx = pm;
+    } else if (pm > -double(INFINITY)) {
+      se += double(p.sumexp) * exp(pm - mx);
+    }
+    sum += double(p.sum);
+    if (double(p.best) > best) {  // segments and chunks arrive in class order
+      best = double(p.best);
+      best_index = first_class + p.best_index;
+    }
+  }
+  st.max[b] = mx;
+  st.sumexp[b] = se;
+  st.sum[b] = sum;
+  st.best[b] = best;
+  st.best_index[b] = best_index;
+}
+
+__global__ void init_states_kernel(RowStates st, int64_t num_rows) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= num_rows) return;
+  st.max[b] = -double(INFINITY);
+  st.sumexp[b] = 0.0;
+  st.sum[b] = 0.0;
+  st.best[b] = -double(INFINITY);
+  st.best_index[b] = -1;
+}
+
+template <typename A>
+__global__ void finalize_kernel(RowStates st, int64_t num_rows, A* lse_neg, A* sum_neg, int64_t* argmax) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= num_rows) return;
+  // No negative class (C = 1 with a target): lse_neg = -inf, never NaN.
+  lse_neg[b] = st.sumexp[b] > 0.0 ? A(st.max[b] + log(st.sumexp[b])) : neg_inf<A>();
+  sum_neg[b] = A(st.sum[b]);
+  argmax[b] = st.best_index[b] < 0 ? 0 : st.best_index[b];
+}
+
+// ---- backward ---------------------------------------------------------------------
+
+template <typename A, typename G>
+struct BackwardKernelArgs {
+  const A* tile;
+  G* grad_tile;  // may alias tile (G == A)
+  int64_t num_rows, num_classes, first_class, k;
+  const A* row_scale;
+  const A* row_threshold;
+  const int64_t* labels;
+  const A* col_scale;
+  const A* bias;
+  const A* grad_lse;
+  const A* grad_target_u;
+  const A* grad_sum;
+  const A* lse_neg;
+  A* bias_partials;  // (row blocks, n) or nullptr
+};
+
+// grid (ceil(n / kThreads), row blocks): thread = one class j, looping over the block's
+// rows (coalesced: a warp reads 32 neighbouring columns of one row). No reduction but
+// the per-column dz sum of the bias gradient.
+template <typename A, typename G, int64_t KIND>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardKernelArgs<A, G> a, Transform<A> tr) {
+  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t n = a.num_classes, k = a.k;
+  if (j >= n) return;
+  const int64_t b_begin = int64_t(blockIdx.y) * kRowsPerBlock;
+  const int64_t b_end = b_begin + kRowsPerBlock < a.num_rows ? b_begin + kRowsPerBlock : a.num_rows;
+  const A bj = a.bias != nullptr ? a.bias[j] : A(0);
+  A dbias = A(0);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const A* row = a.tile + b * n * k;
+    G* grad_row = a.grad_tile + b * n * k;
+    const A r = a.row_scale[b];
+    A lse = a.lse_neg[b];
+    A grad_lse = a.grad_lse[b];
+    if (!isfinite(lse)) {  // no negative class in this row: no softmax term
+      lse = A(0);
+      grad_lse = A(0);
+    }
+    const A threshold = a.row_threshold != nullptr ? a.row_threshold[b] : A(0);
+    const bool is_target = j == a.labels[b] - a.first_class;
+    int64_t best = 0;
+    const A u = k == 1 ? row[j] * (r * a.col_scale[j]) : class_cosine(row, a.col_scale, r, j, k, &best);
+    const A zj = tr.scale * transform_value<KIND>(tr, u, threshold) + bj;
+    const A dz = is_target ? A(0) : grad_lse * exp(zj - lse) + a.grad_sum[b];
+    dbias += dz;
+    const A du = dz * (tr.scale * transform_derivative<KIND>(tr, u, threshold)) + (is_target ? a.grad_target_u[b] : A(0));
+    // Route the class's gradient to the sub-center that attained the max. All K reads
+    // above precede these writes (in-place when G aliases the tile).
+    for (int64_t s = 0; s < k; ++s) {
+      grad_row[j * k + s] = store_as<G>(s == best ? du * (r * a.col_scale[j * k + s]) : A(0));
+    }
+  }
+  if (a.bias_partials != nullptr) a.bias_partials[int64_t(blockIdx.y) * n + j] = dbias;
+}
+
+template <typename A>
+__global__ void sum_bias_partials_kernel(const A* partials, int64_t blocks, int64_t n, A* grad_bias) {
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  A total = grad_bias[j];
+  for (int64_t i = 0; i < blocks; ++i) total += partials[i * n + j];  // in row order
+  grad_bias[j] = total;
+}
+
+// ---- row helpers ------------------------------------------------------------------
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// One warp per row.
+template <typename A, typename T>
+__global__ void inverse_row_norms_kernel(const T* rows, int64_t n, int64_t dim, A* inv_norm) {
+  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= n) return;
+  const int lane = threadIdx.x % 32;
+  A ss = A(0);
+  for (int64_t d = lane; d < dim; d += 32) {
+    const A v = load<A>(rows, i * dim + d);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) inv_norm[i] = A(1) / fmax(sqrt(ss), A(kNormEps));
+}
+
+template <typename A, typename V, typename O>
+__global__ void project_rows_kernel(const A* g, const V* v, const A* inv_norm, int64_t n, int64_t dim, O* out,
+                                    const int64_t* dst_rows, int64_t first_out_row) {
+  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= n) return;
+  const int lane = threadIdx.x % 32;
+  const A* gi = g + i * dim;
+  A coef = A(0);
+  if (inv_norm != nullptr) {
+    A dot = A(0);
+    for (int64_t d = lane; d < dim; d += 32) dot += gi[d] * load<A>(v, i * dim + d);
+    dot = warp_sum(dot);
+    coef = dot * inv_norm[i] * inv_norm[i];
+  }
+  const int64_t dst = dst_rows != nullptr ? dst_rows[i] : first_out_row + i;
+  for (int64_t d = lane; d < dim; d += 32) {
+    out[dst * dim + d] = store_as<O>(gi[d] - coef * load<A>(v, i * dim + d));
+  }
+}
+
+// ---- dtype / kind dispatch ----------------------------------------------------------
+
+template <typename F>
+void dispatch_acc(DType acc, F&& f) {
+  if (acc == DType::kFloat64) {
+    f(double{});
+  } else if (acc == DType::kFloat32) {
+    f(float{});
+  } else {
+    throw std::invalid_argument("fused_margin cuda backend: the accumulation type must be float32 or float64");
+  }
+}
+
+template <typename F>
+void dispatch_storage(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  throw std::invalid_argument("fused_margin cuda backend: unknown storage type");
+}
+
+template <typename F>
+void dispatch_kind(int64_t kind, F&& f) {
+  switch (kind) {
+    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
+    case kAffine: return f(std::integral_constant<int64_t, kAffine>{});
+    case kQuadratic: return f(std::integral_constant<int64_t, kQuadratic>{});
+    case kQuadraticDetached: return f(std::integral_constant<int64_t, kQuadraticDetached>{});
+    case kCurricular: return f(std::integral_constant<int64_t, kCurricular>{});
+  }
+  throw std::invalid_argument("fused_margin cuda backend: unknown non-target kind");
+}
+
+template <typename A>
+Transform<A> make_transform(const MarginParams& p) {
+  return Transform<A>{A(p.scale), A(p.alpha), A(p.delta), A(p.margin), A(p.t)};
+}
+
+unsigned blocks_for(int64_t items, int64_t per_block) {
+  return static_cast<unsigned>((items + per_block - 1) / per_block);
+}
+
+}  // namespace
+
+int64_t forward_segments(int64_t num_classes) { return (num_classes + kSegment - 1) / kSegment; }
+
+int64_t backward_row_blocks(int64_t num_rows) { return (num_rows + kRowsPerBlock - 1) / kRowsPerBlock; }
+
+void init_row_states(RowStates states, int64_t num_rows, cudaStream_t stream) {
+  if (num_rows == 0) return;
+  init_states_kernel<<<blocks_for(num_rows, kThreads), kThreads, 0, stream>>>(states, num_rows);
+  check_launch("init_row_states");
+}
+
+void forward_chunk(const ChunkArgs& c, const MarginParams& p, DType acc, RowStates states, void* target_u,
+                   void* segment_buffer, cudaStream_t stream) {
+  if (c.num_rows == 0) return;
+  const int64_t segments = forward_segments(c.num_classes);
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    ForwardKernelArgs<A> a{static_cast<const A*>(c.tile),
+                           c.num_rows,
+                           c.num_classes,
+                           c.first_class,
+                           c.num_subcenters,
+                           static_cast<const A*>(c.row_scale),
+                           static_cast<const A*>(c.row_threshold),
+                           c.labels,
+                           static_cast<const A*>(c.col_scale),
+                           static_cast<const A*>(c.bias),
+                           static_cast<A*>(target_u),
+                           static_cast<Partial<A>*>(segment_buffer)};
+    const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(c.num_rows));
+    dispatch_kind(p.kind, [&](auto kind_tag) {
+      forward_segment_kernel<A, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, make_transform<A>(p));
+    });
+    check_launch("forward_segment_kernel");
+    merge_segments_kernel<A><<<blocks_for(c.num_rows, kThreads), kThreads, 0, stream>>>(
+        a.partials, segments, c.num_rows, c.first_class, states);
+    check_launch("merge_segments_kernel");
+  });
+}
+
+void finalize_rows(RowStates states, int64_t num_rows, DType acc, void* lse_neg, void* sum_neg, int64_t* argmax,
+                   cudaStream_t stream) {
+  if (num_rows == 0) return;
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    finalize_kernel<A><<<blocks_for(num_rows, kThreads), kThreads, 0, stream>>>(
+        states, num_rows, static_cast<A*>(lse_neg), static_cast<A*>(sum_neg), argmax);
+  });
+  check_launch("finalize_kernel");
+}
+
+void backward_chunk(const ChunkArgs& c, const RowGradArgs& grads, const MarginParams& p, DType acc, void* grad_tile,
+                    DType grad_type, void* grad_bias, void* bias_partials, cudaStream_t stream) {
+  if (c.num_rows == 0) return;
+  const int64_t row_blocks = backward_row_blocks(c.num_rows);
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    dispatch_storage(grad_type, [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      BackwardKernelArgs<A, G> a{static_cast<const A*>(c.tile),
+                                 static_cast<G*>(grad_tile),
+                                 c.num_rows,
+                                 c.num_classes,
+                                 c.first_class,
+                                 c.num_subcenters,
+                                 static_cast<const A*>(c.row_scale),
+                                 static_cast<const A*>(c.row_threshold),
+                                 c.labels,
+                                 static_cast<const A*>(c.col_scale),
+                                 static_cast<const A*>(c.bias),
+                                 static_cast<const A*>(grads.grad_lse),
+                                 static_cast<const A*>(grads.grad_target_u),
+                                 static_cast<const A*>(grads.grad_sum),
+                                 static_cast<const A*>(grads.lse_neg),
+                                 grad_bias != nullptr ? static_cast<A*>(bias_partials) : nullptr};
+      const dim3 grid(blocks_for(c.num_classes, kThreads), static_cast<unsigned>(row_blocks));
+      dispatch_kind(p.kind, [&](auto kind_tag) {
+        backward_kernel<A, G, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, make_transform<A>(p));
+      });
+      check_launch("backward_kernel");
+    });
+    if (grad_bias != nullptr) {
+      sum_bias_partials_kernel<A><<<blocks_for(c.num_classes, kThreads), kThreads, 0, stream>>>(
+          static_cast<const A*>(bias_partials), row_blocks, c.num_classes, static_cast<A*>(grad_bias));
+      check_launch("sum_bias_partials_kernel");
+    }
+  });
+}
+
+void inverse_row_norms(const void* rows, DType row_type, int64_t n, int64_t dim, void* inv_norm, DType acc,
+                       cudaStream_t stream) {
+  if (n == 0) return;
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    dispatch_storage(row_type, [&](auto row_tag) {
+      using T = decltype(row_tag);
+      inverse_row_norms_kernel<A, T><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
+          static_cast<const T*>(rows), n, dim, static_cast<A*>(inv_norm));
+    });
+  });
+  check_launch("inverse_row_norms_kernel");
+}
+
+void project_rows(const void* g, const void* v, DType v_type, const void* inv_norm, int64_t n, int64_t dim,
+                  void* out, DType out_type, const int64_t* dst_rows, int64_t first_out_row, DType acc,
+                  cudaStream_t stream) {
+  if (n == 0) return;
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    dispatch_storage(v_type, [&](auto v_tag) {
+      using V = decltype(v_tag);
+      dispatch_storage(out_type, [&](auto out_tag) {
+        using O = decltype(out_tag);
+        project_rows_kernel<A, V, O><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
+            static_cast<const A*>(g), static_cast<const V*>(v), static_cast<const A*>(inv_norm), n, dim,
+            static_cast<O*>(out), dst_rows, first_out_row);
+      });
+    });
+  });
+  check_launch("project_rows_kernel");
+}
+
+}  // namespace cuda
+}  // namespace fused_margin

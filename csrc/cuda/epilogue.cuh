@@ -1,0 +1,93 @@
+// Launchers of the CUDA kernels of the fused operation (epilogue.cu).
+//
+// Plain pointers, sizes and a cudaStream_t: no torch headers, so the .cu files compile
+// quickly and without ATen's CUDA headers. The GEMMs (cuBLAS through ATen) and the
+// chunk loop live in margin_lse_cuda.cpp; these kernels do everything that touches the
+// (B x chunk) logits tile between and after the GEMMs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../margin_params.h"
+
+namespace fused_margin {
+namespace cuda {
+
+// Storage types the kernels read or write. The accumulation type ("acc") is float or
+// double; tiles, scales, bias, thresholds and the per-row gradients are in acc.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Online-logsumexp state of every row across chunks (device arrays of B entries).
+struct RowStates {
+  double* max;          // of the non-target z
+  double* sumexp;       // sum exp(z - max)
+  double* sum;          // sum of the non-target z
+  double* best;         // max of the margin-free logit s*u + bias
+  int64_t* best_index;  // its class (lowest on ties)
+};
+
+// One chunk of classes [first_class, first_class + num_classes) of the classes in use,
+// against all B rows.
+struct ChunkArgs {
+  // tile
+  const void* tile;           // (B, num_classes*K) acc: dot products <x_b, w_i>
+  int64_t num_rows;           // B
+  int64_t num_classes;        // classes in the chunk
+  int64_t first_class;
+  int64_t num_subcenters;     // K
+  // per row (B)
+  const void* row_scale;      // r_b (acc)
+  const void* row_threshold;  // CurricularFace thresholds (acc) or nullptr
+  const int64_t* labels;      // target among the classes in use; others: none
+  // per column
+  const void* col_scale;      // (num_classes*K) q_i of the chunk (acc)
+  const void* bias;           // (num_classes) of the chunk (acc) or nullptr
+};
+
+// Segments of the forward epilogue per row for a chunk of `num_classes` classes.
+int64_t forward_segments(int64_t num_classes);
+// Row blocks of the backward epilogue for B rows.
+int64_t backward_row_blocks(int64_t num_rows);
+
+// Resets `states` (B rows) before the first chunk.
+void init_row_states(RowStates states, int64_t num_rows, cudaStream_t stream);
+
+// Forward epilogue of one chunk: per-(segment, row) partials into `segment_buffer`
+// (forward_segments(n) * B * 40 bytes), then merged into `states` in segment order.
+// Writes target_u[b] (acc) for the rows whose target lies in the chunk.
+void forward_chunk(const ChunkArgs& chunk, const MarginParams& p, DType acc, RowStates states, void* target_u,
+                   void* segment_buffer, cudaStream_t stream);
+
+// lse_neg, sum_neg (acc) and argmax (int64) from the final states.
+void finalize_rows(RowStates states, int64_t num_rows, DType acc, void* lse_neg, void* sum_neg, int64_t* argmax,
+                   cudaStream_t stream);
+
+struct RowGradArgs {
+  const void* grad_lse;       // (B) acc
+  const void* grad_target_u;  // (B) acc
+  const void* grad_sum;       // (B) acc
+  const void* lse_neg;        // (B) acc, from the forward
+};
+
+// Backward epilogue of one chunk: writes G = dU * r_b * q_i (B, num_classes*K) in
+// `grad_type` (it may alias the tile when grad_type is acc), zero where a sub-center
+// is not the max. With `grad_bias` (num_classes, acc), also its sum over rows of dz,
+// through `bias_partials` (backward_row_blocks(B) * num_classes acc), in a fixed order.
+void backward_chunk(const ChunkArgs& chunk, const RowGradArgs& grads, const MarginParams& p, DType acc,
+                    void* grad_tile, DType grad_type, void* grad_bias, void* bias_partials, cudaStream_t stream);
+
+// inv_norm[i] = 1 / max(||row_i||, kNormEps) for n contiguous rows of `dim` elements.
+void inverse_row_norms(const void* rows, DType row_type, int64_t n, int64_t dim, void* inv_norm, DType acc,
+                       cudaStream_t stream);
+
+// The tangent projection of folded normalization, and the store:
+// out[dst_i] = g_i - <g_i, v_i> s_i^2 v_i (just g_i when inv_norm is nullptr), with
+// g (n, dim) acc, v (n, dim) in v_type, dst_i = dst_rows[i] or first_out_row + i.
+void project_rows(const void* g, const void* v, DType v_type, const void* inv_norm, int64_t n, int64_t dim,
+                  void* out, DType out_type, const int64_t* dst_rows, int64_t first_out_row, DType acc,
+                  cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fused_margin

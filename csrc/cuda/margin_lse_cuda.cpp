@@ -1,0 +1,410 @@
+// CUDA implementation of fused_margin_C::margin_lse_fwd / margin_lse_bwd.
+//
+// The robust path next to the Triton kernels: the classes are cut into chunks; per
+// chunk, cuBLAS (through ATen, so TF32 / reduced-precision settings are the user's)
+// computes the (B x chunk) tile of dot products in fp32 (fp16 / bf16 inputs with fp32
+// output), and the kernels of epilogue.cu consume it: an online logsumexp in the
+// forward; in the backward, G = dU * r * q in place, then two GEMMs accumulate dX and
+// write the chunk's dW rows. Chunks run in order on the current stream, so every
+// result is run-to-run deterministic (atomics only where class_index repeats a class).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+
+#include "../margin_params.h"
+#include "epilogue.cuh"
+
+// mm(out_dtype=float32) for fp16 / bf16 inputs (cuBLAS with an fp32 C): torch >= 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define FUSED_MARGIN_MM_OUT_DTYPE 1
+#else
+#define FUSED_MARGIN_MM_OUT_DTYPE 0
+#endif
+
+namespace fused_margin {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------
+// Validation at the boundary (messages name the argument).
+// ---------------------------------------------------------------------------------
+
+void check_on(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "fused_margin cuda backend: ", name, " must be on ", x.device(), ", got ",
+              t.device());
+}
+
+void check_vector(const Tensor& t, const char* name, int64_t size, const Tensor& x) {
+  check_on(t, name, x);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "fused_margin cuda backend: ", name, " must have shape (", size,
+              ",), got ", t.sizes());
+}
+
+MarginParams make_params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha,
+                         double delta, double margin, double t, int64_t num_subcenters) {
+  TORCH_CHECK(kind >= kIdentity && kind <= kCurricular,
+              "fused_margin cuda backend: kind must be a NonTargetKind (0..4), got ", kind);
+  TORCH_CHECK(num_subcenters >= 1, "fused_margin cuda backend: num_subcenters must be >= 1, got ", num_subcenters);
+  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters};
+}
+
+int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+                     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold,
+                     const MarginParams& p) {
+  TORCH_CHECK(x.is_cuda(), "fused_margin cuda backend: x must be a CUDA tensor, got ", x.device());
+  check_on(weight, "weight", x);
+  TORCH_CHECK(x.dim() == 2, "fused_margin cuda backend: x must have shape (B, D), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "fused_margin cuda backend: weight must have shape (R, ",
+              x.size(1), ") to match x, got ", weight.sizes());
+  TORCH_CHECK(x.is_floating_point() && weight.is_floating_point(),
+              "fused_margin cuda backend: x and weight must be floating point, got ", x.scalar_type(), " and ",
+              weight.scalar_type());
+  const int64_t k = p.num_subcenters;
+  TORCH_CHECK(weight.size(0) % k == 0, "fused_margin cuda backend: weight has ", weight.size(0),
+              " rows, not a multiple of num_subcenters=", k);
+  const int64_t classes_all = weight.size(0) / k;
+  check_vector(labels, "labels", x.size(0), x);
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "fused_margin cuda backend: labels must be int64, got ",
+              labels.scalar_type());
+  if (bias.has_value()) {
+    check_vector(*bias, "bias", classes_all, x);
+    TORCH_CHECK(bias->is_floating_point(), "fused_margin cuda backend: bias must be floating point");
+  }
+  int64_t classes = classes_all;
+  if (class_index.has_value()) {
+    check_on(*class_index, "class_index", x);
+    TORCH_CHECK(class_index->dim() == 1 && class_index->scalar_type() == at::kLong,
+                "fused_margin cuda backend: class_index must be a 1-D int64 tensor, got ", class_index->sizes(), " ",
+                class_index->scalar_type());
+    classes = class_index->size(0);
+  }
+  TORCH_CHECK(classes >= 1, "fused_margin cuda backend: there must be at least one class");
+  if (p.kind == kCurricular) {
+    TORCH_CHECK(row_threshold.has_value(), "fused_margin cuda backend: the CurricularFace kind needs row_threshold");
+  }
+  if (row_threshold.has_value()) check_vector(*row_threshold, "row_threshold", x.size(0), x);
+  return classes;
+}
+
+// ---------------------------------------------------------------------------------
+// Types, chunks, GEMMs
+// ---------------------------------------------------------------------------------
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "fused_margin cuda backend: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType acc_dtype(const Tensor& x, const Tensor& weight) {
+  return (x.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// The GEMMs' input dtype: the inputs' common dtype (fp16 with bf16 gives fp32).
+at::ScalarType gemm_dtype(const Tensor& x, const Tensor& weight) {
+  if (x.scalar_type() == weight.scalar_type()) return x.scalar_type();
+  const at::ScalarType promoted = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+  return promoted == at::kHalf || promoted == at::kBFloat16 ? at::kFloat : promoted;
+}
+
+// Classes per chunk: a (B x chunk*K) fp32 tile of about 32 MiB -- big enough to keep
+// cuBLAS at full speed, small enough to stay mostly in L2 for the epilogue.
+int64_t chunk_classes(int64_t batch, int64_t k, int64_t requested) {
+  if (requested > 0) return requested;
+  const int64_t tile_elems = int64_t(8) << 20;
+  int64_t rows = tile_elems / std::max<int64_t>(batch, 1);
+  rows = std::clamp<int64_t>(rows / 256 * 256, 2048, 65536);
+  return std::max<int64_t>(1, rows / k);
+}
+
+// out (acc) = a @ b with a, b in the GEMM dtype: fp32 output from fp16 / bf16 inputs.
+void gemm_into(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+    return;
+  }
+#if FUSED_MARGIN_MM_OUT_DTYPE
+  at::mm_out(out, a, b, out.scalar_type());
+#else
+  at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
+#endif
+}
+
+// The weight rows of a chunk in the GEMM dtype, contiguous: a view of weight when
+// possible, else a gathered / converted copy of just this chunk.
+class ChunkRows {
+ public:
+  ChunkRows(const Tensor& weight, const c10::optional<Tensor>& class_index, int64_t k, at::ScalarType gd,
+            int64_t max_rows)
+      : weight_(weight), index_(class_index), k_(k), gd_(gd) {
+    direct_ = !index_.has_value() && weight.scalar_type() == gd;
+    if (!direct_) buffer_ = at::empty({max_rows, weight.size(1)}, weight.options().dtype(gd));
+  }
+
+  Tensor row_ids(int64_t c0, int64_t n) const {
+    const Tensor cls = index_->narrow(0, c0, n);
+    if (k_ == 1) return cls;
+    return cls.mul(k_).unsqueeze(1).add(at::arange(k_, cls.options())).reshape(-1);
+  }
+
+  Tensor load(int64_t c0, int64_t n) {
+    const int64_t rows = n * k_;
+    if (direct_) return weight_.narrow(0, c0 * k_, rows);
+    Tensor out = buffer_.narrow(0, 0, rows);
+    if (!index_.has_value()) {
+      out.copy_(weight_.narrow(0, c0 * k_, rows));
+    } else if (weight_.scalar_type() == gd_) {
+      at::index_select_out(out, weight_, 0, row_ids(c0, n));
+    } else {
+      out.copy_(weight_.index_select(0, row_ids(c0, n)));
+    }
+    return out;
+  }
+
+ private:
+  Tensor weight_;
+  c10::optional<Tensor> index_;
+  int64_t k_;
+  at::ScalarType gd_;
+  bool direct_;
+  Tensor buffer_;
+};
+
+const void* ptr_or_null(const c10::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+struct Prepared {
+  at::ScalarType acc, gd;
+  Tensor x;  // (B, D) in the GEMM dtype
+  Tensor weight, labels;
+  c10::optional<Tensor> class_index, bias, threshold;
+};
+
+Prepared prepare(const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+                 const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold) {
+  Prepared s;
+  s.acc = acc_dtype(x, weight);
+  s.gd = gemm_dtype(x, weight);
+  s.x = x.detach().to(s.gd).contiguous();
+  s.weight = weight.detach().contiguous();
+  s.labels = labels.contiguous();
+  if (class_index.has_value()) s.class_index = class_index->contiguous();
+  if (bias.has_value()) {
+    const Tensor b = s.class_index.has_value() ? bias->index_select(0, *s.class_index) : *bias;
+    s.bias = b.detach().to(s.acc).contiguous();
+  }
+  if (row_threshold.has_value()) s.threshold = row_threshold->to(s.acc).contiguous();
+  return s;
+}
+
+// ---------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
+    const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
+    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in, bool normalize_x,
+    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin, double t,
+    int64_t num_subcenters, int64_t chunk_size) {
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const int64_t classes = check_inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Prepared s = prepare(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in);
+  const int64_t batch = s.x.size(0), dim = s.x.size(1), k = p.num_subcenters;
+  const auto acc_opts = s.x.options().dtype(s.acc);
+  const DType acc = dtype_of(s.acc);
+
+  Tensor row_scale = at::ones({batch}, acc_opts);
+  if (p.normalize_x) inverse_row_norms(s.x.data_ptr(), dtype_of(s.gd), batch, dim, row_scale.data_ptr(), acc, stream);
+  Tensor col_scale = at::ones({classes * k}, acc_opts);
+  Tensor target_u = at::zeros({batch}, acc_opts);
+  Tensor lse_neg = at::empty({batch}, acc_opts);
+  Tensor sum_neg = at::empty({batch}, acc_opts);
+  Tensor argmax = at::empty({batch}, s.labels.options());
+  if (batch == 0) return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
+
+  const int64_t chunk = std::min(chunk_classes(batch, k, chunk_size), classes);
+  Tensor state_f64 = at::empty({4, batch}, acc_opts.dtype(at::kDouble));
+  Tensor state_index = at::empty({batch}, s.labels.options());
+  const RowStates states{state_f64[0].data_ptr<double>(), state_f64[1].data_ptr<double>(),
+                         state_f64[2].data_ptr<double>(), state_f64[3].data_ptr<double>(),
+                         state_index.data_ptr<int64_t>()};
+  init_row_states(states, batch, stream);
+  // per (segment, row): max, sumexp, sum, best (acc) + best index (int64)
+  const int64_t partial_bytes = forward_segments(chunk) * batch * (4 * int64_t(at::elementSize(s.acc)) + 8);
+  Tensor segment_buffer = at::empty({partial_bytes}, s.x.options().dtype(at::kByte));
+  Tensor tile_buffer = at::empty({batch * chunk * k}, acc_opts);
+  ChunkRows chunk_rows(s.weight, s.class_index, k, s.gd, chunk * k);
+
+  for (int64_t c0 = 0; c0 < classes; c0 += chunk) {
+    const int64_t n = std::min(chunk, classes - c0), rows = n * k;
+    const Tensor w = chunk_rows.load(c0, n);
+    Tensor q = col_scale.narrow(0, c0 * k, rows);
+    if (p.normalize_w) inverse_row_norms(w.data_ptr(), dtype_of(s.gd), rows, dim, q.data_ptr(), acc, stream);
+    Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
+    gemm_into(tile, s.x, w.t());
+    const ChunkArgs args{tile.data_ptr(),
+                         batch,
+                         n,
+                         c0,
+                         k,
+                         row_scale.data_ptr(),
+                         ptr_or_null(s.threshold),
+                         s.labels.data_ptr<int64_t>(),
+                         q.data_ptr(),
+                         s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
+    forward_chunk(args, p, acc, states, target_u.data_ptr(), segment_buffer.data_ptr(), stream);
+  }
+  finalize_rows(states, batch, acc, lse_neg.data_ptr(), sum_neg.data_ptr(), argmax.data_ptr<int64_t>(), stream);
+  return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
+}
+
+// ---------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
+    const Tensor& grad_lse_in, const Tensor& grad_target_u_in, const Tensor& grad_sum_in, const Tensor& x_in,
+    const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
+    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
+    const Tensor& lse_neg_in, const Tensor& row_scale_in, const Tensor& col_scale_in, bool normalize_x,
+    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin, double t,
+    int64_t num_subcenters, int64_t chunk_size) {
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const int64_t classes = check_inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
+  const int64_t batch_in = x_in.size(0);
+  check_vector(grad_lse_in, "grad_lse", batch_in, x_in);
+  check_vector(grad_target_u_in, "grad_target_u", batch_in, x_in);
+  check_vector(grad_sum_in, "grad_sum", batch_in, x_in);
+  check_vector(lse_neg_in, "lse_neg", batch_in, x_in);
+  check_vector(row_scale_in, "row_scale", batch_in, x_in);
+  check_vector(col_scale_in, "col_scale", classes * num_subcenters, x_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Prepared s = prepare(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in);
+  const int64_t batch = s.x.size(0), dim = s.x.size(1), k = p.num_subcenters;
+  const auto acc_opts = s.x.options().dtype(s.acc);
+  const DType acc = dtype_of(s.acc);
+  auto as_acc = [&](const Tensor& v) { return v.detach().to(s.acc).contiguous(); };
+  const Tensor grad_lse = as_acc(grad_lse_in), grad_target_u = as_acc(grad_target_u_in);
+  const Tensor grad_sum = as_acc(grad_sum_in), lse_neg = as_acc(lse_neg_in);
+  const Tensor row_scale = as_acc(row_scale_in), col_scale = as_acc(col_scale_in);
+
+  // Without class_index every row of grad_weight is written; with it, unused rows are 0.
+  Tensor grad_weight = s.class_index.has_value() ? at::zeros_like(s.weight) : at::empty_like(s.weight);
+  Tensor grad_bias_used;
+  if (s.bias.has_value()) grad_bias_used = at::zeros({classes}, acc_opts);
+  Tensor grad_x = at::empty({batch, dim}, x_in.options());
+  if (batch == 0) {
+    grad_weight.zero_();
+    Tensor gb = s.bias.has_value() ? at::zeros_like(*bias_in) : at::empty({0}, x_in.options());
+    return {grad_x, grad_weight, gb};
+  }
+
+  const int64_t chunk = std::min(chunk_classes(batch, k, chunk_size), classes);
+  // The dX / dW GEMMs read G in bf16 for bf16 inputs (fp32's range, fp32 accumulation).
+  // fp16's range would flush the small entries of G (softmax tails times r * q), so fp16
+  // inputs take fp32 GEMMs in the backward, on fp32 copies of the chunk's rows and of x.
+  const at::ScalarType grad_gemm = s.gd == at::kHalf ? at::kFloat : s.gd;
+  const bool grad_in_place = grad_gemm == s.acc;  // G overwrites the fp32/fp64 tile
+  const Tensor x_grad_gemm = s.x.to(grad_gemm);
+  Tensor tile_buffer = at::empty({batch * chunk * k}, acc_opts);
+  Tensor grad_tile_buffer =
+      grad_in_place ? tile_buffer : at::empty({batch * chunk * k}, s.x.options().dtype(grad_gemm));
+  Tensor dx = at::zeros({batch, dim}, acc_opts);
+  Tensor dx_chunk;
+  if (!grad_in_place) dx_chunk = at::empty({batch, dim}, acc_opts);
+  Tensor dw_buffer = at::empty({chunk * k, dim}, acc_opts);
+  Tensor dw_rows;  // with class_index: the chunk's projected rows, before index_add_
+  if (s.class_index.has_value()) dw_rows = at::empty({chunk * k, dim}, s.weight.options());
+  Tensor bias_partials;
+  if (s.bias.has_value()) bias_partials = at::empty({backward_row_blocks(batch) * chunk}, acc_opts);
+  ChunkRows chunk_rows(s.weight, s.class_index, k, s.gd, chunk * k);
+  const RowGradArgs grads{grad_lse.data_ptr(), grad_target_u.data_ptr(), grad_sum.data_ptr(), lse_neg.data_ptr()};
+
+  for (int64_t c0 = 0; c0 < classes; c0 += chunk) {
+    const int64_t n = std::min(chunk, classes - c0), rows = n * k;
+    const Tensor w = chunk_rows.load(c0, n);
+    const Tensor q = col_scale.narrow(0, c0 * k, rows);
+    Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
+    gemm_into(tile, s.x, w.t());
+    Tensor grad_tile = grad_tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
+    const ChunkArgs args{tile.data_ptr(),
+                         batch,
+                         n,
+                         c0,
+                         k,
+                         row_scale.data_ptr(),
+                         ptr_or_null(s.threshold),
+                         s.labels.data_ptr<int64_t>(),
+                         q.data_ptr(),
+                         s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
+    backward_chunk(args, grads, p, acc, grad_tile.data_ptr(), dtype_of(grad_tile.scalar_type()),
+                   s.bias.has_value() ? grad_bias_used.narrow(0, c0, n).data_ptr() : nullptr,
+                   s.bias.has_value() ? bias_partials.data_ptr() : nullptr, stream);
+
+    // dX += G W_chunk (accumulated in acc); dW_chunk = G^T x, then the tangent projection.
+    const Tensor w_grad_gemm = w.to(grad_gemm);
+    if (grad_in_place) {
+      dx.addmm_(grad_tile, w_grad_gemm);
+    } else {
+      gemm_into(dx_chunk, grad_tile, w_grad_gemm);
+      dx.add_(dx_chunk);
+    }
+    Tensor dw = dw_buffer.narrow(0, 0, rows);
+    gemm_into(dw, grad_tile.t(), x_grad_gemm);
+    const void* inv_norm = p.normalize_w ? q.data_ptr() : nullptr;
+    if (!s.class_index.has_value()) {
+      project_rows(dw.data_ptr(), w.data_ptr(), dtype_of(s.gd), inv_norm, rows, dim, grad_weight.data_ptr(),
+                   dtype_of(grad_weight.scalar_type()), nullptr, c0 * k, acc, stream);
+    } else {
+      Tensor out = dw_rows.narrow(0, 0, rows);
+      project_rows(dw.data_ptr(), w.data_ptr(), dtype_of(s.gd), inv_norm, rows, dim, out.data_ptr(),
+                   dtype_of(out.scalar_type()), nullptr, 0, acc, stream);
+      grad_weight.index_add_(0, chunk_rows.row_ids(c0, n), out);  // repeated classes add up
+    }
+  }
+  project_rows(dx.data_ptr(), s.x.data_ptr(), dtype_of(s.gd), p.normalize_x ? row_scale.data_ptr() : nullptr, batch,
+               dim, grad_x.data_ptr(), dtype_of(grad_x.scalar_type()), nullptr, 0, acc, stream);
+
+  Tensor grad_bias = at::empty({0}, x_in.options());
+  if (s.bias.has_value()) {
+    if (s.class_index.has_value()) {
+      grad_bias = at::zeros_like(*bias_in).index_add_(0, *s.class_index, grad_bias_used.to(bias_in->scalar_type()));
+    } else {
+      grad_bias = grad_bias_used.to(bias_in->scalar_type());
+    }
+  }
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_margin_C, CUDA, m) {
+  m.impl("margin_lse_fwd", &margin_lse_fwd_cuda);
+  m.impl("margin_lse_bwd", &margin_lse_bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fused_margin

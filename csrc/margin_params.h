@@ -1,0 +1,34 @@
+// The fused operation's parameters as plain data, shared by the CPU and CUDA code.
+// No torch headers here: the .cu files include this too (see fused_margin/kernel_params.py
+// for the contract these parameters describe).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_margin {
+
+// Must match fused_margin.spec.NonTargetKind.
+enum NonTargetKind : int64_t {
+  kIdentity = 0,           // T(u) = u
+  kAffine = 1,             // T(u) = alpha * u + delta
+  kQuadratic = 2,          // T(u) = [u + m]_+ (u - m), exact derivative
+  kQuadraticDetached = 3,  // same value, derivative [u + m]_+ (Circle loss)
+  kCurricular = 4,         // T(u) = u (t + u) if u > threshold_b else u (CurricularFace)
+};
+
+struct MarginParams {
+  bool normalize_x;
+  bool normalize_w;
+  double scale;
+  int64_t kind;
+  double alpha;
+  double delta;
+  double margin;
+  double t;
+  int64_t num_subcenters;  // K
+};
+
+// 1/||v|| is taken as 1/max(||v||, kNormEps), as in the reference.
+constexpr double kNormEps = 1e-12;
+
+}  // namespace fused_margin

@@ -1,0 +1,316 @@
+"""The C++ CPU backend (csrc/cpu) against the float64 reference.
+
+Shapes are odd on purpose (B in {1, 37}, C in {1, 1003}, D in {3, 67}); the default chunk
+(>= 64 weight rows) cuts C = 1003 into many chunks and groups, and a few tests force tiny
+chunks. Without the compiled extension every test but the fallback test skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import fused_margin as fm
+from fused_margin import BackendUnavailableError, MarginSpec, _ext
+from fused_margin.backends import resolve_backend
+from fused_margin.backends.cpu import BACKEND
+from fused_margin.kernel_params import KernelParams
+from fused_margin.reference import margin_lse_terms
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err
+
+needs_ext = pytest.mark.skipif(
+    _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
+)
+
+#: fp32 inputs against the float64 reference on the same (fp32-rounded) inputs
+FP32_TOL = 1e-5
+FP64_TOL = 1e-12
+OUTPUTS = ("loss", "dx", "dW", "dbias")
+SHAPES = [(1, 1003, 3), (37, 1003, 67), (37, 1, 67), (5, 7, 3)]
+
+
+@pytest.fixture
+def chunk_size():
+    """Sets the CPU backend's classes per chunk for one test (0: automatic)."""
+    saved = BACKEND.chunk_size
+
+    def set_chunk(value: int) -> None:
+        BACKEND.chunk_size = value
+
+    yield set_chunk
+    BACKEND.chunk_size = saved
+
+
+def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", **kwargs):
+    """Runs the cpu backend on (x, w, bias) cast to `dtype` and the eager reference on the
+    same values in float64; checks loss and every gradient."""
+    xc, wc = x.to(dtype), w.to(dtype)
+    bc = None if bias is None else bias.to(dtype)
+    out = loss_and_grads(xc, wc, labels, spec, backend="cpu", bias=bc, upstream=upstream, **kwargs)
+    ref = loss_and_grads(
+        xc.double(), wc.double(), labels, spec, backend="eager", bias=None if bc is None else bc.double(),
+        upstream=upstream, **kwargs,
+    )
+    for name, o, r in zip(OUTPUTS, out, ref):
+        if r is None:
+            assert o is None
+            continue
+        expected = dtype if name != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert o.dtype == expected, name
+        assert_rel_close(o, r, tol, f"{what} {name}")
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_C{}_D{}".format(*s))
+@pytest.mark.parametrize("head", list(HEAD_SPECS))
+def test_heads_match_reference(head, shape, dtype):
+    """Loss, dx, dW (and dbias for the linear head) of every head, with ignored rows and
+    rows whose embedding is aligned with its target (c_y = 1)."""
+    batch, classes, dim = shape
+    spec = HEAD_SPECS[head]
+    x, w, labels = make_inputs(
+        batch, classes, dim, num_subcenters=spec.num_subcenters, ignore_rows=2 if batch > 8 else 0,
+        peaked_rows=2 if batch > 8 else 0,
+    )
+    bias = torch.randn(classes, dtype=torch.float64) if head == "softmax" else None
+    tol = FP32_TOL if dtype == torch.float32 else FP64_TOL
+    _compare(x, w, labels, spec, dtype=dtype, tol=tol, bias=bias, what=head)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "so_softmax", "softmax"])
+def test_reduction_none_random_upstream(head, dtype):
+    spec = HEAD_SPECS[head]
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters, ignore_rows=3)
+    upstream = torch.randn(37, dtype=torch.float64)
+    tol = FP32_TOL if dtype == torch.float32 else FP64_TOL
+    _compare(x, w, labels, spec, dtype=dtype, tol=tol, upstream=upstream.to(dtype), what=head)
+
+
+@needs_ext
+@pytest.mark.parametrize("head", ["cosface", "subcenter_arcface", "softmax", "circle"])
+@pytest.mark.parametrize("repeated", [False, True], ids=["distinct", "repeated"])
+def test_class_index(head, repeated):
+    """Negative-class sampling: rows read through class_index (distinct entries are
+    written in place; repeated ones go through index_add_), unused rows get zero."""
+    spec = HEAD_SPECS[head]
+    k = spec.num_subcenters
+    x, w, _ = make_inputs(37, 1500, 67, num_subcenters=k)
+    class_index = torch.randperm(1500)[:700]
+    if repeated:
+        class_index[100:110] = class_index[0]
+    labels = torch.randint(0, 700, (37,))
+    labels[-2:] = -100
+    bias = torch.randn(1500, dtype=torch.float64) if head == "softmax" else None
+    for dtype, tol in ((torch.float64, FP64_TOL), (torch.float32, FP32_TOL)):
+        out = _compare(x, w, labels, spec, dtype=dtype, tol=tol, bias=bias, class_index=class_index, what=head)
+        unused = torch.ones(1500, dtype=torch.bool)
+        unused[class_index] = False
+        assert (out[2].view(1500, k, -1)[unused] == 0).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("head", ["cosface", "cs_softmax", "so_softmax"])
+def test_label_smoothing(head):
+    x, w, labels = make_inputs(37, 1003, 67, ignore_rows=2)
+    for dtype, tol in ((torch.float64, FP64_TOL), (torch.float32, FP32_TOL)):
+        _compare(x, w, labels, HEAD_SPECS[head], dtype=dtype, tol=tol, label_smoothing=0.1, what=head)
+
+
+@needs_ext
+@pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "softmax"])
+def test_forward_terms(head):
+    """The op's six outputs, argmax included, against the reference's."""
+    spec = HEAD_SPECS[head]
+    params = KernelParams.from_spec(spec)
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
+    labels[-3:] = -1
+    bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
+    threshold = torch.rand(37, dtype=torch.float32) - 0.5 if head == "curricularface" else None
+    got = BACKEND.forward(x, w, labels, bias, None, threshold, params)
+    want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
+    for name, g, r in zip(("lse_neg", "target_u", "sum_neg", "argmax", "row_scale", "col_scale"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if name == "argmax":
+            assert torch.equal(g, r)
+        else:
+            assert_rel_close(g, r, FP64_TOL, name)
+
+
+@needs_ext
+def test_single_class_and_empty_negatives():
+    """C = 1: every labelled row has no negative class, lse_neg = -inf and nothing is NaN."""
+    x, w, labels = make_inputs(6, 1, 5)
+    labels[-1] = -100
+    for head in ("cosface", "softmax", "so_softmax"):
+        loss, dx, dw, _ = loss_and_grads(x.float(), w.float(), labels, HEAD_SPECS[head], backend="cpu")
+        assert torch.isfinite(loss) and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    params = KernelParams.from_spec(HEAD_SPECS["cosface"])
+    lse_neg = BACKEND.forward(x, w, labels.clamp_min(-1), None, None, None, params)[0]
+    assert torch.isneginf(lse_neg[:-1]).all() and torch.isfinite(lse_neg[-1])
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(37, 3000, 67), (64, 50, 33)], ids=["many_groups", "one_chunk"])
+def test_independent_of_thread_count(shape):
+    """Chunks and groups depend on the shapes only and partials merge in a fixed order:
+    1 and 2 threads give bit-identical results."""
+    batch, classes, dim = shape
+    x, w, labels = make_inputs(batch, classes, dim, dtype=torch.float32, ignore_rows=1)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(loss_and_grads(x, w, labels, HEAD_SPECS["arcface"], backend="cpu", return_accuracy=False))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(OUTPUTS, *results):
+        if a is not None:
+            assert torch.equal(a, b), name
+
+
+@needs_ext
+def test_chunk_size_does_not_matter(chunk_size):
+    """Tiny chunks (many more chunks than groups, a ragged last chunk) and one chunk for
+    everything agree with the automatic choice."""
+    spec = HEAD_SPECS["subcenter_arcface"]
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=3, ignore_rows=1)
+    base = loss_and_grads(x, w, labels, spec, backend="cpu")
+    for size in (7, 1003):
+        chunk_size(size)
+        for name, a, b in zip(OUTPUTS, loss_and_grads(x, w, labels, spec, backend="cpu"), base):
+            if a is not None:
+                assert_rel_close(a, b, FP64_TOL, f"chunk_size={size} {name}")
+
+
+@needs_ext
+def test_far_classes_underflow():
+    """Aligned rows at s=64: most softmax probabilities fall below fp32's normal range
+    (the denormal trap of DESIGN.md section 5) and are flushed to zero in the epilogue.
+    The loss is ~1e-6 here, so the fp32 `logaddexp(z_y, lse) - z_y` downstream of the
+    kernel cancels: the kernel may be as wrong as eager fp32, plus a small tolerance."""
+    x, w, labels = make_inputs(37, 1003, 67, peaked_rows=37)
+    x, w = (x * 10.0).float(), w.float()
+    spec = MarginSpec.cosface(scale=64.0)
+    ref = loss_and_grads(x.double(), w.double(), labels, spec, backend="eager")
+    out = loss_and_grads(x, w, labels, spec, backend="cpu")
+    eager32 = loss_and_grads(x, w, labels, spec, backend="eager")
+    for name, o, e, r in zip(OUTPUTS[:3], out, eager32, ref):
+        assert rel_err(o, r) <= rel_err(e, r) + FP32_TOL, name
+    assert float(out[0]) > 0
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inputs(dtype):
+    """bf16 / fp16 inputs are converted per chunk and accumulated in fp32: the kernel may be
+    only as wrong as eager PyTorch in the same dtype, plus a small tolerance."""
+    spec = HEAD_SPECS["cosface"]
+    x, w, labels = make_inputs(37, 1003, 67)
+    x, w = x.to(dtype), w.to(dtype)
+    ref = loss_and_grads(x.double(), w.double(), labels, spec, backend="eager")
+    out = loss_and_grads(x, w, labels, spec, backend="cpu")
+    same_dtype = loss_and_grads(x, w, labels, spec, backend="eager")
+    for name, o, s, r in zip(OUTPUTS[:3], out, same_dtype, ref):
+        assert o.dtype == s.dtype, name
+        assert rel_err(o, r) <= rel_err(s, r) + 1e-3, name
+
+
+@needs_ext
+def test_opcheck():
+    """The public op with backend='cpu' passes torch.library.opcheck (schema, fake kernel,
+    autograd registration against this implementation)."""
+    from fused_margin.ops import margin_lse
+
+    for head in ("cosface", "curricularface", "subcenter_arcface", "softmax"):
+        spec = HEAD_SPECS[head]
+        p = KernelParams.from_spec(spec)
+        x, w, labels = make_inputs(5, 6, 4, num_subcenters=spec.num_subcenters, dtype=torch.float32, ignore_rows=1)
+        labels = torch.where(labels < 0, -1, labels)
+        bias = torch.randn(6).requires_grad_() if head == "softmax" else None
+        class_index = torch.tensor([4, 0, 2, 5, 1, 3]) if head == "cosface" else None
+        threshold = torch.rand(5) - 0.5 if head == "curricularface" else None
+        args = (x.requires_grad_(), w.requires_grad_(), labels, bias, class_index, threshold, p.normalize_x,
+                p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin, p.t, p.num_subcenters, "cpu")
+        torch.library.opcheck(margin_lse, args)
+
+
+@needs_ext
+def test_validation_names_the_argument():
+    params = KernelParams.from_spec(HEAD_SPECS["cosface"])
+    x, w, labels = make_inputs(4, 5, 3, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        BACKEND.forward(x, w[:, :2], labels, None, None, None, params)
+    with pytest.raises(RuntimeError, match="labels must have shape"):
+        BACKEND.forward(x, w, labels[:3], None, None, None, params)
+    with pytest.raises(RuntimeError, match=r"class_index\[1\] = 9"):
+        BACKEND.forward(x, w, labels, None, torch.tensor([0, 9]), None, params)
+    curricular = KernelParams.from_spec(HEAD_SPECS["curricularface"])
+    with pytest.raises(RuntimeError, match="needs row_threshold"):
+        BACKEND.forward(x, w, labels, None, None, None, curricular)
+
+
+@needs_ext
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_memory_stays_bounded():
+    """B x C fp32 would be 128 MiB here; the peak resident memory of a forward + backward
+    (in a fresh process, over its inputs) stays far below that: only O(B x chunk) tiles."""
+    script = textwrap.dedent(
+        """
+        import torch, fused_margin as fm
+        torch.manual_seed(0)
+        B, C, D = 256, 131072, 16
+        x = torch.randn(B, D, requires_grad=True)
+        w = torch.randn(C, D, requires_grad=True)
+        y = torch.randint(0, C, (B,))
+        spec = fm.MarginSpec.cosface()
+        fm.margin_cross_entropy(x[:2], w[:100], y[:2] % 100, spec, backend="cpu").backward()  # warm-up
+        w.grad = None
+        def status(key):
+            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+        # ru_maxrss survives exec (it holds the parent's peak): reset this process's peak
+        # RSS (VmHWM) instead, and measure from the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS:")
+        fm.margin_cross_entropy(x, w, y, spec, backend="cpu").backward()
+        print((status("VmHWM:") - before) / 1024.0)
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    growth_mib = float(result.stdout.strip().splitlines()[-1])
+    # grad of W (8 MiB) + workspace; the logits alone would be 128 MiB
+    assert growth_mib < 40, f"peak RSS grew by {growth_mib:.1f} MiB"
+
+
+def test_missing_extension_warns_once_and_auto_falls_back(monkeypatch):
+    """Without the extension: import works, 'auto' falls back to the next backend with one
+    warning, an explicit backend='cpu' raises and says how to build it."""
+    monkeypatch.setattr(_ext, "load_error", lambda: "ImportError: simulated")
+    monkeypatch.setattr(_ext, "_warned", False)
+    params = KernelParams.from_spec(HEAD_SPECS["cosface"])
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = resolve_backend("auto", x, w, params)
+        second = resolve_backend("auto", x, w, params)
+    assert first == second and first != "cpu"
+    messages = [str(c.message) for c in caught if "fused_margin._C" in str(c.message)]
+    assert len(messages) == 1 and "pip install --no-build-isolation -e ." in messages[0]
+    with pytest.raises(BackendUnavailableError, match="fused_margin._C is not available"):
+        resolve_backend("cpu", x, w, params)
+    labels = torch.tensor([0, 1, 4])
+    loss = fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["cosface"])  # runs on the fallback
+    assert torch.isfinite(loss)

@@ -1,0 +1,169 @@
+"""The CUDA C++ backend (csrc/cuda) against the float64 reference, on a GPU.
+
+Every test is marked ``gpu`` (skipped without CUDA) and also skips when the extension
+was built without its CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_margin import MarginSpec, _ext
+from fused_margin.backends.cuda import BACKEND
+from fused_margin.kernel_params import KernelParams
+from fused_margin.reference import margin_lse_terms
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err
+
+pytestmark = pytest.mark.gpu
+
+FP32_TOL = 1e-5
+FP64_TOL = 1e-12
+OUTPUTS = ("loss", "dx", "dW", "dbias")
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    if not _ext.has_cuda_kernels():
+        pytest.skip(f"fused_margin._C has no CUDA kernels ({_ext.load_error() or 'built without CUDA'})")
+    # exact fp32 GEMMs for the fp32 comparisons (TF32 would be a 1e-3 relative change)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def chunk_size():
+    saved = BACKEND.chunk_size
+
+    def set_chunk(value: int) -> None:
+        BACKEND.chunk_size = value
+
+    yield set_chunk
+    BACKEND.chunk_size = saved
+
+
+def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", **kwargs):
+    xc, wc = x.to("cuda", dtype), w.to("cuda", dtype)
+    bc = None if bias is None else bias.to("cuda", dtype)
+    lab = labels.cuda()
+    up = None if upstream is None else upstream.to("cuda", dtype)
+    out = loss_and_grads(xc, wc, lab, spec, backend="cuda", bias=bc, upstream=up, **kwargs)
+    ref = loss_and_grads(
+        xc.double().cpu(), wc.double().cpu(), labels, spec, backend="eager",
+        bias=None if bc is None else bc.double().cpu(), upstream=None if up is None else up.double().cpu(), **kwargs,
+    )
+    for name, o, r in zip(OUTPUTS, out, ref):
+        if r is None:
+            assert o is None
+            continue
+        assert_rel_close(o.cpu(), r, tol, f"{what} {name}")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(1, 1003, 3), (37, 1003, 67), (37, 1, 67), (300, 5000, 128)],
+                         ids=lambda s: "B{}_C{}_D{}".format(*s))
+@pytest.mark.parametrize("head", list(HEAD_SPECS))
+def test_heads_match_reference(head, shape, dtype):
+    batch, classes, dim = shape
+    spec = HEAD_SPECS[head]
+    x, w, labels = make_inputs(batch, classes, dim, num_subcenters=spec.num_subcenters,
+                               ignore_rows=2 if batch > 8 else 0, peaked_rows=2 if batch > 8 else 0)
+    bias = torch.randn(classes, dtype=torch.float64) if head == "softmax" else None
+    _compare(x, w, labels, spec, dtype=dtype, tol=FP32_TOL if dtype == torch.float32 else FP64_TOL, bias=bias,
+             what=head)
+
+
+@pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "so_softmax", "softmax"])
+def test_reduction_none_label_smoothing_small_chunks(head, chunk_size):
+    """Random upstream gradients, label smoothing, and chunks far smaller than C (a
+    ragged last chunk, several forward segments per chunk)."""
+    chunk_size(2500)
+    spec = HEAD_SPECS[head]
+    x, w, labels = make_inputs(37, 7003, 67, num_subcenters=spec.num_subcenters, ignore_rows=3)
+    bias = torch.randn(7003, dtype=torch.float64) if head == "softmax" else None
+    upstream = torch.randn(37, dtype=torch.float64)
+    _compare(x, w, labels, spec, dtype=torch.float64, tol=FP64_TOL, bias=bias, upstream=upstream,
+             label_smoothing=0.1, what=head)
+
+
+@pytest.mark.parametrize("repeated", [False, True], ids=["distinct", "repeated"])
+@pytest.mark.parametrize("head", ["cosface", "subcenter_arcface", "softmax"])
+def test_class_index(head, repeated, chunk_size):
+    chunk_size(300)
+    spec = HEAD_SPECS[head]
+    x, w, _ = make_inputs(37, 1500, 67, num_subcenters=spec.num_subcenters)
+    class_index = torch.randperm(1500)[:700]
+    if repeated:
+        class_index[100:110] = class_index[0]
+    labels = torch.randint(0, 700, (37,))
+    labels[-2:] = -100
+    bias = torch.randn(1500, dtype=torch.float64) if head == "softmax" else None
+    _compare(x, w, labels, spec, dtype=torch.float64, tol=FP64_TOL, bias=bias, class_index=class_index.cuda(),
+             what=head)
+
+
+@pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "softmax"])
+def test_forward_terms(head):
+    spec = HEAD_SPECS[head]
+    params = KernelParams.from_spec(spec)
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
+    labels[-3:] = -1
+    bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
+    threshold = torch.rand(37, dtype=torch.float32) - 0.5 if head == "curricularface" else None
+
+    def cuda(t):
+        return None if t is None else t.cuda()
+
+    got = BACKEND.forward(x.cuda(), w.cuda(), labels.cuda(), cuda(bias), None, cuda(threshold), params)
+    want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
+    for name, g, r in zip(("lse_neg", "target_u", "sum_neg", "argmax", "row_scale", "col_scale"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if name == "argmax":
+            assert torch.equal(g.cpu(), r)
+        else:
+            assert_rel_close(g.cpu(), r, FP64_TOL, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head", ["cosface", "arcface", "cs_softmax"])
+def test_low_precision(head, dtype):
+    """fp16 / bf16: the kernel may be only as wrong as eager PyTorch in the same dtype on
+    the GPU, plus a small tolerance (the dX / dW GEMMs read G in the input dtype)."""
+    spec = HEAD_SPECS[head]
+    x, w, labels = make_inputs(256, 20000, 128)
+    x, w = x.to("cuda", dtype), w.to("cuda", dtype)
+    lab = labels.cuda()
+    out = loss_and_grads(x, w, lab, spec, backend="cuda", reduction="sum")
+    same = loss_and_grads(x, w, lab, spec, backend="eager", reduction="sum")
+    ref = loss_and_grads(x.double().cpu(), w.double().cpu(), labels, spec, backend="eager", reduction="sum")
+    for name, o, s, r in zip(OUTPUTS[:3], out, same, ref):
+        assert o.dtype == s.dtype, name
+        assert rel_err(o.cpu(), r) <= rel_err(s.cpu(), r) + 2e-2, name
+
+
+def test_deterministic_and_no_logits_materialized():
+    """Two runs give bit-identical results, and the peak memory of a forward + backward
+    stays far below one (B x C) fp32 matrix."""
+    spec = MarginSpec.cosface()
+    batch, classes, dim = 512, 400_000, 128
+    torch.manual_seed(0)
+    x = torch.randn(batch, dim, device="cuda")
+    w = torch.randn(classes, dim, device="cuda")
+    labels = torch.randint(0, classes, (batch,), device="cuda")
+    first = loss_and_grads(x, w, labels, spec, backend="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    second = loss_and_grads(x, w, labels, spec, backend="cuda")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for name, a, b in zip(OUTPUTS, first, second):
+        if a is not None:
+            assert torch.equal(a, b), name
+    # the step itself holds a copy of W and its gradient (loss_and_grads clones the inputs)
+    extra = peak - 2 * w.numel() * w.element_size()
+    logits_bytes = batch * classes * 4
+    assert extra < logits_bytes / 4, f"{extra / 2**20:.0f} MiB beyond W and dW; logits: {logits_bytes / 2**20:.0f} MiB"
