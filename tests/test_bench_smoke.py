@@ -1,0 +1,136 @@
+"""Smoke test of the benchmark scripts: both run end to end at tiny sizes (in child
+processes, as `make bench` runs them), write JSON of the documented schema, and every
+measured loss agrees with the float64 reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny shapes: a second thread only adds synchronization, and on a shared machine an
+# OpenMP barrier waiting for a busy core costs more than the whole computation.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+BENCH_LOSS_ARGS = (
+    "--heads", "cosface", "--classes", "256", "--batch", "8", "--dim", "16", "--backends", "all,-compile",
+    "--repeat", "2", "--warmup", "1", "--min-time", "0",
+)
+TRAIN_ARGS = (
+    "--head-impls", "eager,insightface", "--classes", "256", "--batch", "16", "--dim", "16", "--image-size", "8",
+    "--steps", "6", "--warmup-steps", "2", "--acc-window", "4", "--memory-budget-gb", "0",
+)
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """Both scripts, started at once (each is mostly interpreter start-up: on two cores
+    running them side by side halves the wall time)."""
+    procs = {}
+    for script, args in (("bench_loss.py", BENCH_LOSS_ARGS), ("train_facerec.py", TRAIN_ARGS)):
+        out = tmp_path_factory.mktemp(script.removesuffix(".py"))
+        cmd = [sys.executable, str(ROOT / "bench" / script), "--device", "cpu", "--out", str(out), "--no-progress",
+               *args]
+        procs[script] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                          cwd=ROOT), out)
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _finish(started, script: str) -> tuple[str, Path]:
+    proc, out = started[script]
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout, out
+
+
+def test_bench_loss(started):
+    stdout, tmp_path = _finish(started, "bench_loss.py")
+    [path] = tmp_path.glob("bench_loss_cpu_*.json")
+    assert (tmp_path / path.name.replace(".json", ".png")).stat().st_size > 0
+    data = json.loads(path.read_text())
+    for key in ("schema", "date", "device", "versions", "command", "git", "config", "flop_model", "rows"):
+        assert key in data, key
+    assert data["schema"] == "fused_margin.bench_loss/1"
+    assert data["versions"]["torch"] and data["versions"]["python"]
+    assert data["device"]["type"] == "cpu"
+    rows = {row["impl"]: row for row in data["rows"]}
+    for impl in ("eager", "pml", "floor"):
+        assert rows[impl]["status"] == "ok", rows[impl]
+    for row in data["rows"]:
+        assert row["status"] in ("ok", "skipped", "OOM", "error", "timeout")
+        if row["status"] == "skipped":
+            assert row["reason"]
+        if row["status"] != "ok":
+            continue
+        for key in ("fwd_ms", "bwd_ms", "total_ms"):
+            assert row[key]["median"] > 0 and len(row[key]["samples"]) >= 2
+        assert row["peak_extra_bytes"] >= 0
+        if row["impl"] != "floor":
+            assert row["loss_ok"], row
+            assert row["loss_max_rel_err"] <= row["loss_tolerance"]
+    assert rows["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert "| eager PyTorch |" in stdout
+
+
+def test_train_facerec(started):
+    stdout, tmp_path = _finish(started, "train_facerec.py")
+    [path] = tmp_path.glob("train_facerec_cpu_*.json")
+    data = json.loads(path.read_text())
+    assert data["schema"] == "fused_margin.train_facerec/1"
+    for key in ("date", "device", "versions", "command", "git", "config", "runs", "agreement"):
+        assert key in data, key
+    runs = {run["impl"]: run for run in data["runs"]}
+    for impl in ("eager", "insightface"):
+        run = runs[impl]
+        assert run["status"] == "ok", run
+        assert run["samples_per_s"] > 0 and run["peak_bytes"] > 0
+        assert len(run["losses"]) == 6 and 0.0 <= run["train_accuracy"] <= 1.0
+    # Same seed, same initial weights, same first batch: the first losses are one number.
+    [versus] = data["agreement"]
+    assert versus["impl"] == "insightface" and versus["first_loss_rel_diff"] < 1e-5
+    assert "InsightFace-style eager" in stdout
+
+
+@pytest.mark.parametrize("oom_above", [None, 600_000])
+def test_capacity_search(monkeypatch, oom_above):
+    """The capacity search, on a simulated process whose peak memory is linear in C
+    (plus noise) and which fails past ``oom_above``: it must return a C that fits and
+    lies within 3% of the true capacity (proposals aim 2% low), in a handful of child runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_facerec
+
+    budget, base_bytes, per_class = 2 * 2**30, 700 * 2**20, 3000.0
+    truth = int((budget - base_bytes) / per_class)
+    if oom_above is not None:
+        truth = min(truth, oom_above)
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+
+    def fake_run_child(script, job, timeout):
+        classes = job["classes"]
+        calls.append(classes)
+        if oom_above is not None and classes > oom_above:
+            return {"status": "OOM"}
+        noise = float(torch.randn((), generator=gen)) * 2**20
+        return {"status": "ok", "peak_bytes": int(base_bytes + per_class * classes + noise)}
+
+    monkeypatch.setattr(train_facerec, "run_child", fake_run_child)
+    result = train_facerec.find_capacity(Path("x"), {"classes": 8192}, "eager", budget, 8, 1.0)
+    assert result["max_classes"] <= truth
+    assert result["max_classes"] >= 0.97 * truth, (result, truth)
+    assert len(calls) <= 8 and all(p["peak_bytes"] is None or p["fits"] == (p["peak_bytes"] <= budget)
+                                   for p in result["points"])
