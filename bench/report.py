@@ -1,6 +1,7 @@
 """Prints the README's benchmark section (markdown) from the committed result files.
 
-    .venv/bin/python bench/report.py > /tmp/results.md        # then paste into README.md
+    .venv/bin/python bench/report.py              # print it
+    .venv/bin/python bench/report.py --readme     # rewrite README.md's results block in place
 
 Nothing here is typed by hand: every number comes from ``bench/results/*.json``
 (written by ``bench_loss.py`` and ``train_facerec.py``). For each device it takes the
@@ -79,12 +80,37 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+#: README.md's results block lies between these two lines (kept by ``--readme``).
+BEGIN_MARK = "<!-- results:begin -->"
+END_MARK = "<!-- results:end -->"
+
+
+def readme_block(readme: str) -> str:
+    """The text between the README's results markers (ValueError if they are missing)."""
+    begin, end = readme.find(BEGIN_MARK), readme.find(END_MARK)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README has no results block: {BEGIN_MARK} ... {END_MARK}")
+    return readme[begin + len(BEGIN_MARK):end].strip("\n") + "\n"
+
+
+def replace_readme_block(readme: str, section: str) -> str:
+    readme_block(readme)  # raises without markers
+    begin, end = readme.find(BEGIN_MARK) + len(BEGIN_MARK), readme.find(END_MARK)
+    return readme[:begin] + "\n" + section + readme[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="directory of result JSON files")
     p.add_argument("--all", action="store_true", help="every result file, not only the newest per device")
+    p.add_argument("--readme", nargs="?", type=Path, const=REPO_ROOT / "README.md", default=None,
+                   help="rewrite the results block of this README (default README.md) instead of printing")
     args = p.parse_args(argv)
-    sys.stdout.write(render(load_results(args.results), args.all))
+    section = render(load_results(args.results), args.all)
+    if args.readme is None:
+        sys.stdout.write(section)
+    else:
+        args.readme.write_text(replace_readme_block(args.readme.read_text(), section))
     return 0
 
 

@@ -68,10 +68,14 @@ def test_bench_loss(started):
     assert data["versions"]["torch"] and data["versions"]["python"]
     assert data["device"]["type"] == "cpu"
     rows = {row["impl"]: row for row in data["rows"]}
-    for impl in ("eager", "pml", "floor"):
+    must_run = ["eager", "pml", "floor", "cpu"]
+    if ENV.get("TRITON_INTERPRET") == "1":  # set by conftest.py without a GPU
+        must_run.append("triton")
+    for impl in must_run:
         assert rows[impl]["status"] == "ok", rows[impl]
     for row in data["rows"]:
-        assert row["status"] in ("ok", "skipped", "OOM", "error", "timeout")
+        # tiny shapes: nothing may fail or run out of memory, only be skipped with a reason
+        assert row["status"] in ("ok", "skipped"), row
         if row["status"] == "skipped":
             assert row["reason"]
         if row["status"] != "ok":
@@ -134,3 +138,14 @@ def test_capacity_search(monkeypatch, oom_above):
     assert result["max_classes"] >= 0.97 * truth, (result, truth)
     assert len(calls) <= 8 and all(p["peak_bytes"] is None or p["fits"] == (p["peak_bytes"] <= budget)
                                    for p in result["points"])
+
+
+def test_readme_results_are_generated_from_committed_json():
+    """README.md's results block is exactly what ``bench/report.py`` renders from the
+    committed ``bench/results/*.json``: no figure in it is typed by hand or stale."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    expected = report.render(report.load_results(ROOT / "bench" / "results"), every=False)
+    actual = report.readme_block((ROOT / "README.md").read_text())
+    assert actual == expected, "README results are stale: run `python bench/report.py --readme`"

@@ -1,14 +1,8 @@
 """The Triton backend against the float64 reference.
 
-Without a GPU the kernels run in Triton's interpreter on CPU tensors. Triton decides
-interpreter or compiler when a function is *decorated*, and ``triton.language``'s own
-helpers (``tl.zeros``, ``tl.sum``, ...) are decorated when Triton is first imported, so
-``TRITON_INTERPRET=1`` must be set before that. This module sets it at import. When
-Triton was already imported in compiled mode (``import fused_margin`` imports it through
-``torch._dynamo``, so another test module collected first does it), the tests of this
-module cannot run in this process: ``test_interpreter_in_subprocess`` then runs this
-file in a fresh interpreter and fails if any of its tests fails, and the in-process
-copies report as skipped, naming it.
+Without a GPU the kernels run in Triton's interpreter on CPU tensors: ``conftest.py``
+sets ``TRITON_INTERPRET=1`` before anything imports Triton (Triton fixes interpreter or
+compiler when a function is decorated, so it must be set that early).
 """
 
 from __future__ import annotations
@@ -20,30 +14,14 @@ import sys
 import pytest
 import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+import fused_margin as fm
+from fused_margin import BackendUnavailableError, MarginSpec
+from fused_margin.backends.triton import BACKEND
+from fused_margin.kernel_params import KernelParams
+from fused_margin.reference import margin_lse_terms
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_language_interpreted() -> bool:
-    """Whether triton.language was (or will be) imported in the mode this run needs."""
-    standard = sys.modules.get("triton.language.standard")
-    if not INTERPRETED or standard is None:
-        return True
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(standard.zeros, InterpretedFunction)
-
-
-IN_PROCESS = _triton_language_interpreted()
-
-import fused_margin as fm  # noqa: E402
-from fused_margin import BackendUnavailableError, MarginSpec  # noqa: E402
-from fused_margin.backends.triton import BACKEND  # noqa: E402
-from fused_margin.kernel_params import KernelParams  # noqa: E402
-from fused_margin.reference import margin_lse_terms  # noqa: E402
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err  # noqa: E402
-
 DEVICE = "cpu" if INTERPRETED else "cuda"
 # fp32 inputs, exact ('ieee') fp32 dots: the spec's bound for every output
 FP32_TOL = 1e-5
@@ -55,23 +33,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _in_this_process(request):
-    if not IN_PROCESS and request.node.name != "test_interpreter_in_subprocess":
-        pytest.skip("Triton was imported before TRITON_INTERPRET was set: run by test_interpreter_in_subprocess")
+def test_kernels_run_in_the_mode_the_tests_need():
+    """Guards the set-up above: interpreted kernels on CPU tensors, compiled ones on a GPU."""
+    from fused_margin.triton_kernels.lse_forward import _margin_lse_fwd_kernel
+    from triton.runtime.interpreter import InterpretedFunction
 
-
-def test_interpreter_in_subprocess():
-    if IN_PROCESS:
-        pytest.skip("the tests of this file run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
-        capture_output=True, text=True, env=env, cwd=root, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout, result.stdout[-2000:]
+    assert isinstance(_margin_lse_fwd_kernel, InterpretedFunction) == INTERPRETED
 
 
 def _run(x, w, labels, spec, *, backend, dtype=None, w_dtype=None, bias=None, upstream=None, **kwargs):

@@ -10,10 +10,10 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernel_params import KernelParams
-from . import Backend
+from ._compiled import ExtensionBackend
 
 
-class CudaBackend(Backend):
+class CudaBackend(ExtensionBackend):
     name = "cuda"
     # After Triton (priority 0), before the eager reference.
     auto_priority = {"cuda": 1}
@@ -23,34 +23,15 @@ class CudaBackend(Backend):
     def not_supported_reasons(self, x: Tensor, weight: Tensor, params: KernelParams) -> list[str]:
         if x.device.type != "cuda" or weight.device != x.device:
             return [f"needs CUDA tensors on one device, got x on {x.device} and weight on {weight.device}"]
-        if _ext.load_error() is not None:
-            _ext.warn_unavailable(self.name)
-            return [_ext.unavailable_reason()]
+        reasons = self.extension_reasons()
+        if reasons:
+            return reasons
         if not _ext.has_cuda_kernels():
             return [
                 "fused_margin._C was built without its CUDA kernels (a CPU-only torch or no CUDA toolkit at "
                 "build time); rebuild with a CUDA torch and toolkit, or FORCE_CUDA=1"
             ]
         return []
-
-    def forward(self, x, weight, labels, bias, class_index, row_threshold, params):
-        return _ext.ops().margin_lse_fwd(
-            x, weight, labels, bias, class_index, row_threshold, params.normalize_x, params.normalize_w,
-            params.scale, int(params.kind), params.alpha, params.delta, params.margin, params.t,
-            params.num_subcenters, self.chunk_size,
-        )
-
-    def backward(
-        self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params,
-    ):
-        grad_x, grad_w, grad_b = _ext.ops().margin_lse_bwd(
-            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-            lse_neg, row_scale, col_scale, params.normalize_x, params.normalize_w, params.scale,
-            int(params.kind), params.alpha, params.delta, params.margin, params.t, params.num_subcenters,
-            self.chunk_size,
-        )
-        return grad_x, grad_w, (grad_b if bias is not None else None)
 
 
 BACKEND = CudaBackend()
