@@ -15,7 +15,7 @@ from .backends import get_backend
 from .kernel_params import KernelParams
 from .spec import NonTargetKind
 
-__all__ = ["margin_lse", "prepare_labels"]
+__all__ = ["margin_lse", "prepare_labels", "snapshot"]
 
 _OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -187,3 +187,19 @@ def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _gr
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fused_margin::snapshot", mutates_args=())
+def snapshot(value: Tensor) -> Tensor:
+    """A copy of ``value`` that a compiled graph keeps as a saved tensor.
+
+    A head's step counter is read by the loss and then incremented in place. A clone
+    is not enough under ``torch.compile``: AOTAutograd's partitioner may recompute a
+    cheap copy in the backward graph from the buffer itself, which by then holds the
+    incremented value. A custom op is opaque to it, so its output is saved instead."""
+    return value.clone()
+
+
+@snapshot.register_fake
+def _(value: Tensor) -> Tensor:
+    return torch.empty_like(value)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import BackendName, Reduction, margin_cross_entropy
+from ..ops import snapshot
 from ..reference import logits_reference
 from ..spec import MarginSpec
 
@@ -100,9 +101,9 @@ class MarginHead(nn.Module):
             label_smoothing=self.label_smoothing,
             return_accuracy=self.return_accuracy,
             backend=self.backend,
-            # a snapshot: the backward must see this step's value, not the buffer that
-            # the increment below mutates (a compiled graph may save the input itself)
-            step=self.step.clone(),
+            # the backward must see this step's value, not the buffer that the increment
+            # below mutates (see ops.snapshot)
+            step=snapshot(self.step),
         )
         if self.training:
             with torch.no_grad():
