@@ -677,7 +677,7 @@ class ShardedMarginLoss(nn.Module):
         best = argmax if class_index is None else class_index.index_select(0, argmax)
         rows = (best[:, None] * k + torch.arange(k, device=best.device)).reshape(-1)
         acc = torch.float64 if torch.float64 in (x_all.dtype, self.weight.dtype) else torch.float32
-        w = self.weight.index_select(0, rows).to(acc).view(best.shape[0], k, -1)
+        w = self.weight.index_select(0, rows).to(acc).view(best.shape[0], k, self.weight.shape[1])
         x = x_all.to(acc)
         if spec.normalize_embeddings:
             x = F.normalize(x, dim=1)

@@ -96,7 +96,7 @@ def detached_target_cos(
     classes = safe if class_index is None else class_index.index_select(0, safe)
     rows = (classes[:, None] * k + torch.arange(k, device=labels.device)).reshape(-1)
     dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
-    w = weight.index_select(0, rows).to(dtype).view(labels.shape[0], k, -1)
+    w = weight.index_select(0, rows).to(dtype).view(labels.shape[0], k, weight.shape[1])
     x = torch.nn.functional.normalize(embeddings.to(dtype), dim=1)
     w = torch.nn.functional.normalize(w, dim=2)
     cos = torch.einsum("bd,bkd->bk", x, w).amax(dim=1)

@@ -55,7 +55,7 @@ def cosine_matrix(
     u = (xf @ wf.T) * r[:, None] * q[None, :]
     k = params.num_subcenters
     if k > 1:
-        u = u.view(u.shape[0], -1, k).amax(dim=2)
+        u = u.view(u.shape[0], u.shape[1] // k, k).amax(dim=2)
     return u, r, q
 
 
@@ -137,7 +137,8 @@ def reference_backward(
     if q is not None:
         u_full = u_full * q[None, :]
     num_rows = u_full.shape[0]
-    u, best = u_full.view(num_rows, -1, k).max(dim=2)
+    # explicit sizes: a -1 is ambiguous for an empty batch
+    u, best = u_full.view(num_rows, u_full.shape[1] // k, k).max(dim=2)
     num_classes = u.shape[1]
 
     has_target = (labels >= 0) & (labels < num_classes)
@@ -161,9 +162,9 @@ def reference_backward(
     d_u = d_u + target_mask * grad_target_u.to(dtype)[:, None]
 
     # Route each class's gradient to the sub-center that attained the max.
-    d_full = torch.zeros_like(u_full).view(num_rows, -1, k)
+    d_full = torch.zeros_like(u_full).view(num_rows, num_classes, k)
     d_full.scatter_(2, best[:, :, None], d_u[:, :, None])
-    d_full = d_full.view(num_rows, -1)
+    d_full = d_full.view(num_rows, num_classes * k)
 
     w_scaled = wf if q is None else wf * q[:, None]
     x_scaled = xf if r is None else xf * r[:, None]

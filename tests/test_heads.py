@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -127,3 +128,24 @@ def test_gradcheck_norm_aware_heads(head_cls):
         return fm.margin_cross_entropy(xx, ww, labels, spec, reduction="sum")
 
     torch.autograd.gradcheck(fn, [x.requires_grad_(), head.weight.detach().clone().requires_grad_()])
+
+
+@pytest.mark.parametrize("backend", ["reference", "eager", "cpu", "triton"])
+@pytest.mark.parametrize("head_cls", ALL_HEADS, ids=lambda c: c.__name__)
+def test_empty_batch(head_cls, backend):
+    """A batch of zero rows (a data-parallel rank with nothing left, say): loss 0, zero
+    gradients of the right shapes, and the head's state stays finite."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs CPU tensors only under its interpreter")
+    head = head_cls(11, 6, backend=backend)
+    x = torch.randn(0, 6, requires_grad=True)
+    loss = head(x, torch.zeros(0, dtype=torch.int64))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert x.grad.shape == (0, 6)
+    assert head.weight.grad.shape == head.weight.shape and not head.weight.grad.any()
+    for name, value in head.state_dict().items():
+        values = value.values() if isinstance(value, dict) else [value]  # extra state: a dict
+        for v in values:
+            if isinstance(v, float) or (torch.is_tensor(v) and v.is_floating_point()):
+                assert torch.isfinite(torch.as_tensor(v)).all(), (name, v)
