@@ -26,8 +26,8 @@ py=${PYTHON:-python3}
 
 # The extension with its CUDA kernels (in place: an editable install needs no network).
 if ! "$py" -c "import fused_margin._ext as e; assert e.has_cuda_kernels()" 2>/dev/null; then
-  FORCE_CUDA=1 "$py" -m pip install -q -e . --no-build-isolation --no-deps > "$out/build-$stage.log" 2>&1 \
-    || { tail -n 40 "$out/build-$stage.log"; exit 1; }
+  FORCE_CUDA=1 "$py" -m pip install -q -e . --no-build-isolation --no-deps > /tmp/build.log 2>&1 \
+    || { cp /tmp/build.log "$out/build-$stage.log"; tail -n 40 /tmp/build.log; exit 1; }
 fi
 
 case "$stage" in
@@ -42,9 +42,14 @@ case "$stage" in
   bench)
     # Issue 3's and 4's targets: B=1024, D=512, bf16, CosFace and CS-Softmax, against
     # eager, torch.compile and the three-GEMM floor.
-    timeout 500 "$py" bench/bench_loss.py --device cuda --heads cosface,cs_softmax --batch 1024 --dim 512 \
-      --dtype bfloat16 --classes 262144,1048576 --out "$out" --no-progress \
-      --note "bench/gpu_check.sh bench" 2>&1 | tee "$out/bench-gpu.log" | tail -n 60
+    args=(--device cuda --heads cosface,cs_softmax --batch 1024 --dim 512 --dtype bfloat16
+          --classes 262144,1048576 --out "$out" --no-progress)
+    timeout 360 "$py" bench/bench_loss.py "${args[@]}" --note "bench/gpu_check.sh bench: default backward" \
+      2>&1 | tee "$out/bench-gpu.log" | tail -n 40
+    # the one-kernel atomic backward (triton_kernels/backward_atomic.py), same shapes
+    FUSED_MARGIN_TRITON_DETERMINISTIC=0 timeout 180 "$py" bench/bench_loss.py "${args[@]}" \
+      --backends triton,floor --note "bench/gpu_check.sh bench: FUSED_MARGIN_TRITON_DETERMINISTIC=0 (atomic backward)" \
+      2>&1 | tee "$out/bench-gpu-atomic.log" | tail -n 20
     ;;
   *)
     echo "unknown stage $stage (tests | bench)" >&2

@@ -92,13 +92,21 @@ def _bias_for(name, num_classes):
     return torch.randn(num_classes, dtype=torch.float64) if name == "softmax" else None
 
 
+@pytest.fixture(params=["deterministic", "atomic"])
+def backward_mode(request, monkeypatch):
+    """Both backward implementations: two kernels without atomics (the default) and the
+    one-kernel atomic path (``deterministic=False``)."""
+    monkeypatch.setattr(BACKEND, "deterministic", request.param == "deterministic")
+    return request.param
+
+
 # ---------------------------------------------------------------------------------
 # every head, fp32, odd shapes
 # ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_SPECS))
-def test_every_head_matches_float64(name):
+def test_every_head_matches_float64(name, backward_mode):
     """Loss, dx, dW (and dbias for the linear head) at B=37, C=1003, D=67 with ignored
     rows, labels 0 and C-1, and a random upstream gradient per row."""
     spec = HEAD_SPECS[name]
@@ -112,7 +120,7 @@ _SHAPES = [(b, c, d, k) for b in (1, 37) for c in (1, 1003) for d in (3, 67) for
 
 
 @pytest.mark.parametrize(("batch", "num_classes", "dim", "k"), _SHAPES)
-def test_odd_shapes(batch, num_classes, dim, k):
+def test_odd_shapes(batch, num_classes, dim, k, backward_mode):
     """Every (B, C, D, K) in {1, 37} x {1, 1003} x {3, 67} x {1, 3}, each with another head
     (sub-center count K applied to it). C = 1: a row whose only class is its target has
     no negatives (lse_neg = -inf) and must give 0 loss and no NaN."""
@@ -187,7 +195,7 @@ def test_accuracy_from_argmax():
 
 
 @pytest.mark.parametrize("name", ["cosface", "softmax", "curricularface", "subcenter_arcface"])
-def test_class_index_and_label_smoothing(name):
+def test_class_index_and_label_smoothing(name, backward_mode):
     """Negative-class sampling (rows of W read through the index; rows not in use get a
     zero gradient) with label smoothing and ignored rows."""
     spec = HEAD_SPECS[name]
@@ -216,7 +224,7 @@ def test_class_index_must_not_repeat():
 
 
 @pytest.mark.parametrize("name", ["normface", "cosface", "cs_softmax", "so_softmax", "softmax"])
-def test_peaked_rows(name):
+def test_peaked_rows(name, backward_mode):
     """Rows whose embedding is a multiple of its target weight (c_y = 1): the target
     logit saturates and the negatives' probabilities underflow; still exact."""
     spec = HEAD_SPECS[name]
@@ -226,7 +234,7 @@ def test_peaked_rows(name):
 
 
 @pytest.mark.parametrize("name", ["arcface", "combined", "curricularface", "subcenter_arcface", "circle"])
-def test_peaked_rows_angular_heads_stay_finite(name):
+def test_peaked_rows_angular_heads_stay_finite(name, backward_mode):
     """Angular targets at c_y = 1: the target's gradient depends on which side of 1 the
     rounded cosine lands (see ``SIN2_EPS``), so fp32 cannot match float64 there; the
     loss does, and nothing is NaN or infinite."""
@@ -256,7 +264,7 @@ def test_peaked_rows_angular_heads_stay_finite(name):
         ("lsoftmax", torch.float32, torch.float16),
     ],
 )
-def test_half_precision_three_way(name, dtype, w_dtype):
+def test_half_precision_three_way(name, dtype, w_dtype, backward_mode):
     """fp16, bf16 and mixed inputs: gradients come back in each input's dtype, no less
     accurate than eager PyTorch on the same dtypes plus 3e-4: the gradient GEMMs round
     dU to fp16 where eager keeps it in fp32 (measured at fp16: 3.1e-4 against eager's
@@ -280,14 +288,16 @@ def test_grad_dot_fp32_option(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "num_classes", "k"), [("softmax", 1003, 1), ("curricularface", 300, 1), ("subcenter_arcface", 77, 3)]
 )
-def test_small_tiles(monkeypatch, name, num_classes, k):
+def test_small_tiles(monkeypatch, name, num_classes, k, backward_mode):
     """Tiles much smaller than the problem, so that every loop runs several times: row
     blocks (forward, dW), class blocks per split, three splits combined, D steps and
     three D slices in the backward (with class_index for the linear head)."""
     from fused_margin.triton_kernels.common import TileConfig
 
     tiles = TileConfig(block_b=16, block_c=32, block_d=16, block_do=32, splits=3)
-    monkeypatch.setattr(BACKEND, "tiles", {"forward": tiles, "dx": tiles, "dw": tiles.with_(splits=1)})
+    monkeypatch.setattr(
+        BACKEND, "tiles", {"forward": tiles, "dx": tiles, "dw": tiles.with_(splits=1), "atomic": tiles.with_(splits=1)}
+    )
     spec = HEAD_SPECS[name]
     x, w, labels = make_inputs(37, num_classes, 67, num_subcenters=k, ignore_rows=2)
     kwargs = {}
@@ -298,8 +308,10 @@ def test_small_tiles(monkeypatch, name, num_classes, k):
                 bias=_bias_for(name, num_classes), label_smoothing=0.05, **kwargs)
 
 
-def test_deterministic():
-    """Same inputs, same bits: no atomics, partials combined in a fixed order."""
+def test_deterministic(monkeypatch):
+    """Same inputs, same bits (the default backward): no atomics, partials combined in a
+    fixed order."""
+    monkeypatch.setattr(BACKEND, "deterministic", True)
     spec = HEAD_SPECS["subcenter_arcface"]
     x, w, labels = make_inputs(37, 300, 67, num_subcenters=3, dtype=torch.float32, device=DEVICE)
     first = loss_and_grads(x, w, labels, spec, backend="triton")
@@ -335,6 +347,16 @@ def test_bad_precision_option(monkeypatch):
         BACKEND.precision()
     monkeypatch.setenv("FUSED_MARGIN_TRITON_PRECISION", "tf32")
     assert BACKEND.precision() == "tf32"
+
+
+def test_deterministic_option_from_environment(monkeypatch):
+    monkeypatch.setenv("FUSED_MARGIN_TRITON_DETERMINISTIC", "0")
+    assert BACKEND.deterministic_backward() is False
+    monkeypatch.setenv("FUSED_MARGIN_TRITON_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="FUSED_MARGIN_TRITON_DETERMINISTIC"):
+        BACKEND.deterministic_backward()
+    monkeypatch.setattr(BACKEND, "deterministic", True)  # the attribute wins
+    assert BACKEND.deterministic_backward() is True
 
 
 def test_import_without_triton():
@@ -373,12 +395,13 @@ def test_kernels_compile_for_hopper():
         "from fused_margin.triton_kernels.compile_check import compile_variants\n"
         "for kernel, variant, shared in compile_variants(90):\n"
         "    assert shared <= 227 * 1024, (kernel, variant, shared)\n"
-        "print('compiled', kernel)\n"
+        "    print('compiled', kernel)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled dw" in result.stdout
+    compiled = set(result.stdout.split("\n"))
+    assert {f"compiled {k}" for k in ("forward", "dx", "dw", "atomic")} <= compiled, result.stdout
 
 
 # ---------------------------------------------------------------------------------
@@ -391,7 +414,7 @@ LARGE = (1024, 131072, 512)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["arcface", "softmax", "curricularface", "subcenter_arcface"])
-def test_gpu_large_half_precision(name, dtype):
+def test_gpu_large_half_precision(name, dtype, backward_mode):
     if INTERPRETED:
         pytest.skip("large shapes are for the compiled kernels")
     spec = HEAD_SPECS[name]
@@ -412,7 +435,7 @@ def test_gpu_large_half_precision(name, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("precision", "tol"), [("ieee", 1e-5), ("tf32x3", 1e-4), ("tf32", 1e-2)])
-def test_gpu_fp32_precision_modes(monkeypatch, precision, tol):
+def test_gpu_fp32_precision_modes(monkeypatch, precision, tol, backward_mode):
     if INTERPRETED:
         pytest.skip("the interpreter multiplies fp32 exactly in every mode")
     monkeypatch.setattr(BACKEND, "input_precision", precision)
@@ -423,9 +446,10 @@ def test_gpu_fp32_precision_modes(monkeypatch, precision, tol):
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_large():
+def test_gpu_deterministic_large(monkeypatch):
     if INTERPRETED:
         pytest.skip("compiled kernels only")
+    monkeypatch.setattr(BACKEND, "deterministic", True)
     spec = HEAD_SPECS["arcface"]
     x, w, labels = make_inputs(1024, 65536, 512, dtype=torch.bfloat16, device="cuda")
     first = loss_and_grads(x, w, labels, spec, backend="triton")
@@ -436,14 +460,18 @@ def test_gpu_deterministic_large():
 
 
 @pytest.mark.gpu
-def test_gpu_peak_memory():
-    """Forward + backward at B=1024, C=262144, D=512 (bf16) allocates at most the
-    gradients + 64 MiB beyond the inputs: no (B, C) buffer anywhere."""
+@pytest.mark.parametrize(("deterministic", "w_dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_gpu_peak_memory(monkeypatch, deterministic, w_dtype):
+    """Forward + backward at B=1024, C=262144, D=512 (bf16 embeddings) allocates at most
+    the gradients + 64 MiB beyond the inputs: no (B, C) buffer anywhere. The atomic
+    backward with fp32 master weights accumulates into the gradient itself (with a
+    16-bit W it would need an fp32 buffer of W's shape, which this bound excludes)."""
     if INTERPRETED:
         pytest.skip("compiled kernels only")
+    monkeypatch.setattr(BACKEND, "deterministic", deterministic)
     batch, num_classes, dim = 1024, 262144, 512
     x = torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(num_classes, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(num_classes, dim, device="cuda", dtype=w_dtype, requires_grad=True)
     labels = torch.randint(0, num_classes, (batch,), device="cuda")
     spec = HEAD_SPECS["arcface"]
     fm.margin_cross_entropy(x[:64], w[:4096], labels[:64] % 4096, spec, backend="triton").backward()  # compile

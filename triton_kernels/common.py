@@ -113,6 +113,11 @@ _GPU_TILES = {
     ("dw", "16"): (64, 32, 64, 256, 8, 2),
     ("dw", "tf32"): (64, 32, 32, 256, 8, 2),
     ("dw", "ieee"): (32, 32, 16, 128, 8, 2),
+    # backward_atomic.py: one (row block, class block) tile per program; block_do is the
+    # D slice of each gradient product (a loop: no D-split recomputation)
+    ("atomic", "16"): (64, 64, 64, 32, 8, 2),
+    ("atomic", "tf32"): (64, 64, 32, 32, 8, 2),
+    ("atomic", "ieee"): (32, 32, 16, 32, 8, 1),
 }
 
 
@@ -126,7 +131,7 @@ def default_tiles(
     fp32_operands: bool = True,
     input_precision: str = "ieee",
 ) -> TileConfig:
-    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw'} (every ``tl.dot`` side >= 16).
+    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw', 'atomic'} (every ``tl.dot`` side >= 16).
 
     Interpreter: larger tiles (each Triton op costs a NumPy call, so fewer, larger ones
     are faster), still small enough that the tests' odd shapes take several blocks."""
@@ -142,7 +147,7 @@ def default_tiles(
     class_blocks = triton.cdiv(num_classes, block_c)
     row_blocks = triton.cdiv(batch, block_b)
     splits = 1
-    if kernel != "dw":
+    if kernel in ("forward", "dx"):
         splits = max(1, min(class_blocks, num_programs_target(device) // row_blocks, 64))
     if kernel == "dx":
         splits = max(1, min(splits, DX_WORKSPACE_BYTES // (4 * max(batch, 1) * max(dim, 1))))

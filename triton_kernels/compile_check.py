@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .backward import _margin_lse_bwd_dw_kernel, _margin_lse_bwd_dx_kernel
+from .backward_atomic import _margin_lse_bwd_atomic_kernel
 from .common import _GPU_TILES
 from .lse_forward import _margin_lse_fwd_kernel
 
@@ -61,6 +62,9 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget) -> int:
         if kernel == "dx":
             fn = _margin_lse_bwd_dx_kernel
             pointers.update(gx_partial_ptr="*fp32", rho_partial_ptr="*fp32")
+        elif kernel == "atomic":
+            fn = _margin_lse_bwd_atomic_kernel
+            pointers.update(grad_x_ptr="*fp32", grad_w_ptr="*fp32", grad_bias_ptr="*fp32")
         else:
             fn = _margin_lse_bwd_dw_kernel
             pointers.update(grad_w_ptr=f"*{w_dtype}", grad_bias_ptr="*fp32")
@@ -80,7 +84,7 @@ def compile_variants(arch: int = 90, variants: list[tuple] | None = None) -> lis
     target = GPUTarget("cuda", arch, 32)
     return [
         (kernel, variant, _compile(kernel, variant, target))
-        for kernel in ("forward", "dx", "dw")
+        for kernel in ("forward", "dx", "dw", "atomic")
         for variant in (variants or VARIANTS)
     ]
 

@@ -15,6 +15,12 @@ None):
   ~1e-3 relative error in each logit), ``'tf32x3'`` (three tf32 products per
   multiply, close to fp32). bf16/fp16 operands always use tensor cores with fp32
   accumulation; mixed dtypes (e.g. bf16 x with fp32 W) are multiplied in fp32.
+* ``deterministic`` / ``FUSED_MARGIN_TRITON_DETERMINISTIC=0``: True (default) runs the
+  backward as two kernels without atomics (``triton_kernels/backward.py``: bitwise
+  reproducible, but each recomputes the logits, once per 256 columns of D); False runs
+  one kernel that recomputes them once and accumulates both gradients with fp32 atomics
+  (``triton_kernels/backward_atomic.py``: fewer flops, results vary in the last bits
+  from run to run; with a bf16/fp16 W it keeps an fp32 buffer of W's shape).
 * ``grad_dot_fp32`` / ``FUSED_MARGIN_TRITON_GRAD_FP32=1``: the backward's two
   gradient GEMMs take ``dU`` in fp32 instead of rounding it to the bf16/fp16 input
   dtype. dW is accumulated in fp32 in every case (over the whole batch, in registers,
@@ -60,7 +66,9 @@ class TritonBackend(Backend):
         self.input_precision: str | None = None
         #: bool | None (None: $FUSED_MARGIN_TRITON_GRAD_FP32 == '1')
         self.grad_dot_fp32: bool | None = None
-        #: optional ``TileConfig`` overrides, keyed 'forward', 'dx', 'dw' (tests, tuning)
+        #: bool | None (None: $FUSED_MARGIN_TRITON_DETERMINISTIC != '0')
+        self.deterministic: bool | None = None
+        #: optional ``TileConfig`` overrides, keyed 'forward', 'dx', 'dw', 'atomic' (tests, tuning)
         self.tiles: dict[str, TileConfig] = {}
 
     # ---- options -------------------------------------------------------------------
@@ -75,6 +83,14 @@ class TritonBackend(Backend):
         if self.grad_dot_fp32 is not None:
             return bool(self.grad_dot_fp32)
         return os.environ.get("FUSED_MARGIN_TRITON_GRAD_FP32", "0") == "1"
+
+    def deterministic_backward(self) -> bool:
+        if self.deterministic is not None:
+            return bool(self.deterministic)
+        value = os.environ.get("FUSED_MARGIN_TRITON_DETERMINISTIC", "1")
+        if value not in ("0", "1"):
+            raise ValueError(f"FUSED_MARGIN_TRITON_DETERMINISTIC must be '0' or '1', got {value!r}")
+        return value == "1"
 
     # ---- Backend -------------------------------------------------------------------
 
@@ -104,14 +120,16 @@ class TritonBackend(Backend):
         self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
         lse_neg, row_scale, col_scale, params,
     ):
+        args = (grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+                lse_neg, row_scale, col_scale, params)
+        options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32())
+        if not self.deterministic_backward():
+            from ..triton_kernels.backward_atomic import margin_lse_bwd_atomic
+
+            return margin_lse_bwd_atomic(*args, **options, tiles=self.tiles.get("atomic"))
         from ..triton_kernels.backward import margin_lse_bwd
 
-        return margin_lse_bwd(
-            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-            lse_neg, row_scale, col_scale, params,
-            input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32(),
-            dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"),
-        )
+        return margin_lse_bwd(*args, **options, dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"))
 
 
 def _check_unique(class_index: Tensor) -> None:

@@ -1,0 +1,200 @@
+"""Backward, fast mode: one recomputation of the logits, gradients by atomic adds.
+
+``backward.py`` recomputes every logit tile twice (once for ``dx``, once for ``dW``) and
+once more per ``block_do`` slice of D: at D = 512 that is 12 B C D flops on top of the
+2 B C D of each gradient GEMM, against 6 B C D for recompute + dX + dW. This kernel does
+the minimum. Each program owns one (row block, class block) tile:
+
+1. recompute ``u`` over all of D (and the K sub-centers), then ``dU`` (as ``backward.py``);
+2. for each slice of D: ``dU (Q W)`` for the tile's rows and ``dU^T (R x)`` for its
+   classes, with the folded-normalization terms of this tile (``rho`` and ``kappa``
+   summed over the tile only: both gradients are linear in them), added with fp32
+   atomics into ``grad_x`` (B, D) and ``grad_w`` (rows, D).
+
+The cost is order: fp32 atomics make the result depend on the order in which programs
+finish (last-bit differences from run to run), so ``backward.py`` stays the default
+(``deterministic=True``). ``grad_w`` accumulates in fp32: in place when W is fp32 (fp32
+master weights, the usual mixed-precision set-up), else in an fp32 buffer of W's shape.
+Programs are ordered class block by class block, so the row blocks that share a W tile
+run side by side and read it from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_margin.kernel_params import KernelParams
+from fused_margin.spec import NonTargetKind
+
+from .backward import _load_row_terms, _logit_grads
+from .common import TileConfig, _mma, _subcenter_cosines, default_tiles, dot_in_fp32, launch
+from .lse_forward import num_classes_in_use
+
+__all__ = ["margin_lse_bwd_atomic"]
+
+
+@triton.jit
+def _margin_lse_bwd_atomic_kernel(
+    # pointers: inputs
+    x_ptr, w_ptr, labels_ptr, bias_ptr, class_index_ptr, threshold_ptr,
+    # pointers: upstream gradients (B,) and saved forward results
+    grad_lse_ptr, grad_target_ptr, grad_sum_ptr, lse_ptr, row_scale_ptr, col_scale_ptr,
+    # pointers: fp32 accumulators grad_x (B, D), grad_w (rows of W, D), grad_bias (C_all,)
+    grad_x_ptr, grad_w_ptr, grad_bias_ptr,
+    # sizes
+    B, C, D,
+    # strides (the accumulators are contiguous)
+    stride_xb, stride_xd, stride_wr, stride_wd,
+    # scalars of the transform
+    scale, alpha, delta, margin, t,
+    # meta
+    K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    DOT_FP32: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(B, BLOCK_B)
+    pid_c = pid // row_blocks  # class-block-major: the row blocks of one W tile run together
+    pid_b = pid % row_blocks
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+        offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
+        threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+    )
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if HAS_INDEX:
+        classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        classes = offs_c.to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+
+    u, best = _subcenter_cosines(
+        x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
+        D, stride_xb, stride_xd, stride_wr, stride_wd,
+        K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+    )
+    dz, du = _logit_grads(
+        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
+        scale, alpha, delta, margin, t, KIND,
+    )
+    if HAS_BIAS:
+        tl.atomic_add(grad_bias_ptr + classes, tl.sum(dz, axis=0), mask=mask_c, sem="relaxed")
+    # this tile's share of rho_b = sum_j dU_bj u_bj (dx's normalization term)
+    rho = tl.sum(du * u, axis=1)
+    du_r = du * row_scale[:, None]  # dW's left operand: dU^T (R x)
+
+    offs_b64 = offs_b.to(tl.int64)
+    for d0 in range(0, D, BLOCK_DO):
+        offs_do = d0 + tl.arange(0, BLOCK_DO)
+        mask_do = offs_do < D
+        xt = tl.load(
+            x_ptr + offs_b64[:, None] * stride_xb + offs_do[None, :] * stride_xd,
+            mask=mask_b[:, None] & mask_do[None, :], other=0.0,
+        )
+        gx = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+        for k in range(K):
+            w_rows = classes * K + k
+            wt = tl.load(
+                w_ptr + w_rows[:, None] * stride_wr + offs_do[None, :] * stride_wd,
+                mask=mask_c[:, None] & mask_do[None, :], other=0.0,
+            )
+            if K == 1:
+                routed = du
+                routed_r = du_r
+            else:  # the gradient of class j goes to the sub-center that attained the max
+                routed = tl.where(best == k, du, 0.0)
+                routed_r = tl.where(best == k, du_r, 0.0)
+            if NORMALIZE_W:
+                q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=0.0)
+                gx = _mma(routed * q[None, :], wt, gx, GRAD_DOT_FP32, INPUT_PRECISION)
+                gw = _mma(tl.trans(routed_r), xt, tl.zeros((BLOCK_C, BLOCK_DO), dtype=tl.float32),
+                          GRAD_DOT_FP32, INPUT_PRECISION)
+                kappa = tl.sum(routed * u, axis=0)
+                gw = q[:, None] * (gw - (kappa * q)[:, None] * wt.to(tl.float32))
+            else:
+                gx = _mma(routed, wt, gx, GRAD_DOT_FP32, INPUT_PRECISION)
+                gw = _mma(tl.trans(routed_r), xt, tl.zeros((BLOCK_C, BLOCK_DO), dtype=tl.float32),
+                          GRAD_DOT_FP32, INPUT_PRECISION)
+            tl.atomic_add(
+                grad_w_ptr + w_rows[:, None] * D + offs_do[None, :], gw,
+                mask=mask_c[:, None] & mask_do[None, :], sem="relaxed",
+            )
+        if NORMALIZE_X:
+            gx = row_scale[:, None] * (gx - (rho * row_scale)[:, None] * xt.to(tl.float32))
+        tl.atomic_add(
+            grad_x_ptr + offs_b64[:, None] * D + offs_do[None, :], gx,
+            mask=mask_b[:, None] & mask_do[None, :], sem="relaxed",
+        )
+
+
+def margin_lse_bwd_atomic(
+    grad_lse: torch.Tensor,
+    grad_target_u: torch.Tensor,
+    grad_sum: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_index: torch.Tensor | None,
+    row_threshold: torch.Tensor | None,
+    lse_neg: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    params: KernelParams,
+    *,
+    input_precision: str = "ieee",
+    grad_dot_fp32: bool = False,
+    tiles: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of :mod:`fused_margin.kernel_params`, like
+    :func:`~fused_margin.triton_kernels.backward.margin_lse_bwd` (same arguments and
+    results) but with one recomputation and atomic accumulation: not bitwise
+    reproducible. ``tiles``: :class:`TileConfig` of the one kernel (default
+    :func:`default_tiles` for 'atomic')."""
+    k = params.num_subcenters
+    batch, dim = x.shape
+    num_classes = num_classes_in_use(weight, class_index, k)
+    if params.kind == NonTargetKind.CURRICULAR and row_threshold is None:
+        raise ValueError("the CurricularFace transform needs row_threshold")
+    device = x.device
+    f32 = torch.float32
+    grad_x = torch.zeros((batch, dim), device=device, dtype=f32)
+    grad_w = torch.zeros(weight.shape, device=device, dtype=f32)
+    grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
+    if batch > 0 and num_classes > 0:
+        vectors = [
+            t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)
+        ]
+        dummy = vectors[0]  # any pointer for the arguments a constexpr flag leaves unread
+        fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
+        grad_fp32 = fp32_operands or grad_dot_fp32
+        tiles = tiles or default_tiles(
+            "atomic", batch, num_classes, dim, device, fp32_operands=grad_fp32, input_precision=input_precision
+        )
+        grid = (triton.cdiv(batch, tiles.block_b) * triton.cdiv(num_classes, tiles.block_c),)
+        launch(
+            _margin_lse_bwd_atomic_kernel, grid, tiles,
+            x, weight, labels.contiguous(),
+            dummy if bias is None else bias.contiguous(),
+            dummy if class_index is None else class_index.contiguous(),
+            dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
+            *vectors,
+            grad_x, grad_w, dummy if grad_bias is None else grad_bias,
+            batch, num_classes, dim,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t),
+            K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
+            HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
+            BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
+            DOT_FP32=fp32_operands, GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision,
+        )
+    grad_b = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b
