@@ -30,6 +30,7 @@ from fused_margin.spec import NonTargetKind
 from .common import (
     KIND_CURRICULAR,
     TileConfig,
+    _class_block,
     _mma,
     _non_target,
     _non_target_grad,
@@ -126,14 +127,7 @@ def _margin_lse_bwd_dx_kernel(
     for cb in range(0, blocks_per_split):
         offs_c = c_begin + cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        if HAS_INDEX:
-            classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
-        else:
-            classes = offs_c.to(tl.int64)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
         u, best = _subcenter_cosines(
             x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
             D, stride_xb, stride_xd, stride_wr, stride_wd,
@@ -186,14 +180,7 @@ def _margin_lse_bwd_dw_kernel(
     pid_d = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    if HAS_INDEX:
-        classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
-    else:
-        classes = offs_c.to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
     own_rows = classes * K + sub
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mask_do = offs_do < D

@@ -29,7 +29,7 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.spec import NonTargetKind
 
 from .backward import _load_row_terms, _logit_grads
-from .common import TileConfig, _mma, _subcenter_cosines, default_tiles, dot_in_fp32, launch
+from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, dot_in_fp32, launch
 from .lse_forward import num_classes_in_use
 
 __all__ = ["margin_lse_bwd_atomic"]
@@ -67,14 +67,7 @@ def _margin_lse_bwd_atomic_kernel(
     )
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    if HAS_INDEX:
-        classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
-    else:
-        classes = offs_c.to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
 
     u, best = _subcenter_cosines(
         x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,

@@ -246,6 +246,24 @@ def _dot_tile(
 
 
 @triton.jit
+def _class_block(
+    offs_c, mask_c, class_index_ptr, bias_ptr,
+    BLOCK_C: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """``(classes, bias)`` of a class block: the class ids (int64; read through
+    ``class_index`` when one is given) and their fp32 bias (0 without bias)."""
+    if HAS_INDEX:
+        classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        classes = offs_c.to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    return classes, bias
+
+
+@triton.jit
 def _subcenter_cosines(
     # pointers
     x_ptr, w_ptr, col_scale_ptr,
