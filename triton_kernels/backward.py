@@ -41,7 +41,7 @@ from .common import (
 )
 from .lse_forward import num_classes_in_use
 
-__all__ = ["margin_lse_bwd"]
+__all__ = ["kernel_arguments", "margin_lse_bwd"]
 
 
 @triton.jit
@@ -232,6 +232,50 @@ def _margin_lse_bwd_dw_kernel(
             tl.store(grad_bias_ptr + classes, grad_bias, mask=mask_c)
 
 
+def kernel_arguments(
+    grad_lse: torch.Tensor,
+    grad_target_u: torch.Tensor,
+    grad_sum: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_index: torch.Tensor | None,
+    row_threshold: torch.Tensor | None,
+    lse_neg: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    params: KernelParams,
+    *,
+    input_precision: str,
+    grad_dot_fp32: bool,
+) -> tuple[tuple[torch.Tensor, ...], tuple[float, ...], dict]:
+    """What every backward kernel takes, in its order: the 12 input pointers (the six
+    (B,)-or-(C,) vectors as contiguous fp32; the first of them stands in for absent
+    optional tensors, whose pointers a constexpr flag leaves unread), the transform's
+    scalars, and the constexpr flags."""
+    if params.kind == NonTargetKind.CURRICULAR and row_threshold is None:
+        raise ValueError("the CurricularFace transform needs row_threshold")
+    f32 = torch.float32
+    vectors = [t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)]
+    dummy = vectors[0]
+    tensor_args = (
+        x, weight, labels.contiguous(),
+        dummy if bias is None else bias.contiguous(),
+        dummy if class_index is None else class_index.contiguous(),
+        dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
+        *vectors,
+    )
+    scalars = (float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t))
+    fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
+    meta = dict(
+        K=params.num_subcenters, KIND=int(params.kind), NORMALIZE_X=params.normalize_x,
+        NORMALIZE_W=params.normalize_w, HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
+        DOT_FP32=fp32_operands, GRAD_DOT_FP32=fp32_operands or grad_dot_fp32, INPUT_PRECISION=input_precision,
+    )
+    return tensor_args, scalars, meta
+
+
 def margin_lse_bwd(
     grad_lse: torch.Tensor,
     grad_target_u: torch.Tensor,
@@ -269,8 +313,6 @@ def margin_lse_bwd(
     k = params.num_subcenters
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, k)
-    if params.kind == NonTargetKind.CURRICULAR and row_threshold is None:
-        raise ValueError("the CurricularFace transform needs row_threshold")
     device = x.device
     f32 = torch.float32
     # Every weight row in use is written by the dW kernel; the others must read 0.
@@ -281,23 +323,11 @@ def margin_lse_bwd(
         grad_b = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(x), grad_w, grad_b
 
-    vectors = [t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)]
-    labels = labels.contiguous()
-    dummy = vectors[0]  # any pointer for the arguments a constexpr flag leaves unread
-    tensor_args = (
-        x, weight, labels,
-        dummy if bias is None else bias.contiguous(),
-        dummy if class_index is None else class_index.contiguous(),
-        dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
-        *vectors,
+    tensor_args, scalars, meta = kernel_arguments(
+        grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+        lse_neg, row_scale, col_scale, params, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
     )
-    scalars = (float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t))
-    fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
-    meta = dict(
-        K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
-        HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
-        DOT_FP32=fp32_operands, GRAD_DOT_FP32=fp32_operands or grad_dot_fp32, INPUT_PRECISION=input_precision,
-    )
+    dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
 
     # dx: rows x class splits x D slices
     kind = dict(fp32_operands=meta["GRAD_DOT_FP32"], input_precision=input_precision)
@@ -319,7 +349,7 @@ def margin_lse_bwd(
     )
     grad_x = gx_partial.sum(dim=0)  # a fresh tensor also for one split: no view of the workspace
     if params.normalize_x:
-        r = vectors[4]
+        r = tensor_args[10]  # row_scale in fp32
         grad_x = r[:, None] * (grad_x - (rho_partial.sum(dim=0) * r)[:, None] * x.to(f32))
     grad_x = grad_x.to(x.dtype)
 

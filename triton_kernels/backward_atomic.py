@@ -26,10 +26,9 @@ import triton
 import triton.language as tl
 
 from fused_margin.kernel_params import KernelParams
-from fused_margin.spec import NonTargetKind
 
-from .backward import _load_row_terms, _logit_grads
-from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, dot_in_fp32, launch
+from .backward import _load_row_terms, _logit_grads, kernel_arguments
+from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
 from .lse_forward import num_classes_in_use
 
 __all__ = ["margin_lse_bwd_atomic"]
@@ -152,42 +151,32 @@ def margin_lse_bwd_atomic(
     results) but with one recomputation and atomic accumulation: not bitwise
     reproducible. ``tiles``: :class:`TileConfig` of the one kernel (default
     :func:`default_tiles` for 'atomic')."""
-    k = params.num_subcenters
     batch, dim = x.shape
-    num_classes = num_classes_in_use(weight, class_index, k)
-    if params.kind == NonTargetKind.CURRICULAR and row_threshold is None:
-        raise ValueError("the CurricularFace transform needs row_threshold")
+    num_classes = num_classes_in_use(weight, class_index, params.num_subcenters)
     device = x.device
     f32 = torch.float32
     grad_x = torch.zeros((batch, dim), device=device, dtype=f32)
     grad_w = torch.zeros(weight.shape, device=device, dtype=f32)
     grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
     if batch > 0 and num_classes > 0:
-        vectors = [
-            t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)
-        ]
-        dummy = vectors[0]  # any pointer for the arguments a constexpr flag leaves unread
-        fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
-        grad_fp32 = fp32_operands or grad_dot_fp32
+        tensor_args, scalars, meta = kernel_arguments(
+            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
+            lse_neg, row_scale, col_scale, params, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
+        )
+        dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
         tiles = tiles or default_tiles(
-            "atomic", batch, num_classes, dim, device, fp32_operands=grad_fp32, input_precision=input_precision
+            "atomic", batch, num_classes, dim, device,
+            fp32_operands=meta["GRAD_DOT_FP32"], input_precision=input_precision,
         )
         grid = (triton.cdiv(batch, tiles.block_b) * triton.cdiv(num_classes, tiles.block_c),)
         launch(
             _margin_lse_bwd_atomic_kernel, grid, tiles,
-            x, weight, labels.contiguous(),
-            dummy if bias is None else bias.contiguous(),
-            dummy if class_index is None else class_index.contiguous(),
-            dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
-            *vectors,
-            grad_x, grad_w, dummy if grad_bias is None else grad_bias,
+            *tensor_args, grad_x, grad_w, dummy if grad_bias is None else grad_bias,
             batch, num_classes, dim,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t),
-            K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
-            HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
+            *scalars,
             BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
-            DOT_FP32=fp32_operands, GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision,
+            **meta,
         )
     grad_b = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b
