@@ -199,7 +199,9 @@ def margin_cross_entropy(
     Returns the loss in float32 (float64 for float64 inputs), and the accuracy if asked.
     """
     num_classes = validate_inputs(embeddings, weight, labels, spec, bias, class_index, reduction, label_smoothing)
-    internal_labels = prepare_labels(labels, num_classes, int(ignore_index))
+    internal_labels = prepare_labels(
+        labels, num_classes, int(ignore_index), class_index, weight.shape[0] // spec.num_subcenters
+    )
     lse_neg, target_u, sum_neg, argmax = fused_terms(
         embeddings, weight, internal_labels, spec, bias=bias, class_index=class_index, backend=backend
     )

@@ -39,12 +39,24 @@ def _acc(x: Tensor, weight: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("fused_margin::prepare_labels", mutates_args=())
-def prepare_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def prepare_labels(
+    labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None, num_weight_classes: int = 0
+) -> Tensor:
     """Checks every label is in ``[0, num_classes)`` or ``ignore_index`` and returns int64
-    labels with ignored rows as -1 (the kernels' "no target" value).
+    labels with ignored rows as -1 (the kernels' "no target" value). With ``class_index``
+    it also checks that every entry names a class of the weight, ``[0, num_weight_classes)``:
+    the kernels read weight rows through it, so a bad entry would read out of bounds.
 
-    A custom op so that the data-dependent check stays out of ``torch.compile`` graphs.
+    A custom op so that the data-dependent checks stay out of ``torch.compile`` graphs.
     """
+    if class_index is not None and class_index.numel() > 0:
+        bad_index = (class_index < 0) | (class_index >= num_weight_classes)
+        if bool(bad_index.any()):
+            position = int(bad_index.nonzero()[0, 0])
+            raise ValueError(
+                f"class_index entries must lie in [0, {num_weight_classes}) (the classes of weight); "
+                f"got {int(class_index[position])} at position {position}"
+            )
     labels64 = labels.to(torch.int64)
     ignored = labels64 == ignore_index
     bad = ~ignored & ((labels64 < 0) | (labels64 >= num_classes))
@@ -58,7 +70,8 @@ def prepare_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tenso
 
 
 @prepare_labels.register_fake
-def _(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def _(labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None,
+      num_weight_classes: int = 0) -> Tensor:
     return torch.empty_like(labels, dtype=torch.int64)
 
 

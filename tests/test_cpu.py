@@ -15,6 +15,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fused_margin as fm
 from fused_margin import BackendUnavailableError, MarginSpec, _ext
@@ -22,7 +24,7 @@ from fused_margin.backends import resolve_backend
 from fused_margin.backends.cpu import BACKEND
 from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, problems, rel_err
 
 needs_ext = pytest.mark.skipif(
     _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
@@ -47,9 +49,10 @@ def chunk_size():
     BACKEND.chunk_size = saved
 
 
-def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", **kwargs):
+def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", loss_atol=0.0, **kwargs):
     """Runs the cpu backend on (x, w, bias) cast to `dtype` and the eager reference on the
-    same values in float64; checks loss and every gradient."""
+    same values in float64; checks loss and every gradient (``loss_atol``: see
+    ``assert_rel_close``)."""
     xc, wc = x.to(dtype), w.to(dtype)
     bc = None if bias is None else bias.to(dtype)
     out = loss_and_grads(xc, wc, labels, spec, backend="cpu", bias=bc, upstream=upstream, **kwargs)
@@ -63,7 +66,7 @@ def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="
             continue
         expected = dtype if name != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32)
         assert o.dtype == expected, name
-        assert_rel_close(o, r, tol, f"{what} {name}")
+        assert_rel_close(o, r, tol, f"{what} {name}", atol=loss_atol if name == "loss" else 0.0)
     return out
 
 
@@ -294,6 +297,24 @@ def test_memory_stays_bounded():
     # grad of W (8 MiB) + workspace; the logits alone would be 128 MiB
     assert growth_mib < 40, f"peak RSS grew by {growth_mib:.1f} MiB"
 
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(problem=problems(), chunk=st.sampled_from([0, 1, 5, 64]))
+def test_random_problems_match_reference(problem, chunk):
+    """Random heads, shapes, ignored rows, class sampling, label smoothing, reductions
+    (random upstream gradients for 'none') and chunk sizes: float64 loss and every
+    gradient equal the eager reference's to rounding."""
+    x, w, labels, kwargs = problem.inputs()
+    saved, BACKEND.chunk_size = BACKEND.chunk_size, chunk
+    try:
+        # With one class in use (C = 1, or one sampled class) and label smoothing a row's
+        # loss is exactly 0, computed as a difference of logits of up to |z| ~ 64.
+        _compare(x, w, labels, HEAD_SPECS[problem.name], dtype=torch.float64, tol=FP64_TOL, what=str(problem),
+                 loss_atol=FP64_TOL * 256 * problem.batch, **kwargs)
+    finally:
+        BACKEND.chunk_size = saved
 
 def test_missing_extension_warns_once_and_auto_falls_back(monkeypatch):
     """Without the extension: import works, 'auto' falls back to the next backend with one

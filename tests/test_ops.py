@@ -41,6 +41,7 @@ def test_opcheck(args):
 
 def test_opcheck_prepare_labels():
     torch.library.opcheck(prepare_labels, (torch.tensor([0, 3, -100, 2]), 4, -100))
+    torch.library.opcheck(prepare_labels, (torch.tensor([0, 3, -100, 2]), 4, -100, torch.tensor([7, 0, 2, 9]), 10))
 
 
 def _auto_cpu_backend() -> str:

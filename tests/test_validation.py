@@ -35,6 +35,10 @@ def _call(x=None, w=None, y=None, **kwargs):
         ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\), got 1.5"),
         ({"backend": "tpu"}, ValueError, r"backend must be one of .*'tpu'"),
         ({"bias": torch.randn(4)}, ValueError, r"bias must have shape \(5,\), got \(4\)"),
+        ({"class_index": torch.tensor([0, 1, 2, 3, 5])}, ValueError,
+         r"class_index entries must lie in \[0, 5\).*got 5 at position 4"),
+        ({"class_index": torch.tensor([4, -1, 2, 3, 0])}, ValueError, r"class_index.*got -1 at position 1"),
+        ({"class_index": torch.tensor([0, 1, 2.0])}, ValueError, r"class_index must be a 1-D int64 tensor"),
     ],
 )
 def test_bad_inputs_raise_naming_the_problem(kwargs, error, pattern):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
 import fused_margin as fm
@@ -65,11 +68,16 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     return float(diff / denom)
 
 
-def assert_rel_close(out: Tensor, ref: Tensor, tol: float, what: str = "") -> None:
-    """Relative-norm check with a verbose message (max abs error and where it is)."""
+def assert_rel_close(out: Tensor, ref: Tensor, tol: float, what: str = "", atol: float = 0.0) -> None:
+    """Relative-norm check with a verbose message (max abs error and where it is).
+    ``atol``: also pass when ``||out - ref|| <= atol`` (for values that are zero in exact
+    arithmetic, where any rounding is an infinite relative error)."""
     err = rel_err(out, ref)
     if err <= tol:
         return
+    if atol > 0 and err != float("inf"):
+        if float(torch.linalg.vector_norm(out.detach().double() - ref.detach().double())) <= atol:
+            return
     diff = (out.detach().double() - ref.detach().double()).abs()
     flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
@@ -101,3 +109,57 @@ def loss_and_grads(
     inputs = (xr, wr) if br is None else (xr, wr, br)
     grads = torch.autograd.grad(loss, inputs, grad_out.to(loss.dtype))
     return loss.detach(), grads[0], grads[1], (grads[2] if br is not None else None)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One random case of the fused operation (see :func:`problems`)."""
+
+    name: str
+    batch: int
+    num_classes: int
+    dim: int
+    ignored: int
+    num_used: int | None  # classes in use through class_index (None: all)
+    label_smoothing: float
+    reduction: str
+    seed: int
+
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """float64 (x, W, labels, kwargs for ``margin_cross_entropy``: bias, class_index,
+        label_smoothing, and the random upstream gradient for reduction='none')."""
+        torch.manual_seed(self.seed)
+        spec = HEAD_SPECS[self.name]
+        x, w, labels = make_inputs(self.batch, self.num_classes, self.dim, num_subcenters=spec.num_subcenters,
+                                   ignore_rows=self.ignored)
+        kwargs: dict = {"label_smoothing": self.label_smoothing}
+        if self.num_used is not None:
+            kwargs["class_index"] = torch.randperm(self.num_classes)[: self.num_used]
+            labels = torch.where(labels >= 0, torch.randint(0, self.num_used, labels.shape), labels)
+        if self.name == "softmax":
+            kwargs["bias"] = torch.randn(self.num_classes, dtype=torch.float64)
+        if self.reduction == "none":
+            kwargs["upstream"] = torch.randn(self.batch, dtype=torch.float64)
+        else:
+            kwargs["reduction"] = self.reduction
+        return x, w, labels, kwargs
+
+
+@st.composite
+def problems(draw, max_batch: int = 40, max_classes: int = 300, max_dim: int = 70) -> Problem:
+    """Random heads, shapes (D >= 3: see test_reference's gradcheck), ignored rows, class
+    sampling, label smoothing and reductions, for cross-checking a backend."""
+    batch = draw(st.integers(1, max_batch))
+    num_classes = draw(st.integers(1, max_classes))
+    sampled = draw(st.booleans()) and num_classes > 1
+    return Problem(
+        name=draw(st.sampled_from(sorted(HEAD_SPECS))),
+        batch=batch,
+        num_classes=num_classes,
+        dim=draw(st.integers(3, max_dim)),
+        ignored=draw(st.integers(0, batch // 3)),
+        num_used=draw(st.integers(1, num_classes - 1)) if sampled else None,
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )

@@ -186,10 +186,11 @@ struct ForwardKernelArgs {
   Partial<A>* partials;  // (segments, B)
 };
 
-// grid (segments, B): one block reduces kSegment classes of one row.
+// grid (B, segments): one block reduces kSegment classes of one row. The batch is on x
+// (up to 2^31 - 1 blocks): y allows only 65535, which would cap the batch size.
 template <typename A, int64_t KIND>
 __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernelArgs<A> a, Transform<A> tr) {
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x;
   const int64_t n = a.num_classes;
   const A* row = a.tile + b * n * a.k;
   const A r = a.row_scale[b];
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
 
   A z[kItems];
   Partial<A> p{neg_inf<A>(), A(0), A(0), neg_inf<A>(), INT64_MAX};
-  const int64_t base = int64_t(blockIdx.x) * kSegment + threadIdx.x;
+  const int64_t base = int64_t(blockIdx.y) * kSegment + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int64_t j = base + int64_t(i) * kThreads;  // coalesced across the warp
@@ -235,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
   if (threadIdx.x == 0) {
     Partial<A> total = warp_partials[0];
     for (int w = 1; w < kWarps; ++w) total = combine(total, warp_partials[w]);
-    a.partials[int64_t(blockIdx.x) * a.num_rows + b] = total;
+    a.partials[int64_t(blockIdx.y) * a.num_rows + b] = total;
   }
 }
 
@@ -474,7 +475,7 @@ void forward_chunk(const ChunkArgs& c, const MarginParams& p, DType acc, RowStat
                            static_cast<const A*>(c.bias),
                            static_cast<A*>(target_u),
                            static_cast<Partial<A>*>(segment_buffer)};
-    const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(c.num_rows));
+    const dim3 grid(static_cast<unsigned>(c.num_rows), static_cast<unsigned>(segments));
     dispatch_kind(p.kind, [&](auto kind_tag) {
       forward_segment_kernel<A, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, make_transform<A>(p));
     });
