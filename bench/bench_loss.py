@@ -872,6 +872,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "git": git_info(),
         "load_average": {"start": load_start, "end": load_average()},
         "note": args.note,
+        # backend options set through the environment (e.g. the Triton backward mode)
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("FUSED_MARGIN_") or k in ("TRITON_INTERPRET", "OMP_NUM_THREADS")},
         "config": {
             "heads": args.heads, "classes": args.classes, "batch": args.batch, "dim": args.dim,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
@@ -882,7 +885,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         },
         "flop_model": {
             "floor_flops": "6*B*C*D (logits, dX, dW: three GEMMs of 2*B*C*D)",
-            "fused_flops": "8*B*C*D (forward 2BCD; backward 4BCD + 2BCD to recompute the logits)",
+            "fused_flops": "8*B*C*D (forward 2BCD; backward 4BCD + 2BCD to recompute the logits) for the cpu and "
+                           "cuda backends and Triton's atomic backward; Triton's default backward recomputes the "
+                           "logits in each of its two kernels and per 256 columns of D (14*B*C*D at D=512)",
             "useful_tflops": "floor_flops / total time",
             "memory_floor": "inputs + their gradients: peak above inputs >= (B*D + C*D) * itemsize",
         },
@@ -969,6 +974,8 @@ def header_text(result: dict[str, Any]) -> str:
     load = result.get("load_average") or {}
     text = (f"{where}; {result['date']}; {vers}; commit {commit}; "
             f"load average {load.get('start')} → {load.get('end')}; command `{result['command']}`")
+    if result.get("environment"):
+        text += "; environment " + " ".join(f"`{k}={val}`" for k, val in result["environment"].items())
     if result.get("note"):
         text += f"\n\nNote: {result['note']}"
     return text
