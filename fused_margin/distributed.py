@@ -63,13 +63,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import resolve_backend
 from .functional import BackendName, Reduction, detached_target_cos, fused_terms, loss_from_terms
 from .heads.base import MarginHead
 from .heads.curricularface import CurricularFaceLoss
-from .kernel_params import KernelParams
-from .ops import margin_lse
-from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = [
@@ -258,33 +254,6 @@ def _all_reduce(x: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.Re
 # ----------------------------------------------------------------------------------
 # The module
 # ----------------------------------------------------------------------------------
-
-
-def _shard_terms(
-    x: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    spec: MarginSpec,
-    class_index: Tensor | None,
-    row_threshold: Tensor | None,
-    backend: BackendName,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`fused_terms` on the shard; CurricularFace's per-row threshold must come
-    from the *global* target cosine (the target's class may live on another rank), so
-    that case calls the op with the threshold given."""
-    if row_threshold is None:
-        return fused_terms(x, weight, labels, spec, class_index=class_index, backend=backend)
-    params = KernelParams.from_spec(spec)
-    if backend == "eager":
-        outputs = margin_lse_terms(x, weight, labels, None, class_index, row_threshold, params)
-    else:
-        name = resolve_backend(backend, x, weight, params)
-        outputs = margin_lse(
-            x, weight, labels, None, class_index, row_threshold,
-            params.normalize_x, params.normalize_w, params.scale, int(params.kind), params.alpha,
-            params.delta, params.margin, params.t, params.num_subcenters, name,
-        )
-    return outputs[0], outputs[1], outputs[2], outputs[3]
 
 
 def _mismatch(name: str, values: Sequence[Any]) -> str:
@@ -613,8 +582,10 @@ class ShardedMarginLoss(nn.Module):
                 count = torch.tensor([class_index.shape[0]], dtype=torch.int64, device=device)
                 num_used = int(_all_reduce(count, group, dist.ReduceOp.SUM))
 
-        lse_shard, target_u, sum_neg, argmax = _shard_terms(
-            x_all, self.weight, local_labels, spec, class_index, row_threshold, self.backend
+        # CurricularFace's threshold comes from the *global* target cosine (row_threshold)
+        lse_shard, target_u, sum_neg, argmax = fused_terms(
+            x_all, self.weight, local_labels, spec, class_index=class_index, row_threshold=row_threshold,
+            backend=self.backend,
         )
         k = self.num_subcenters
         safe = local_labels.clamp_min(0)

@@ -117,6 +117,7 @@ def fused_terms(
     *,
     bias: Tensor | None = None,
     class_index: Tensor | None = None,
+    row_threshold: Tensor | None = None,
     backend: BackendName = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused operation alone: ``(lse_neg, target_u, sum_neg, argmax)`` (B,) each,
@@ -125,10 +126,12 @@ def fused_terms(
     ``labels`` are internal labels: in ``[0, C)``, or -1 for "no target in this row"
     (what :func:`fused_margin.ops.prepare_labels` returns). Building block for callers
     that combine the terms themselves (the class-sharded distributed head).
+    ``row_threshold``: CurricularFace's per-row threshold, when the caller has it (the
+    sharded head: the target's class may live on another rank); else it is computed
+    here from the rows' target cosines.
     """
     params = KernelParams.from_spec(spec)
-    row_threshold = None
-    if params.kind == NonTargetKind.CURRICULAR:
+    if row_threshold is None and params.kind == NonTargetKind.CURRICULAR:
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
         row_threshold = spec.non_target.threshold(target_cos)
     if backend == "eager":

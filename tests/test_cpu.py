@@ -24,7 +24,7 @@ from fused_margin.backends import resolve_backend
 from fused_margin.backends.cpu import BACKEND
 from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, problems, rel_err
+from tests.utils import HEAD_SPECS, assert_rel_close, chunk_size_fixture, loss_and_grads, make_inputs, problems, rel_err
 
 needs_ext = pytest.mark.skipif(
     _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
@@ -37,16 +37,7 @@ OUTPUTS = ("loss", "dx", "dW", "dbias")
 SHAPES = [(1, 1003, 3), (37, 1003, 67), (37, 1, 67), (5, 7, 3)]
 
 
-@pytest.fixture
-def chunk_size():
-    """Sets the CPU backend's classes per chunk for one test (0: automatic)."""
-    saved = BACKEND.chunk_size
-
-    def set_chunk(value: int) -> None:
-        BACKEND.chunk_size = value
-
-    yield set_chunk
-    BACKEND.chunk_size = saved
+chunk_size = chunk_size_fixture(BACKEND)
 
 
 def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", loss_atol=0.0, **kwargs):

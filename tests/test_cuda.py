@@ -13,7 +13,7 @@ from fused_margin import MarginSpec, _ext
 from fused_margin.backends.cuda import BACKEND
 from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, rel_err
+from tests.utils import HEAD_SPECS, assert_rel_close, chunk_size_fixture, loss_and_grads, make_inputs, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -33,15 +33,7 @@ def _needs_cuda_kernels():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.fixture
-def chunk_size():
-    saved = BACKEND.chunk_size
-
-    def set_chunk(value: int) -> None:
-        BACKEND.chunk_size = value
-
-    yield set_chunk
-    BACKEND.chunk_size = saved
+chunk_size = chunk_size_fixture(BACKEND)
 
 
 def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", **kwargs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
@@ -174,3 +175,14 @@ def problems(draw, max_batch: int = 40, max_classes: int = 300, max_dim: int = 7
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+def chunk_size_fixture(backend):
+    """A ``chunk_size`` fixture for a compiled backend: ``chunk_size(n)`` sets its classes
+    per chunk (0: automatic) for one test."""
+
+    @pytest.fixture
+    def chunk_size(monkeypatch):
+        return lambda value: monkeypatch.setattr(backend, "chunk_size", value)
+
+    return chunk_size
