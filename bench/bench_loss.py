@@ -875,6 +875,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         # backend options set through the environment (e.g. the Triton backward mode)
         "environment": {k: v for k, v in sorted(os.environ.items())
                         if k.startswith("FUSED_MARGIN_") or k in ("TRITON_INTERPRET", "OMP_NUM_THREADS")},
+        "triton_options": _triton_options(),
         "config": {
             "heads": args.heads, "classes": args.classes, "batch": args.batch, "dim": args.dim,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
@@ -886,14 +887,27 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "flop_model": {
             "floor_flops": "6*B*C*D (logits, dX, dW: three GEMMs of 2*B*C*D)",
             "fused_flops": "8*B*C*D (forward 2BCD; backward 4BCD + 2BCD to recompute the logits) for the cpu and "
-                           "cuda backends and Triton's atomic backward; Triton's default backward recomputes the "
-                           "logits in each of its two kernels and per 256 columns of D (14*B*C*D at D=512)",
+                           "cuda backends and Triton's 'gemm' (default) and 'atomic' backwards; Triton's "
+                           "'recompute' backward recomputes the logits in each of its two kernels and per slice "
+                           "of D (512 columns with 16-bit operands: 10*B*C*D at D=512)",
             "useful_tflops": "floor_flops / total time",
             "memory_floor": "inputs + their gradients: peak above inputs >= (B*D + C*D) * itemsize",
         },
         "backend_support": probe["backends"],
         "rows": rows,
     }
+
+
+def _triton_options() -> dict:
+    """The Triton backend's options as this run resolves them (attributes unset, so from
+    the environment and the defaults); reading them imports no Triton."""
+    from fused_margin.backends.triton import BACKEND
+
+    try:
+        return {"backward_mode": BACKEND.backward_implementation(), "input_precision": BACKEND.precision(),
+                "grad_dot_fp32": BACKEND.gradient_dot_fp32()}
+    except ValueError as e:  # a bad environment value: the Triton rows report it too
+        return {"error": str(e)}
 
 
 # ---------------------------------------------------------------------------------

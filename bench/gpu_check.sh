@@ -44,12 +44,14 @@ case "$stage" in
     # eager, torch.compile and the three-GEMM floor.
     args=(--device cuda --heads cosface,cs_softmax --batch 1024 --dim 512 --dtype bfloat16
           --classes 262144,1048576 --out "$out" --no-progress)
-    timeout 360 "$py" bench/bench_loss.py "${args[@]}" --note "bench/gpu_check.sh bench: default backward" \
+    timeout 330 "$py" bench/bench_loss.py "${args[@]}" --note "bench/gpu_check.sh bench: default backward (gemm)" \
       2>&1 | tee "$out/bench-gpu.log" | tail -n 40
-    # the one-kernel atomic backward (triton_kernels/backward_atomic.py), same shapes
-    FUSED_MARGIN_TRITON_DETERMINISTIC=0 timeout 180 "$py" bench/bench_loss.py "${args[@]}" \
-      --backends triton,floor --note "bench/gpu_check.sh bench: FUSED_MARGIN_TRITON_DETERMINISTIC=0 (atomic backward)" \
-      2>&1 | tee "$out/bench-gpu-atomic.log" | tail -n 20
+    # the other two Triton backwards, same shapes, beside the same GEMM floor
+    for mode in recompute atomic; do
+      FUSED_MARGIN_TRITON_BACKWARD=$mode timeout 110 "$py" bench/bench_loss.py "${args[@]}" --backends triton,floor \
+        --note "bench/gpu_check.sh bench: FUSED_MARGIN_TRITON_BACKWARD=$mode" \
+        2>&1 | tee "$out/bench-gpu-$mode.log" | tail -n 20
+    done
     ;;
   *)
     echo "unknown stage $stage (tests | bench)" >&2

@@ -40,9 +40,9 @@ SHAPES = [(1, 1003, 3), (37, 1003, 67), (37, 1, 67), (5, 7, 3)]
 chunk_size = chunk_size_fixture(BACKEND)
 
 
-def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", loss_atol=0.0, **kwargs):
+def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", atol=0.0, **kwargs):
     """Runs the cpu backend on (x, w, bias) cast to `dtype` and the eager reference on the
-    same values in float64; checks loss and every gradient (``loss_atol``: see
+    same values in float64; checks loss and every gradient (``atol``: see
     ``assert_rel_close``)."""
     xc, wc = x.to(dtype), w.to(dtype)
     bc = None if bias is None else bias.to(dtype)
@@ -57,7 +57,7 @@ def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="
             continue
         expected = dtype if name != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32)
         assert o.dtype == expected, name
-        assert_rel_close(o, r, tol, f"{what} {name}", atol=loss_atol if name == "loss" else 0.0)
+        assert_rel_close(o, r, tol, f"{what} {name}", atol=atol)
     return out
 
 
@@ -301,7 +301,7 @@ def test_random_problems_match_reference(problem, chunk):
     saved, BACKEND.chunk_size = BACKEND.chunk_size, chunk
     try:
         _compare(x, w, labels, HEAD_SPECS[problem.name], dtype=torch.float64, tol=FP64_TOL, what=str(problem),
-                 loss_atol=problem.loss_atol(FP64_TOL), **kwargs)
+                 atol=problem.atol(FP64_TOL), **kwargs)
     finally:
         BACKEND.chunk_size = saved
 

@@ -59,9 +59,9 @@ def _run(x, w, labels, spec, *, backend, dtype=None, w_dtype=None, bias=None, up
     )
 
 
-def _check_fp32(name, x, w, labels, spec, tol=FP32_TOL, loss_atol=0.0, **kwargs):
+def _check_fp32(name, x, w, labels, spec, tol=FP32_TOL, atol=0.0, **kwargs):
     """Triton in fp32 vs eager in float64 on the same (fp32-representable) inputs
-    (``loss_atol``: see ``assert_rel_close``)."""
+    (``atol``: see ``assert_rel_close``)."""
     x, w = x.float().double(), w.float().double()
     if kwargs.get("bias") is not None:
         kwargs["bias"] = kwargs["bias"].float().double()
@@ -69,7 +69,7 @@ def _check_fp32(name, x, w, labels, spec, tol=FP32_TOL, loss_atol=0.0, **kwargs)
     out = _run(x, w, labels, spec, backend="triton", **kwargs)
     for what, a, b in zip(OUTPUTS, out, ref):
         if b is not None:
-            assert_rel_close(a, b, tol, f"{name} {what}", atol=loss_atol if what == "loss" else 0.0)
+            assert_rel_close(a, b, tol, f"{name} {what}", atol=atol)
     return out
 
 
@@ -95,11 +95,14 @@ def _bias_for(name, num_classes):
     return torch.randn(num_classes, dtype=torch.float64) if name == "softmax" else None
 
 
-@pytest.fixture(params=["deterministic", "atomic"])
+BACKWARD_MODES = ("gemm", "recompute", "atomic")
+
+
+@pytest.fixture(params=BACKWARD_MODES)
 def backward_mode(request, monkeypatch):
-    """Both backward implementations: two kernels without atomics (the default) and the
-    one-kernel atomic path (``deterministic=False``)."""
-    monkeypatch.setattr(BACKEND, "deterministic", request.param == "deterministic")
+    """Every backward implementation: the workspace + GEMMs path (the default), the two
+    recomputing kernels, and the one-kernel atomic path."""
+    monkeypatch.setattr(BACKEND, "backward_mode", request.param)
     return request.param
 
 
@@ -140,22 +143,22 @@ def test_odd_shapes(batch, num_classes, dim, k, backward_mode):
 
 
 @settings(max_examples=12, deadline=None)
-@given(problem=problems(max_classes=200), deterministic=st.booleans())
-def test_random_problems_match_reference(problem, deterministic):
+@given(problem=problems(max_classes=200), mode=st.sampled_from(BACKWARD_MODES))
+def test_random_problems_match_reference(problem, mode):
     """Random heads, shapes, ignored rows, class sampling, label smoothing and reductions
-    (random upstream gradients for 'none'), both backward modes, fp32 against float64."""
+    (random upstream gradients for 'none'), every backward mode, fp32 against float64."""
     x, w, labels, kwargs = problem.inputs()
-    saved, BACKEND.deterministic = BACKEND.deterministic, deterministic
+    saved, BACKEND.backward_mode = BACKEND.backward_mode, mode
     try:
         # The backward recomputes the logits, in another tile shape than the forward, so a
         # row's dominant p = exp(z - lse) carries the rounding of z - lse: about
         # scale * 2^-24 relative, above 1e-5 for Circle's scale 256 (measured 1.0e-5 in
         # dW where eager fp32, which reuses its logits, has 8e-7).
         tol = max(FP32_TOL, 2 * HEAD_SPECS[problem.name].scale * 2**-24)
-        _check_fp32(str(problem), x, w, labels, HEAD_SPECS[problem.name], tol=tol, loss_atol=problem.loss_atol(tol),
+        _check_fp32(str(problem), x, w, labels, HEAD_SPECS[problem.name], tol=tol, atol=problem.atol(tol),
                     **kwargs)
     finally:
-        BACKEND.deterministic = saved
+        BACKEND.backward_mode = saved
 
 
 def test_forward_terms_match_reference():
@@ -313,13 +316,19 @@ def test_grad_dot_fp32_option(monkeypatch):
 def test_small_tiles(monkeypatch, name, num_classes, k, backward_mode):
     """Tiles much smaller than the problem, so that every loop runs several times: row
     blocks (forward, dW), class blocks per split, three splits combined, D steps and
-    three D slices in the backward (with class_index for the linear head)."""
+    three D slices in the backward (with class_index for the linear head); in the GEMM
+    backward several class chunks (a workspace of 100 classes for 37 rows), three split-K
+    partials of dx, and GEMM tiles that cut across sub-centers."""
+    from fused_margin.triton_kernels import backward_gemm
     from fused_margin.triton_kernels.common import TileConfig
 
     tiles = TileConfig(block_b=16, block_c=32, block_d=16, block_do=32, splits=3)
-    monkeypatch.setattr(
-        BACKEND, "tiles", {"forward": tiles, "dx": tiles, "dw": tiles.with_(splits=1), "atomic": tiles.with_(splits=1)}
-    )
+    monkeypatch.setattr(BACKEND, "tiles", {
+        "forward": tiles, "dx": tiles, "dw": tiles.with_(splits=1), "atomic": tiles.with_(splits=1),
+        "gemm_logits": tiles.with_(splits=1), "gemm_dx": tiles.with_(block_c=16),
+        "gemm_dw": tiles.with_(block_b=16, block_c=16, splits=1),
+    })
+    monkeypatch.setattr(backward_gemm, "GEMM_WORKSPACE_BYTES", 37 * 4 * k * 100)
     spec = HEAD_SPECS[name]
     x, w, labels = make_inputs(37, num_classes, 67, num_subcenters=k, ignore_rows=2)
     kwargs = {}
@@ -330,10 +339,11 @@ def test_small_tiles(monkeypatch, name, num_classes, k, backward_mode):
                 bias=_bias_for(name, num_classes), label_smoothing=0.05, **kwargs)
 
 
-def test_deterministic(monkeypatch):
-    """Same inputs, same bits (the default backward): no atomics, partials combined in a
-    fixed order."""
-    monkeypatch.setattr(BACKEND, "deterministic", True)
+@pytest.mark.parametrize("mode", ["gemm", "recompute"])
+def test_deterministic(monkeypatch, mode):
+    """Same inputs, same bits (the two reproducible backwards): no atomics, partials
+    combined in a fixed order."""
+    monkeypatch.setattr(BACKEND, "backward_mode", mode)
     spec = HEAD_SPECS["subcenter_arcface"]
     x, w, labels = make_inputs(37, 300, 67, num_subcenters=3, dtype=torch.float32, device=DEVICE)
     first = loss_and_grads(x, w, labels, spec, backend="triton")
@@ -371,14 +381,16 @@ def test_bad_precision_option(monkeypatch):
     assert BACKEND.precision() == "tf32"
 
 
-def test_deterministic_option_from_environment(monkeypatch):
-    monkeypatch.setenv("FUSED_MARGIN_TRITON_DETERMINISTIC", "0")
-    assert BACKEND.deterministic_backward() is False
-    monkeypatch.setenv("FUSED_MARGIN_TRITON_DETERMINISTIC", "yes")
-    with pytest.raises(ValueError, match="FUSED_MARGIN_TRITON_DETERMINISTIC"):
-        BACKEND.deterministic_backward()
-    monkeypatch.setattr(BACKEND, "deterministic", True)  # the attribute wins
-    assert BACKEND.deterministic_backward() is True
+def test_backward_mode_option(monkeypatch):
+    monkeypatch.delenv("FUSED_MARGIN_TRITON_BACKWARD", raising=False)
+    assert BACKEND.backward_implementation() == "gemm"
+    monkeypatch.setenv("FUSED_MARGIN_TRITON_BACKWARD", "atomic")
+    assert BACKEND.backward_implementation() == "atomic"
+    monkeypatch.setenv("FUSED_MARGIN_TRITON_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="backward mode must be one of"):
+        BACKEND.backward_implementation()
+    monkeypatch.setattr(BACKEND, "backward_mode", "recompute")  # the attribute wins
+    assert BACKEND.backward_implementation() == "recompute"
 
 
 def test_import_without_triton():
@@ -423,7 +435,8 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     compiled = set(result.stdout.split("\n"))
-    assert {f"compiled {k}" for k in ("forward", "dx", "dw", "atomic")} <= compiled, result.stdout
+    kernels = ("forward", "dx", "dw", "atomic", "gemm_logits", "gemm_dx", "gemm_dw")
+    assert {f"compiled {k}" for k in kernels} <= compiled, result.stdout
 
 
 # ---------------------------------------------------------------------------------
@@ -468,10 +481,11 @@ def test_gpu_fp32_precision_modes(monkeypatch, precision, tol, backward_mode):
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_large(monkeypatch):
+@pytest.mark.parametrize("mode", ["gemm", "recompute"])
+def test_gpu_deterministic_large(monkeypatch, mode):
     if INTERPRETED:
         pytest.skip("compiled kernels only")
-    monkeypatch.setattr(BACKEND, "deterministic", True)
+    monkeypatch.setattr(BACKEND, "backward_mode", mode)
     spec = HEAD_SPECS["arcface"]
     x, w, labels = make_inputs(1024, 65536, 512, dtype=torch.bfloat16, device="cuda")
     first = loss_and_grads(x, w, labels, spec, backend="triton")
@@ -482,15 +496,17 @@ def test_gpu_deterministic_large(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("deterministic", "w_dtype"), [(True, torch.bfloat16), (False, torch.float32)])
-def test_gpu_peak_memory(monkeypatch, deterministic, w_dtype):
+@pytest.mark.parametrize(
+    ("mode", "w_dtype"), [("gemm", torch.bfloat16), ("recompute", torch.bfloat16), ("atomic", torch.float32)]
+)
+def test_gpu_peak_memory(monkeypatch, mode, w_dtype):
     """Forward + backward at B=1024, C=262144, D=512 (bf16 embeddings) allocates at most
     the gradients + 64 MiB beyond the inputs: no (B, C) buffer anywhere. The atomic
     backward with fp32 master weights accumulates into the gradient itself (with a
     16-bit W it would need an fp32 buffer of W's shape, which this bound excludes)."""
     if INTERPRETED:
         pytest.skip("compiled kernels only")
-    monkeypatch.setattr(BACKEND, "deterministic", deterministic)
+    monkeypatch.setattr(BACKEND, "backward_mode", mode)
     batch, num_classes, dim = 1024, 262144, 512
     x = torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(num_classes, dim, device="cuda", dtype=w_dtype, requires_grad=True)

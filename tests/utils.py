@@ -132,9 +132,11 @@ class Problem:
         smoothing computed as a difference of logits, so only rounding is left)."""
         return (self.num_used if self.num_used is not None else self.num_classes) == 1
 
-    def loss_atol(self, tol: float) -> float:
-        """An absolute floor for the loss check where the loss is 0 in exact arithmetic:
-        rounding of logits of up to |z| ~ 256 (Circle's scale) per row, else none."""
+    def atol(self, tol: float) -> float:
+        """An absolute floor for the checks where the loss is identically 0 in exact
+        arithmetic (one class in use), so the loss and every gradient are 0 there and
+        only rounding is left: of logits of up to |z| ~ 256 (Circle's scale) per row.
+        None otherwise."""
         return tol * 256 * self.batch if self.single_class else 0.0
 
     def inputs(self) -> tuple[Tensor, Tensor, Tensor, dict]:

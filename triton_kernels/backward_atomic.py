@@ -1,9 +1,9 @@
 """Backward, fast mode: one recomputation of the logits, gradients by atomic adds.
 
 ``backward.py`` recomputes every logit tile twice (once for ``dx``, once for ``dW``) and
-once more per ``block_do`` slice of D: at D = 512 that is 12 B C D flops on top of the
-2 B C D of each gradient GEMM, against 6 B C D for recompute + dX + dW. This kernel does
-the minimum. Each program owns one (row block, class block) tile:
+once more per ``block_do`` slice of D: at least 8 B C D flops of backward, against
+6 B C D for recompute + dX + dW. This kernel does the minimum (as ``backward_gemm.py``
+does, through a workspace instead of atomics). Each program owns one (row block, class block) tile:
 
 1. recompute ``u`` over all of D (and the K sub-centers), then ``dU`` (as ``backward.py``);
 2. for each slice of D: ``dU (Q W)`` for the tile's rows and ``dU^T (R x)`` for its

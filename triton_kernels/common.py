@@ -98,19 +98,21 @@ DX_WORKSPACE_BYTES = 16 << 20
 
 # GPU tiles (block_b, block_c, block_d, block_do, num_warps, num_stages) per kernel and
 # operand kind: "16" (bf16/fp16 operands), "tf32" (fp32 on tensor cores: tf32, tf32x3),
-# "ieee" (fp32 on CUDA cores). Chosen from Triton 3.9's sm_90a compilation (ptxas -v)
-# to keep register spills at or near zero at D = 512; not yet tuned by timing. The
-# backward's fp32 accumulator is block_b (dx) or block_c (dW) rows by block_do columns
-# of D in registers; D > block_do is split across programs that each recompute their
-# logit tiles, hence block_do = 256 except for the register-hungry ieee path.
+# "ieee" (fp32 on CUDA cores). Chosen from Triton 3.9's sm_90a compilation (registers and
+# spills of the cubin, compile_check.py, with the JIT's specialization of a typical call:
+# unit strides, 16-divisible sizes) to keep spills at zero at D = 512; not yet tuned by
+# timing. The recompute backward's fp32 accumulator is block_b (dx) or block_c (dW) rows
+# by block_do columns of D in registers; D > block_do would split D across programs that
+# each recompute their logit tiles, hence block_do = 512 for 16-bit operands (tf32: 256,
+# since 512 spills 2 KiB with tf32x3 and sub-centers).
 _GPU_TILES = {
     ("forward", "16"): (128, 64, 64, 0, 8, 3),
     ("forward", "tf32"): (64, 128, 32, 0, 8, 3),
     ("forward", "ieee"): (64, 64, 16, 0, 8, 2),
-    ("dx", "16"): (64, 32, 64, 256, 8, 2),
+    ("dx", "16"): (64, 32, 64, 512, 8, 2),
     ("dx", "tf32"): (64, 32, 32, 256, 8, 2),
     ("dx", "ieee"): (32, 32, 16, 256, 8, 2),
-    ("dw", "16"): (64, 32, 64, 256, 8, 2),
+    ("dw", "16"): (64, 32, 64, 512, 8, 2),
     ("dw", "tf32"): (64, 32, 32, 256, 8, 2),
     ("dw", "ieee"): (32, 32, 16, 128, 8, 2),
     # backward_atomic.py: one (row block, class block) tile per program; block_do is the
@@ -118,6 +120,19 @@ _GPU_TILES = {
     ("atomic", "16"): (64, 64, 64, 32, 8, 2),
     ("atomic", "tf32"): (64, 64, 32, 32, 8, 2),
     ("atomic", "ieee"): (32, 32, 16, 32, 8, 1),
+    # backward_gemm.py: the recomputation kernel takes the forward's tiles (same dot
+    # shapes and D order, so it reproduces the forward's logits); the two GEMMs are
+    # (block_b, block_c, -, block_do) = (rows of x, weight rows, -, columns of D), the
+    # reduction over weight rows (dx) or over rows of x (dW) in steps of block_c / block_b
+    ("gemm_logits", "16"): (128, 64, 64, 0, 8, 3),
+    ("gemm_logits", "tf32"): (64, 128, 32, 0, 8, 3),
+    ("gemm_logits", "ieee"): (64, 64, 16, 0, 8, 2),
+    ("gemm_dx", "16"): (128, 64, 0, 128, 8, 4),
+    ("gemm_dx", "tf32"): (128, 32, 0, 128, 8, 4),
+    ("gemm_dx", "ieee"): (64, 16, 0, 64, 4, 2),
+    ("gemm_dw", "16"): (64, 128, 0, 128, 8, 4),
+    ("gemm_dw", "tf32"): (32, 128, 0, 128, 8, 4),
+    ("gemm_dw", "ieee"): (16, 64, 0, 64, 4, 2),
 }
 
 
@@ -131,7 +146,8 @@ def default_tiles(
     fp32_operands: bool = True,
     input_precision: str = "ieee",
 ) -> TileConfig:
-    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw', 'atomic'} (every ``tl.dot`` side >= 16).
+    """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw', 'atomic', 'gemm_logits',
+    'gemm_dx', 'gemm_dw'} (every ``tl.dot`` side >= 16).
 
     Interpreter: larger tiles (each Triton op costs a NumPy call, so fewer, larger ones
     are faster), still small enough that the tests' odd shapes take several blocks."""
@@ -151,6 +167,9 @@ def default_tiles(
         splits = max(1, min(class_blocks, num_programs_target(device) // row_blocks, 64))
     if kernel == "dx":
         splits = max(1, min(splits, DX_WORKSPACE_BYTES // (4 * max(batch, 1) * max(dim, 1))))
+    if kernel == "gemm_dx":  # split-K over the weight rows: enough programs for the device
+        tiles = row_blocks * triton.cdiv(dim, block_do)
+        splits = max(1, min(triton.cdiv(num_programs_target(device), tiles), triton.cdiv(num_classes, block_c)))
     return TileConfig(block_b, block_c, block_d, block_do, splits, num_warps, num_stages)
 
 

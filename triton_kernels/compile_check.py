@@ -4,13 +4,20 @@ The interpreter runs the kernels' Python, not Triton's compiler, so it misses wh
 compilation rejects (a non-constexpr global, a dtype mismatch in ``tl.dot``, a shared
 memory overflow). ``compile_variants`` compiles each kernel for, by default, sm_90 with
 the GPU tile sizes of :func:`default_tiles` over a set of options covering every flag,
-and returns each variant's shared memory; it needs the ``TRITON_INTERPRET`` variable
-unset when Triton is imported (run it in a fresh process) and no GPU.
+and returns each variant's shared memory; ``main`` also prints registers and spills. The
+compilation specializes the arguments as the JIT does for a typical call (unit strides,
+16-divisible sizes and pointers). It needs the ``TRITON_INTERPRET`` variable unset when
+Triton is imported (run it in a fresh process) and no GPU.
 
     python -c "from fused_margin.triton_kernels.compile_check import main; main()"
 """
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -18,12 +25,17 @@ from triton.compiler import ASTSource
 
 from .backward import _margin_lse_bwd_dw_kernel, _margin_lse_bwd_dx_kernel
 from .backward_atomic import _margin_lse_bwd_atomic_kernel
+from .backward_gemm import _dot_grad_kernel, _gemm_dw_kernel, _gemm_dx_kernel
 from .common import _GPU_TILES
 from .lse_forward import _margin_lse_fwd_kernel
 
-__all__ = ["VARIANTS", "compile_variants", "main"]
+__all__ = ["KERNELS", "VARIANTS", "compile_variants", "main"]
+
+KERNELS = ("forward", "dx", "dw", "atomic", "gemm_logits", "gemm_dx", "gemm_dw")
 
 _SCALARS = ("scale", "alpha", "delta", "margin", "t")
+_UNIT_STRIDES = ("stride_xd", "stride_wd", "stride_gd")
+_BLOCK_COUNTS = ("blocks_per_split", "rho_blocks", "row_blocks")
 _BACKWARD_VECTORS = ("grad_lse_ptr", "grad_target_ptr", "grad_sum_ptr", "lse_ptr", "row_scale_ptr", "col_scale_ptr")
 
 #: (x dtype, W dtype, grad_dot_fp32, input_precision, kind, normalize_x, normalize_w,
@@ -35,14 +47,15 @@ VARIANTS = [
     ("fp32", "fp16", False, "tf32", 3, True, True, False, False, 1),
     ("fp32", "fp32", False, "tf32x3", 4, True, True, False, True, 3),
     ("bf16", "bf16", True, "ieee", 0, False, False, True, True, 1),
+    ("bf16", "bf16", False, "ieee", 0, True, True, False, False, 3),
 ]
 
 
-def _compile(kernel: str, variant: tuple, target: GPUTarget) -> int:
+def _compile(kernel: str, variant: tuple, target: GPUTarget):
     x_dtype, w_dtype, grad_fp32, precision, kind, normalize_x, normalize_w, bias, index, k = variant
     dot_fp32 = x_dtype != w_dtype or x_dtype == "fp32"
     grad_dot_fp32 = dot_fp32 or grad_fp32
-    fp32_operands = dot_fp32 if kernel == "forward" else grad_dot_fp32
+    fp32_operands = dot_fp32 if kernel in ("forward", "gemm_logits") else grad_dot_fp32
     operands = "16" if not fp32_operands else ("ieee" if precision == "ieee" else "tf32")
     block_b, block_c, block_d, block_do, num_warps, num_stages = _GPU_TILES[(kernel, operands)]
     constants = dict(
@@ -53,7 +66,21 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget) -> int:
         x_ptr=f"*{x_dtype}", w_ptr=f"*{w_dtype}", labels_ptr="*i64", bias_ptr=f"*{w_dtype}",
         class_index_ptr="*i64", threshold_ptr="*fp32",
     )
-    if kernel == "forward":
+    workspace = "fp32" if grad_dot_fp32 else w_dtype
+    if kernel in ("gemm_dx", "gemm_dw"):
+        constants = dict(K=k, HAS_INDEX=index, GRAD_DOT_FP32=grad_dot_fp32, INPUT_PRECISION=precision)
+        pointers = dict(dot_grad_ptr=f"*{workspace}", x_ptr=f"*{x_dtype}", w_ptr=f"*{w_dtype}", class_index_ptr="*i64")
+        if kernel == "gemm_dx":
+            fn = _gemm_dx_kernel
+            constants.update(BLOCK_M=block_b, BLOCK_N=block_do, BLOCK_K=block_c)
+        else:
+            fn = _gemm_dw_kernel
+            constants.update(NORMALIZE_W=normalize_w, HAS_BIAS=bias, BLOCK_R=block_c, BLOCK_N=block_do, BLOCK_B=block_b)
+            pointers.update(grad_w_ptr=f"*{w_dtype}")
+    elif kernel == "gemm_logits":
+        fn = _dot_grad_kernel
+        pointers.update({name: "*fp32" for name in _BACKWARD_VECTORS}, dot_grad_ptr=f"*{workspace}")
+    elif kernel == "forward":
         fn = _margin_lse_fwd_kernel
         pointers.update(partial_ptr="*fp32", partial_idx_ptr="*i32", row_scale_ptr="*fp32", col_scale_ptr="*fp32")
     else:
@@ -69,13 +96,43 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget) -> int:
             fn = _margin_lse_bwd_dw_kernel
             pointers.update(grad_w_ptr=f"*{w_dtype}", grad_bias_ptr="*fp32")
     signature = {
-        name: "constexpr" if name in constants else pointers.get(name, "fp32" if name in _SCALARS else "i32")
+        name: "constexpr" if name in constants else pointers.get(
+            name, "fp32" if name in _SCALARS else "*fp32" if name.endswith("_ptr") else "i32"
+        )
         for name in fn.arg_names
     }
-    compiled = triton.compile(
-        ASTSource(fn, signature, constants), target=target, options={"num_warps": num_warps, "num_stages": num_stages}
+    # What the JIT would specialize on a typical GPU call (B, C, D multiples of 16, inputs
+    # contiguous): unit strides become constants, pointers and sizes 16-divisible. Without
+    # this the compiler cannot prove contiguity and emits scalar loads without cp.async.
+    for name in _UNIT_STRIDES:
+        if name in signature:
+            signature[name] = "constexpr"
+            constants[name] = 1
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or (signature[name] == "i32" and name not in _BLOCK_COUNTS)
+    }
+    return triton.compile(
+        ASTSource(fn, signature, constants, attrs), target=target,
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
-    return int(compiled.metadata.shared)
+
+
+def resource_usage(compiled) -> tuple[int, int]:
+    """``(registers per thread, spill stack bytes)`` of a compiled kernel's cubin, read
+    with the cuobjdump that ships with Triton's NVIDIA backend (CUDA 13.0's ptxas/cuobjdump
+    may not read the PTX version Triton emits)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no register line in cuobjdump's output: {out!r}")
+    return int(found.group(1)), int(found.group(2))
 
 
 def compile_variants(arch: int = 90, variants: list[tuple] | None = None) -> list[tuple[str, tuple, int]]:
@@ -83,15 +140,21 @@ def compile_variants(arch: int = 90, variants: list[tuple] | None = None) -> lis
     the first that does not compile."""
     target = GPUTarget("cuda", arch, 32)
     return [
-        (kernel, variant, _compile(kernel, variant, target))
-        for kernel in ("forward", "dx", "dw", "atomic")
+        (kernel, variant, int(_compile(kernel, variant, target).metadata.shared))
+        for kernel in KERNELS
         for variant in (variants or VARIANTS)
     ]
 
 
 def main() -> None:
-    for kernel, variant, shared in compile_variants():
-        print(f"{kernel:8s} {variant} shared memory {shared} B")
+    """Every kernel and variant for sm_90: shared memory, registers, spill bytes."""
+    target = GPUTarget("cuda", 90, 32)
+    for kernel in KERNELS:
+        for variant in VARIANTS:
+            compiled = _compile(kernel, variant, target)
+            registers, spill = resource_usage(compiled)
+            print(f"{kernel:12s} {variant} shared {compiled.metadata.shared:6d} B  registers {registers:3d}  "
+                  f"spill {spill} B")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,19 @@ None):
   ~1e-3 relative error in each logit), ``'tf32x3'`` (three tf32 products per
   multiply, close to fp32). bf16/fp16 operands always use tensor cores with fp32
   accumulation; mixed dtypes (e.g. bf16 x with fp32 W) are multiplied in fp32.
-* ``deterministic`` / ``FUSED_MARGIN_TRITON_DETERMINISTIC=0``: True (default) runs the
-  backward as two kernels without atomics (``triton_kernels/backward.py``: bitwise
-  reproducible, but each recomputes the logits, once per 256 columns of D); False runs
-  one kernel that recomputes them once and accumulates both gradients with fp32 atomics
-  (``triton_kernels/backward_atomic.py``: fewer flops, results vary in the last bits
-  from run to run; with a bf16/fp16 W it keeps an fp32 buffer of W's shape).
+* ``backward_mode`` / ``FUSED_MARGIN_TRITON_BACKWARD``: how the backward is computed;
+  every mode recomputes the logits (none are kept from the forward).
+
+  - ``'gemm'`` (default): one recomputation kernel writes ``dL/d<x, w>`` for a chunk of
+    classes into a bounded workspace (``triton_kernels/backward_gemm.py``), two GEMM
+    kernels turn it into dx and dW: 6 B C D flops, bitwise reproducible.
+  - ``'recompute'``: two kernels without workspace (``triton_kernels/backward.py``), each
+    recomputing the logits (and again per slice of D wider than its accumulator: 512
+    columns for 16-bit operands, 256 for fp32): 8 B C D flops with bf16/fp16 up to
+    D = 512, bitwise reproducible.
+  - ``'atomic'``: one kernel that recomputes once and adds both gradients with fp32
+    atomics (``triton_kernels/backward_atomic.py``): 6 B C D flops, last bits vary from
+    run to run; with a bf16/fp16 W it keeps an fp32 buffer of W's shape.
 * ``grad_dot_fp32`` / ``FUSED_MARGIN_TRITON_GRAD_FP32=1``: the backward's two
   gradient GEMMs take ``dU`` in fp32 instead of rounding it to the bf16/fp16 input
   dtype. dW is accumulated in fp32 in every case (over the whole batch, in registers,
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from ..triton_kernels.common import TileConfig
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+_BACKWARD_MODES = ("gemm", "recompute", "atomic")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -66,9 +74,10 @@ class TritonBackend(Backend):
         self.input_precision: str | None = None
         #: bool | None (None: $FUSED_MARGIN_TRITON_GRAD_FP32 == '1')
         self.grad_dot_fp32: bool | None = None
-        #: bool | None (None: $FUSED_MARGIN_TRITON_DETERMINISTIC != '0')
-        self.deterministic: bool | None = None
-        #: optional ``TileConfig`` overrides, keyed 'forward', 'dx', 'dw', 'atomic' (tests, tuning)
+        #: 'gemm' | 'recompute' | 'atomic' | None (None: $FUSED_MARGIN_TRITON_BACKWARD, else 'gemm')
+        self.backward_mode: str | None = None
+        #: optional ``TileConfig`` overrides, keyed 'forward', 'dx', 'dw', 'atomic',
+        #: 'gemm_logits', 'gemm_dx', 'gemm_dw' (tests, tuning)
         self.tiles: dict[str, TileConfig] = {}
 
     # ---- options -------------------------------------------------------------------
@@ -84,13 +93,11 @@ class TritonBackend(Backend):
             return bool(self.grad_dot_fp32)
         return os.environ.get("FUSED_MARGIN_TRITON_GRAD_FP32", "0") == "1"
 
-    def deterministic_backward(self) -> bool:
-        if self.deterministic is not None:
-            return bool(self.deterministic)
-        value = os.environ.get("FUSED_MARGIN_TRITON_DETERMINISTIC", "1")
-        if value not in ("0", "1"):
-            raise ValueError(f"FUSED_MARGIN_TRITON_DETERMINISTIC must be '0' or '1', got {value!r}")
-        return value == "1"
+    def backward_implementation(self) -> str:
+        value = self.backward_mode or os.environ.get("FUSED_MARGIN_TRITON_BACKWARD", "gemm")
+        if value not in _BACKWARD_MODES:
+            raise ValueError(f"the Triton backward mode must be one of {_BACKWARD_MODES}, got {value!r}")
+        return value
 
     # ---- Backend -------------------------------------------------------------------
 
@@ -123,7 +130,12 @@ class TritonBackend(Backend):
         args = (grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
                 lse_neg, row_scale, col_scale, params)
         options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32())
-        if not self.deterministic_backward():
+        mode = self.backward_implementation()
+        if mode == "gemm":
+            from ..triton_kernels.backward_gemm import margin_lse_bwd_gemm
+
+            return margin_lse_bwd_gemm(*args, **options, tiles=self.tiles)
+        if mode == "atomic":
             from ..triton_kernels.backward_atomic import margin_lse_bwd_atomic
 
             return margin_lse_bwd_atomic(*args, **options, tiles=self.tiles.get("atomic"))
