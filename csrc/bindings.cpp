@@ -33,13 +33,13 @@ TORCH_LIBRARY(fused_margin_C, m) {
   m.def(
       "margin_lse_fwd(Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? class_index, "
       "Tensor? row_threshold, bool normalize_x, bool normalize_w, float scale, int kind, float alpha, "
-      "float delta, float margin, float t, int num_subcenters, int chunk_size=0) "
+      "float delta, float margin, int num_subcenters, int chunk_size=0) "
       "-> (Tensor lse_neg, Tensor target_u, Tensor sum_neg, Tensor argmax, Tensor row_scale, Tensor col_scale)");
   // grad_bias is an empty tensor when bias is None.
   m.def(
       "margin_lse_bwd(Tensor grad_lse, Tensor grad_target_u, Tensor grad_sum, Tensor x, Tensor weight, "
       "Tensor labels, Tensor? bias, Tensor? class_index, Tensor? row_threshold, Tensor lse_neg, "
       "Tensor row_scale, Tensor col_scale, bool normalize_x, bool normalize_w, float scale, int kind, "
-      "float alpha, float delta, float margin, float t, int num_subcenters, int chunk_size=0) "
+      "float alpha, float delta, float margin, int num_subcenters, int chunk_size=0) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -13,7 +13,7 @@ enum NonTargetKind : int64_t {
   kAffine = 1,             // T(u) = alpha * u + delta
   kQuadratic = 2,          // T(u) = [u + m]_+ (u - m), exact derivative
   kQuadraticDetached = 3,  // same value, derivative [u + m]_+ (Circle loss)
-  kCurricular = 4,         // T(u) = u (t + u) if u > threshold_b else u (CurricularFace)
+  kCurricular = 4,         // T(u) = u (t_b + u) if u > threshold_b else u (CurricularFace; per-row t_b)
 };
 
 struct MarginParams {
@@ -24,7 +24,6 @@ struct MarginParams {
   double alpha;
   double delta;
   double margin;
-  double t;
   int64_t num_subcenters;  // K
 };
 

@@ -276,9 +276,9 @@ class ShardedMarginLoss(nn.Module):
         head_or_spec: a :class:`MarginSpec`, or a :class:`MarginHead` instance that supplies
             its spec and its state (CurricularFace's ``t``, AdaFace's norm statistics),
             updated from the global batch. A head's own ``weight`` is never used: build it
-            with ``device='meta'`` so that it allocates nothing (a head whose state lives in
-            buffers, like AdaFace, must be on the embeddings' device instead). Heads with a
-            bias are not supported.
+            with ``device='meta'`` so that it allocates nothing; its state buffers are then
+            created here, at their initial values, on this module's device, and follow it
+            across ``.to()``. Heads with a bias are not supported.
         num_classes: the global class count C (at least the world size).
         embedding_size: D.
         process_group: the group the classes are split over (default: the world).
@@ -370,6 +370,8 @@ class ShardedMarginLoss(nn.Module):
         num_local = self.class_end - self.class_start
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.weight = nn.Parameter(torch.empty(num_local * num_subcenters, embedding_size, **factory))
+        if head is not None:
+            head.materialize_state(self.weight.device)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.num_sample = min(num_local, max(1, int(self.sample_rate * num_local)))
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
@@ -395,6 +397,17 @@ class ShardedMarginLoss(nn.Module):
                 f"got {tuple(full_weight.shape)}"
             )
         self.weight.copy_(shard_weight(full_weight, self.rank, self.world_size, num_subcenters=self.num_subcenters))
+
+    def _apply(self, fn, recurse=True):
+        # The head is not a submodule (its weight must stay out of state_dict() and the
+        # optimizers), but its state buffers follow this module across .to() / .double().
+        super()._apply(fn, recurse)
+        head = self.head
+        if head is not None:
+            for name, buffer in head._buffers.items():
+                if buffer is not None and not buffer.is_meta:
+                    head._buffers[name] = fn(buffer)
+        return self
 
     # ---- checkpointing -------------------------------------------------------------
 
@@ -569,7 +582,7 @@ class ShardedMarginLoss(nn.Module):
         if self.training and self.head is not None:
             self._update_head_state(x_all.detach(), labels_all, sizes, b_max, target_cos, valid)
         spec = self.spec()
-        row_threshold = spec.non_target.threshold(target_cos) if curricular else None
+        row_threshold = spec.non_target.row_terms(target_cos) if curricular else None
 
         class_index = None
         num_used = self.num_classes
@@ -670,9 +683,7 @@ class ShardedMarginLoss(nn.Module):
         head = self.head
         if isinstance(head, CurricularFaceLoss):
             # its own update_state would read its (unused) full weight
-            if bool(valid.any()):
-                mean_cos = float(target_cos[valid].mean())
-                head.t = head.momentum * mean_cos + (1.0 - head.momentum) * head.t
+            head.update_t(target_cos, valid)
             return
         real = torch.cat([torch.arange(r * b_max, r * b_max + n, device=x_all.device) for r, n in enumerate(sizes)])
         labels = labels_all.index_select(0, real)

@@ -126,14 +126,14 @@ def fused_terms(
     ``labels`` are internal labels: in ``[0, C)``, or -1 for "no target in this row"
     (what :func:`fused_margin.ops.prepare_labels` returns). Building block for callers
     that combine the terms themselves (the class-sharded distributed head).
-    ``row_threshold``: CurricularFace's per-row threshold, when the caller has it (the
-    sharded head: the target's class may live on another rank); else it is computed
-    here from the rows' target cosines.
+    ``row_threshold``: CurricularFace's per-row constants (2, B), threshold and ``t``,
+    when the caller has them (the sharded head: the target's class may live on another
+    rank); else they are computed here from the rows' target cosines.
     """
     params = KernelParams.from_spec(spec)
     if row_threshold is None and params.kind == NonTargetKind.CURRICULAR:
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
-        row_threshold = spec.non_target.threshold(target_cos)
+        row_threshold = spec.non_target.row_terms(target_cos)
     if backend == "eager":
         outputs = margin_lse_terms(embeddings, weight, labels, bias, class_index, row_threshold, params)
     else:
@@ -141,7 +141,7 @@ def fused_terms(
         outputs = margin_lse(
             embeddings, weight, labels, bias, class_index, row_threshold,
             params.normalize_x, params.normalize_w, params.scale, int(params.kind), params.alpha,
-            params.delta, params.margin, params.t, params.num_subcenters, name,
+            params.delta, params.margin, params.num_subcenters, name,
         )
     lse_neg, target_u, sum_neg, argmax, _, _ = outputs
     return lse_neg, target_u, sum_neg, argmax

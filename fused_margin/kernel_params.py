@@ -13,7 +13,9 @@ Inputs
     class_index  (C,) int64 or None: the classes in use are ``class_index[0..C)`` (rows of
                  ``weight`` read through the index; no gathered copy); None means all
                  C = C_all classes
-    row_threshold (B,) fp32 or None: CurricularFace's per-row threshold, a constant
+    row_threshold (2, B) float or None: CurricularFace's per-row constants, row 0 the
+                 threshold ``thr_b``, row 1 the modulation ``t`` (the same in every row; a
+                 tensor, so that a head can keep ``t`` on the device without a host sync)
 
 Math (``acc`` = fp64 if x or weight is fp64, else fp32; all math in ``acc``)
     r_b  = 1/max(||x_b||, 1e-12) if normalize_x else 1                     (B,)
@@ -58,7 +60,6 @@ class KernelParams:
     alpha: float = 1.0
     delta: float = 0.0
     margin: float = 0.0
-    t: float = 0.0
     num_subcenters: int = 1
 
     @classmethod
@@ -72,6 +73,5 @@ class KernelParams:
             alpha=float(nt.alpha),
             delta=float(nt.delta),
             margin=float(nt.margin),
-            t=float(nt.t),
             num_subcenters=int(spec.num_subcenters),
         )

@@ -28,10 +28,9 @@ def _params(
     alpha: float,
     delta: float,
     margin: float,
-    t: float,
     num_subcenters: int,
 ) -> KernelParams:
-    return KernelParams(normalize_x, normalize_w, scale, NonTargetKind(kind), alpha, delta, margin, t, num_subcenters)
+    return KernelParams(normalize_x, normalize_w, scale, NonTargetKind(kind), alpha, delta, margin, num_subcenters)
 
 
 def _acc(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -90,13 +89,12 @@ def margin_lse(
     alpha: float,
     delta: float,
     margin: float,
-    t: float,
     num_subcenters: int,
     backend: str,
 ) -> _OUT:
     """``(lse_neg, target_u, sum_neg, argmax, row_scale, col_scale)``; see
     :mod:`fused_margin.kernel_params` for the math."""
-    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters)
+    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters)
     outputs = get_backend(backend).forward(x, weight, labels, bias, class_index, row_threshold, params)
     # custom ops may not return views of their inputs
     return tuple(o.clone() if o._base is not None else o for o in outputs)  # type: ignore[return-value]
@@ -104,7 +102,7 @@ def margin_lse(
 
 @margin_lse.register_fake
 def _(x, weight, labels, bias, class_index, row_threshold, normalize_x, normalize_w, scale, kind, alpha, delta,
-      margin, t, num_subcenters, backend):
+      margin, num_subcenters, backend):
     acc = _acc(x, weight)
     rows = x.shape[0]
     num_cols = weight.shape[0] if class_index is None else class_index.shape[0] * num_subcenters
@@ -140,12 +138,11 @@ def margin_lse_backward(
     alpha: float,
     delta: float,
     margin: float,
-    t: float,
     num_subcenters: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)``; grad_bias is an empty tensor without bias."""
-    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters)
+    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters)
     grad_x, grad_w, grad_b = get_backend(backend).backward(
         grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
         lse_neg, row_scale, col_scale, params,
@@ -157,15 +154,15 @@ def margin_lse_backward(
 
 @margin_lse_backward.register_fake
 def _(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold, lse_neg,
-      row_scale, col_scale, normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters,
+      row_scale, col_scale, normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters,
       backend):
     grad_b = x.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(x), torch.empty_like(weight), grad_b
 
 
 _TENSOR_INPUTS = ("x", "weight", "labels", "bias", "class_index", "row_threshold")
-_SCALAR_INPUTS = ("normalize_x", "normalize_w", "scale", "kind", "alpha", "delta", "margin", "t",
-                  "num_subcenters", "backend")
+_SCALAR_INPUTS = ("normalize_x", "normalize_w", "scale", "kind", "alpha", "delta", "margin", "num_subcenters",
+                  "backend")
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -77,7 +77,7 @@ def margin_lse_terms(
     target_mask[torch.arange(num_rows, device=u.device), safe_labels] = has_target
     target_u = torch.where(has_target, u.gather(1, safe_labels[:, None]).squeeze(1), torch.zeros_like(u[:, 0]))
 
-    nt = NonTarget(params.kind, params.alpha, params.delta, params.margin, params.t)
+    nt = NonTarget(params.kind, params.alpha, params.delta, params.margin)
     thresholds = None if row_threshold is None else row_threshold.to(u.dtype)
     z = params.scale * nt.apply(u, thresholds)
     plain = params.scale * u
@@ -95,8 +95,8 @@ def margin_lse_terms(
 
 
 def non_target_derivative(u: Tensor, params: KernelParams, row_threshold: Tensor | None) -> Tensor:
-    """``T_n'(u)``: the derivative the kernels use (CurricularFace's ``t`` and threshold
-    and the Circle weight ``[u + m]_+`` are constants)."""
+    """``T_n'(u)``: the derivative the kernels use (CurricularFace's ``t`` and threshold,
+    the rows of ``row_threshold``, and the Circle weight ``[u + m]_+`` are constants)."""
     kind, m = params.kind, params.margin
     if kind == NonTargetKind.IDENTITY:
         return torch.ones_like(u)
@@ -106,7 +106,8 @@ def non_target_derivative(u: Tensor, params: KernelParams, row_threshold: Tensor
         return torch.where(u > -m, 2.0 * u, torch.zeros_like(u))
     if kind == NonTargetKind.QUADRATIC_DETACHED:
         return torch.relu(u + m)
-    return torch.where(u > row_threshold.to(u.dtype)[:, None], params.t + 2.0 * u, torch.ones_like(u))
+    terms = row_threshold.to(u.dtype)
+    return torch.where(u > terms[0, :, None], terms[1, :, None] + 2.0 * u, torch.ones_like(u))
 
 
 @torch.no_grad()
@@ -146,7 +147,7 @@ def reference_backward(
     target_mask = torch.zeros_like(u, dtype=torch.bool)
     target_mask[torch.arange(num_rows, device=u.device), safe_labels] = has_target
 
-    nt = NonTarget(params.kind, params.alpha, params.delta, params.margin, params.t)
+    nt = NonTarget(params.kind, params.alpha, params.delta, params.margin)
     thresholds = None if row_threshold is None else row_threshold.to(dtype)
     z = params.scale * nt.apply(u, thresholds)
     if bias is not None:

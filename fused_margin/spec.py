@@ -71,7 +71,7 @@ class NonTargetKind(enum.IntEnum):
     AFFINE = 1  # T(u) = alpha * u + delta
     QUADRATIC = 2  # T(u) = [u + m]_+ * (u - m), exact gradient (SO-Softmax)
     QUADRATIC_DETACHED = 3  # same value, gradient [u + m]_+ (Circle loss, detached weight)
-    CURRICULAR = 4  # T(u) = u * (t + u) if u > threshold_b else u (CurricularFace)
+    CURRICULAR = 4  # T(u) = u * (t_b + u) if u > threshold_b else u (CurricularFace; per-row constants)
 
 
 @dataclass(frozen=True)
@@ -80,24 +80,33 @@ class NonTarget:
 
     ``margin`` is the ``m`` of the quadratic forms and CurricularFace's angular margin
     (the per-row threshold is ``cos(theta_y + m)``, treated as a constant, as in the
-    paper); ``t`` is CurricularFace's modulation coefficient.
+    paper); ``t`` is CurricularFace's modulation coefficient: a number, or a 0-dim
+    tensor (the head's running ``t``, which stays on the device: no host sync). The
+    kernels take both CurricularFace constants per row (:meth:`row_terms`).
     """
 
     kind: NonTargetKind = NonTargetKind.IDENTITY
     alpha: float = 1.0
     delta: float = 0.0
     margin: float = 0.0
-    t: float = 0.0
+    t: float | Tensor = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", NonTargetKind(self.kind))
         for name in ("alpha", "delta", "margin", "t"):
             value = getattr(self, name)
+            if name == "t" and isinstance(value, Tensor):
+                # finiteness is not checked: it would read the value (a host sync)
+                if value.dim() != 0 or not value.is_floating_point():
+                    raise ValueError(f"NonTarget.t must be a number or a 0-dim float tensor, got {value!r}")
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"NonTarget.{name} must be a finite number, got {value!r}")
 
     def apply(self, u: Tensor, row_threshold: Tensor | None = None) -> Tensor:
-        """``T_n(u)`` for a (B, C) tensor, with autograd (used by the reference)."""
+        """``T_n(u)`` for a (B, C) tensor, with autograd (used by the reference).
+        CurricularFace takes its constants from ``row_threshold`` (2, B), see
+        :meth:`row_terms`."""
         kind = self.kind
         if kind == NonTargetKind.IDENTITY:
             return u
@@ -109,8 +118,8 @@ class NonTarget:
             return torch.relu(u + self.margin).detach() * (u - self.margin)
         if row_threshold is None:
             raise ValueError("the CurricularFace non-target transform needs row_threshold")
-        hard = u > row_threshold[:, None]
-        return torch.where(hard, u * (self.t + u), u)
+        hard = u > row_threshold[0, :, None]
+        return torch.where(hard, u * (row_threshold[1, :, None] + u), u)
 
     def threshold(self, target_cos: Tensor) -> Tensor:
         """CurricularFace's per-row threshold ``cos(theta_y + m)``, from the detached
@@ -119,6 +128,14 @@ class NonTarget:
         return c * math.cos(self.margin) - torch.sqrt((1.0 - c * c).clamp_min(0.0)) * math.sin(
             self.margin
         )
+
+    def row_terms(self, target_cos: Tensor) -> Tensor:
+        """CurricularFace's per-row constants as the kernels take them (``row_threshold``
+        of :mod:`fused_margin.kernel_params`): (2, B), the threshold and ``t``, in
+        ``target_cos``'s dtype and device."""
+        threshold = self.threshold(target_cos)
+        t = torch.as_tensor(self.t, dtype=threshold.dtype, device=threshold.device)
+        return torch.stack([threshold, t.expand_as(threshold)])
 
 
 class TargetContext:
@@ -533,13 +550,13 @@ class MarginSpec:
         )
 
     @classmethod
-    def curricularface(cls, scale: float = 64.0, margin: float = 0.5, t: float = 0.0) -> MarginSpec:
+    def curricularface(cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0) -> MarginSpec:
         s = _positive("scale", scale)
         m = _unit_interval("margin", margin)
         return cls(
             s,
             CosineMarginTarget(s, m2=m),
-            NonTarget(NonTargetKind.CURRICULAR, margin=m, t=_finite("t", t)),
+            NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _finite("t", t)),
             name="curricularface",
         )
 

@@ -129,7 +129,8 @@ def test_forward_terms(head):
     x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
     labels[-3:] = -1
     bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
-    threshold = torch.rand(37, dtype=torch.float32) - 0.5 if head == "curricularface" else None
+    # CurricularFace's per-row constants: thresholds, then t (per row, as the kernels read it)
+    threshold = torch.stack([torch.rand(37) - 0.5, torch.rand(37)]) if head == "curricularface" else None
     got = BACKEND.forward(x, w, labels, bias, None, threshold, params)
     want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
     for name, g, r in zip(("lse_neg", "target_u", "sum_neg", "argmax", "row_scale", "col_scale"), got, want):
@@ -233,9 +234,9 @@ def test_opcheck():
         labels = torch.where(labels < 0, -1, labels)
         bias = torch.randn(6).requires_grad_() if head == "softmax" else None
         class_index = torch.tensor([4, 0, 2, 5, 1, 3]) if head == "cosface" else None
-        threshold = torch.rand(5) - 0.5 if head == "curricularface" else None
+        threshold = torch.stack([torch.rand(5) - 0.5, torch.rand(5)]) if head == "curricularface" else None
         args = (x.requires_grad_(), w.requires_grad_(), labels, bias, class_index, threshold, p.normalize_x,
-                p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin, p.t, p.num_subcenters, "cpu")
+                p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin, p.num_subcenters, "cpu")
         torch.library.opcheck(margin_lse, args)
 
 

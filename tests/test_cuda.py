@@ -104,7 +104,8 @@ def test_forward_terms(head):
     x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
     labels[-3:] = -1
     bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
-    threshold = torch.rand(37, dtype=torch.float32) - 0.5 if head == "curricularface" else None
+    # CurricularFace's per-row constants: thresholds, then t (per row, as the kernels read it)
+    threshold = torch.stack([torch.rand(37) - 0.5, torch.rand(37)]) if head == "curricularface" else None
 
     def cuda(t):
         return None if t is None else t.cuda()

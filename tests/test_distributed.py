@@ -36,7 +36,7 @@ TOL64 = 1e-9
 HEAD_MODULES = {
     "curricularface_head": (fm.CurricularFaceLoss, {"device": "meta"}),
     "sphereface_head": (fm.SphereFaceLoss, {"device": "meta"}),
-    "adaface_head": (fm.AdaFaceLoss, {"dtype": torch.float64}),
+    "adaface_head": (fm.AdaFaceLoss, {"device": "meta", "dtype": torch.float64}),
 }
 
 SPECS = dict(HEAD_SPECS)
@@ -242,7 +242,22 @@ def _scenario_bad_config(rank: int, world_size: int, data: dict[str, Any]) -> di
     return out
 
 
-SCENARIOS = {"cases": _scenario_cases, "bad_config": _scenario_bad_config}
+def _scenario_head_state(rank: int, world_size: int, data: dict[str, Any]) -> dict[str, Any]:
+    """A meta-device CurricularFace head: its t gets storage here and follows .to()."""
+    module = ShardedMarginLoss(fm.CurricularFaceLoss(10, 4, device="meta"), 10, 4, timeout=30.0)
+    head = module.head
+    out: dict[str, Any] = {"weight_meta": head.weight.is_meta, "t_initial": (head.t.device.type, float(head.t))}
+    module.to(torch.float64)
+    out["t_dtype"] = head.t.dtype
+    module(torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 3, 9, -100, 5, 1]))
+    out["t_after_step"] = float(head.t)
+    restored = ShardedMarginLoss(fm.CurricularFaceLoss(10, 4, device="meta"), 10, 4, timeout=30.0).to(torch.float64)
+    restored.load_state_dict(module.state_dict())
+    out["t_restored"] = float(restored.head.t)
+    return out
+
+
+SCENARIOS = {"cases": _scenario_cases, "bad_config": _scenario_bad_config, "head_state": _scenario_head_state}
 
 
 def _worker(rank: int, world_size: int, folder: str, scenario: str, backend: str) -> None:
@@ -434,6 +449,15 @@ def test_bad_configurations_fail_on_every_rank(tmp_path):
     error, message = results[0]["timeout"]
     assert error == "TimeoutError" and "did not join" in message, message
     assert results[0]["timeout_elapsed"] < 30.0
+
+
+def test_meta_head_state_is_materialized_and_follows_the_module(tmp_path):
+    (result,) = _spawn(tmp_path, 1, "head_state", {})
+    assert result["weight_meta"], "the head's weight must stay on meta (no allocation)"
+    assert result["t_initial"] == ("cpu", 0.0)
+    assert result["t_dtype"] == torch.float64
+    assert 0.0 < abs(result["t_after_step"]) < 1.0  # updated from the batch's target cosines
+    assert result["t_restored"] == result["t_after_step"]
 
 
 def test_needs_an_initialized_process_group():

@@ -24,11 +24,12 @@ def sample_inputs():
         labels = torch.where(labels < 0, -1, labels)
         bias = torch.randn(6) if name == "softmax" else None
         class_index = torch.tensor([4, 0, 2, 5, 1, 3]) if name == "cosface" else None
-        threshold = torch.rand(5) - 0.5 if name == "curricularface" else None
+        # CurricularFace's per-row constants: thresholds, then t
+        threshold = torch.stack([torch.rand(5) - 0.5, torch.rand(5)]) if name == "curricularface" else None
         samples.append(
             (x.requires_grad_(), w.requires_grad_(), labels,
              None if bias is None else bias.requires_grad_(), class_index, threshold,
-             p.normalize_x, p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin, p.t,
+             p.normalize_x, p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin,
              p.num_subcenters, "reference")
         )
     return samples
@@ -53,8 +54,10 @@ def _auto_cpu_backend() -> str:
 
 # The annealed heads (SphereFace, L-Softmax) read the step buffer that the training
 # forward increments: their compiled backward must still see this step's lambda.
+# CurricularFace updates its t buffer in the graph (no host sync, no graph break).
 COMPILABLE_HEADS = [
     fm.CSSoftmaxLoss,
+    fm.CurricularFaceLoss,
     fm.SphereFaceLoss,
     fm.LSoftmaxLoss,
     fm.AdaFaceLoss,
@@ -89,10 +92,12 @@ def test_compile_fullgraph_training_step(backend, head_cls):
         loss.backward()  # AOTAutograd's compiled backward calls the backward op
         return loss.detach(), [p.grad.clone() for p in params]
 
+    initial_state = {name: buffer.clone() for name, buffer in head.named_buffers()}
     eager_loss, eager_grads = step(forward)
     # aot_eager: Dynamo + AOTAutograd (fake kernels, the registered backward) without
     # Inductor's C++ compile time; fullgraph=True fails on any graph break.
-    head.step.zero_()
+    for name, buffer in head.named_buffers():  # the step counter, CurricularFace's t
+        buffer.copy_(initial_state[name])
     compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
     compiled_loss, compiled_grads = step(compiled)
     assert_rel_close(compiled_loss, eager_loss, 1e-6, "loss")

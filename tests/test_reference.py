@@ -242,9 +242,17 @@ def test_curricular_t_update_and_threshold():
     valid = labels >= 0
     mean_cos = cos[valid.nonzero()[:, 0], labels[valid]].mean().item()
     head(x, labels)
-    assert head.t == pytest.approx(0.01 * mean_cos)
+    assert float(head.t) == pytest.approx(0.01 * mean_cos, rel=1e-6)
     head(x, labels)
-    assert head.t == pytest.approx(0.01 * mean_cos + 0.99 * 0.01 * mean_cos)
+    assert float(head.t) == pytest.approx(0.01 * mean_cos + 0.99 * 0.01 * mean_cos, rel=1e-6)
+    # a batch without a labelled row leaves t as it is
+    before = float(head.t)
+    head(x, torch.full_like(labels, -1))
+    assert float(head.t) == before
+    # t travels with state_dict() (a buffer)
+    restored = fm.CurricularFaceLoss(6, 4, dtype=torch.float64, ignore_index=-1)
+    restored.load_state_dict(head.state_dict())
+    assert float(restored.t) == before
     # the threshold is cos(theta + m)
     c = torch.tensor([0.3, -0.8], dtype=torch.float64)
     th = MarginSpec.curricularface(margin=0.5).non_target.threshold(c)

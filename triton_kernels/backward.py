@@ -47,9 +47,11 @@ __all__ = ["kernel_arguments", "margin_lse_bwd"]
 @triton.jit
 def _load_row_terms(
     offs_b, mask_b,
-    labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr, threshold_ptr,
+    labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr, threshold_ptr, B,
     BLOCK_B: tl.constexpr, NORMALIZE_X: tl.constexpr, KIND: tl.constexpr,
 ):
+    """The rows' saved and upstream terms; ``threshold`` and ``t`` are CurricularFace's
+    per-row constants (rows 0 and 1 of ``row_threshold``), zeros for other kinds."""
     labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
     lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
     grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
@@ -61,20 +63,22 @@ def _load_row_terms(
         row_scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
     if KIND == KIND_CURRICULAR:
         threshold = tl.load(threshold_ptr + offs_b, mask=mask_b, other=0.0)
+        t = tl.load(threshold_ptr + B + offs_b, mask=mask_b, other=0.0)
     else:
         threshold = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    return labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold
+        t = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    return labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t
 
 
 @triton.jit
 def _logit_grads(
     u, offs_c, mask_c, mask_b, bias,
-    labels, lse, grad_lse, grad_target, grad_sum, threshold,
-    scale, alpha, delta, margin, t, KIND: tl.constexpr,
+    labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
+    scale, alpha, delta, margin, KIND: tl.constexpr,
 ):
     """``(dz, dU)`` for a tile: ``dz = g_lse p + g_sum`` on the negatives (0 elsewhere),
     ``dU = dz s T'(u)`` plus ``g_target`` at the target column."""
-    z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t, KIND) + bias[None, :]
+    z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t[:, None], KIND) + bias[None, :]
     valid = mask_b[:, None] & mask_c[None, :]
     is_target = valid & (offs_c[None, :] == labels[:, None])
     negative = valid & (offs_c[None, :] != labels[:, None])
@@ -84,7 +88,7 @@ def _logit_grads(
     shift = tl.where(has_negative, lse, 0.0)
     prob = tl.exp(tl.where(negative & has_negative[:, None], z - shift[:, None], float("-inf")))
     dz = tl.where(negative, grad_lse[:, None] * prob + grad_sum[:, None], 0.0)
-    du = dz * scale * _non_target_grad(u, threshold[:, None], alpha, margin, t, KIND)
+    du = dz * scale * _non_target_grad(u, threshold[:, None], alpha, margin, t[:, None], KIND)
     du += tl.where(is_target, grad_target[:, None], 0.0)
     return dz, du
 
@@ -102,7 +106,7 @@ def _margin_lse_bwd_dx_kernel(
     # strides
     stride_xb, stride_xd, stride_wr, stride_wd,
     # scalars of the transform
-    scale, alpha, delta, margin, t,
+    scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -114,9 +118,9 @@ def _margin_lse_bwd_dx_kernel(
     pid_d = tl.program_id(2)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
         offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
-        threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+        threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
     )
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mask_do = offs_do < D
@@ -134,8 +138,8 @@ def _margin_lse_bwd_dx_kernel(
             K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         )
         _, du = _logit_grads(
-            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
-            scale, alpha, delta, margin, t, KIND,
+            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
+            scale, alpha, delta, margin, KIND,
         )
         rho += tl.sum(du * u, axis=1)
         for k in range(K):
@@ -168,7 +172,7 @@ def _margin_lse_bwd_dw_kernel(
     # strides
     stride_xb, stride_xd, stride_wr, stride_wd, stride_gr, stride_gd,
     # scalars of the transform
-    scale, alpha, delta, margin, t,
+    scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -191,9 +195,9 @@ def _margin_lse_bwd_dw_kernel(
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+        labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
             offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
-            threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+            threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
         )
         u, best = _subcenter_cosines(
             x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
@@ -201,8 +205,8 @@ def _margin_lse_bwd_dw_kernel(
             K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         )
         dz, du = _logit_grads(
-            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
-            scale, alpha, delta, margin, t, KIND,
+            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
+            scale, alpha, delta, margin, KIND,
         )
         routed = tl.where(best == sub, du, 0.0)
         kappa += tl.sum(routed * u, axis=0)
@@ -232,6 +236,24 @@ def _margin_lse_bwd_dw_kernel(
             tl.store(grad_bias_ptr + classes, grad_bias, mask=mask_c)
 
 
+def zero_gradients(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of a problem without rows or without classes: zeros."""
+    return torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
+
+
+def gradient_buffers(
+    weight: torch.Tensor, bias: torch.Tensor | None, class_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_w, grad_bias)`` for kernels that write each weight row in use once: dW in
+    W's dtype (zeros first with ``class_index``: the rows not in use must read 0) and an
+    fp32 bias gradient (zeros: classes not in use get 0)."""
+    grad_w = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+    grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=weight.device, dtype=torch.float32)
+    return grad_w, grad_bias
+
+
 def kernel_arguments(
     grad_lse: torch.Tensor,
     grad_target_u: torch.Tensor,
@@ -254,8 +276,8 @@ def kernel_arguments(
     (B,)-or-(C,) vectors as contiguous fp32; the first of them stands in for absent
     optional tensors, whose pointers a constexpr flag leaves unread), the transform's
     scalars, and the constexpr flags."""
-    if params.kind == NonTargetKind.CURRICULAR and row_threshold is None:
-        raise ValueError("the CurricularFace transform needs row_threshold")
+    if params.kind == NonTargetKind.CURRICULAR and (row_threshold is None or row_threshold.shape != (2, x.shape[0])):
+        raise ValueError(f"the CurricularFace transform needs row_threshold of shape (2, {x.shape[0]})")
     f32 = torch.float32
     vectors = [t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)]
     dummy = vectors[0]
@@ -266,7 +288,7 @@ def kernel_arguments(
         dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
         *vectors,
     )
-    scalars = (float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t))
+    scalars = (float(params.scale), float(params.alpha), float(params.delta), float(params.margin))
     fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
     meta = dict(
         K=params.num_subcenters, KIND=int(params.kind), NORMALIZE_X=params.normalize_x,
@@ -315,13 +337,9 @@ def margin_lse_bwd(
     num_classes = num_classes_in_use(weight, class_index, k)
     device = x.device
     f32 = torch.float32
-    # Every weight row in use is written by the dW kernel; the others must read 0.
-    grad_w = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-    grad_bias_acc = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
-    if batch == 0:
-        grad_w.zero_()
-        grad_b = None if bias is None else torch.zeros_like(bias)
-        return torch.zeros_like(x), grad_w, grad_b
+    if batch == 0 or num_classes == 0:
+        return zero_gradients(x, weight, bias)
+    grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index)
 
     tensor_args, scalars, meta = kernel_arguments(
         grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,

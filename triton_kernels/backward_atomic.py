@@ -47,7 +47,7 @@ def _margin_lse_bwd_atomic_kernel(
     # strides (the accumulators are contiguous)
     stride_xb, stride_xd, stride_wr, stride_wd,
     # scalars of the transform
-    scale, alpha, delta, margin, t,
+    scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -60,9 +60,9 @@ def _margin_lse_bwd_atomic_kernel(
     pid_b = pid % row_blocks
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
         offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
-        threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+        threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
     )
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -74,8 +74,8 @@ def _margin_lse_bwd_atomic_kernel(
         K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
     )
     dz, du = _logit_grads(
-        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
-        scale, alpha, delta, margin, t, KIND,
+        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
+        scale, alpha, delta, margin, KIND,
     )
     if HAS_BIAS:
         tl.atomic_add(grad_bias_ptr + classes, tl.sum(dz, axis=0), mask=mask_c, sem="relaxed")

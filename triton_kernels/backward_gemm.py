@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fused_margin.kernel_params import KernelParams
 
-from .backward import _load_row_terms, _logit_grads, kernel_arguments
+from .backward import _load_row_terms, _logit_grads, gradient_buffers, kernel_arguments, zero_gradients
 from .common import DX_WORKSPACE_BYTES, TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
 from .lse_forward import num_classes_in_use
 
@@ -75,7 +75,7 @@ def _dot_grad_kernel(
     # strides
     stride_xb, stride_xd, stride_wr, stride_wd,
     # scalars of the transform
-    scale, alpha, delta, margin, t,
+    scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -86,9 +86,9 @@ def _dot_grad_kernel(
     pid_c = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold = _load_row_terms(
+    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
         offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
-        threshold_ptr, BLOCK_B, NORMALIZE_X, KIND,
+        threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
     )
     local_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = local_c < chunk_classes
@@ -101,8 +101,8 @@ def _dot_grad_kernel(
         K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
     )
     dz, du = _logit_grads(
-        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold,
-        scale, alpha, delta, margin, t, KIND,
+        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
+        scale, alpha, delta, margin, KIND,
     )
     tl.store(rho_partial_ptr + pid_c * B + offs_b, tl.sum(du * u, axis=1), mask=mask_b)
     if HAS_BIAS:
@@ -272,13 +272,9 @@ def margin_lse_bwd_gemm(
     num_classes = num_classes_in_use(weight, class_index, k)
     device = x.device
     f32 = torch.float32
-    # Every weight row in use is written by the dW kernel; the others must read 0.
-    grad_w = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-    grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
     if batch == 0 or num_classes == 0:
-        grad_w.zero_()
-        grad_b = None if bias is None else torch.zeros_like(bias)
-        return torch.zeros_like(x), grad_w, grad_b
+        return zero_gradients(x, weight, bias)
+    grad_w, grad_bias = gradient_buffers(weight, bias, class_index)
 
     tensor_args, scalars, meta = kernel_arguments(
         grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,

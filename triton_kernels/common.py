@@ -204,7 +204,8 @@ def _mma(a, b, acc, FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _non_target(u, threshold, alpha, delta, margin, t, KIND: tl.constexpr):
-    """``T(u)`` (see ``NonTargetKind``); ``threshold`` is (BLOCK_B, 1), CurricularFace only."""
+    """``T(u)`` (see ``NonTargetKind``); ``threshold`` and ``t`` are (BLOCK_B, 1),
+    CurricularFace's per-row constants (unused by the other kinds)."""
     if KIND == KIND_AFFINE:
         out = alpha * u + delta
     elif KIND == KIND_QUADRATIC or KIND == KIND_QUADRATIC_DETACHED:

@@ -33,7 +33,7 @@ __all__ = ["KERNELS", "VARIANTS", "compile_variants", "main"]
 
 KERNELS = ("forward", "dx", "dw", "atomic", "gemm_logits", "gemm_dx", "gemm_dw")
 
-_SCALARS = ("scale", "alpha", "delta", "margin", "t")
+_SCALARS = ("scale", "alpha", "delta", "margin")
 _UNIT_STRIDES = ("stride_xd", "stride_wd", "stride_gd")
 _BLOCK_COUNTS = ("blocks_per_split", "rho_blocks", "row_blocks")
 _BACKWARD_VECTORS = ("grad_lse_ptr", "grad_target_ptr", "grad_sum_ptr", "lse_ptr", "row_scale_ptr", "col_scale_ptr")

@@ -52,7 +52,7 @@ def _margin_lse_fwd_kernel(
     # strides
     stride_xb, stride_xd, stride_wr, stride_wd,
     # scalars of the transform
-    scale, alpha, delta, margin, t,
+    scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -84,8 +84,10 @@ def _margin_lse_fwd_kernel(
         row_scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
     if KIND == KIND_CURRICULAR:
         threshold = tl.load(threshold_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+        t = tl.load(threshold_ptr + B + offs_b, mask=mask_b, other=0.0).to(tl.float32)
     else:
         threshold = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        t = tl.zeros((BLOCK_B,), dtype=tl.float32)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     run_sumexp = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -123,7 +125,7 @@ def _margin_lse_fwd_kernel(
             bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t, KIND) + bias[None, :]
+        z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t[:, None], KIND) + bias[None, :]
 
         is_target = (offs_c[None, :] == labels[:, None]) & mask_c[None, :]
         negative = mask_c[None, :] & (offs_c[None, :] != labels[:, None])
@@ -177,7 +179,7 @@ def margin_lse_fwd(
     Args:
         x: (B, D) fp32/bf16/fp16; weight: (C_all*K, D) fp32/bf16/fp16; labels: (B,)
             int64 (a value outside [0, C) means "no target"); bias: (C_all,) or None;
-            class_index: (C,) int64 or None; row_threshold: (B,) (CurricularFace only).
+            class_index: (C,) int64 or None; row_threshold: (2, B) (CurricularFace only: threshold, t).
         input_precision: ``tl.dot`` precision for fp32 operands: 'ieee', 'tf32', 'tf32x3'.
         tiles: tile sizes (default: :func:`default_tiles`).
 
@@ -192,8 +194,8 @@ def margin_lse_fwd(
     if labels.shape != (batch,) or labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64 of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
     curricular = params.kind == NonTargetKind.CURRICULAR
-    if curricular and (row_threshold is None or row_threshold.shape != (batch,)):
-        raise ValueError(f"the CurricularFace transform needs row_threshold of shape ({batch},)")
+    if curricular and (row_threshold is None or row_threshold.shape != (2, batch)):
+        raise ValueError(f"the CurricularFace transform needs row_threshold of shape (2, {batch})")
     device = x.device
     f32 = torch.float32
     row_scale = torch.empty(batch, device=device, dtype=f32) if params.normalize_x else torch.ones(
@@ -231,7 +233,7 @@ def margin_lse_fwd(
         partial, partial_idx, row_scale, col_scale,
         batch, num_classes, dim, blocks_per_split,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        float(params.scale), float(params.alpha), float(params.delta), float(params.margin), float(params.t),
+        float(params.scale), float(params.alpha), float(params.delta), float(params.margin),
         K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
         HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,

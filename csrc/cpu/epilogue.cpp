@@ -168,7 +168,7 @@ constexpr T smallest_normal() {
 
 // The non-target transform T(u) and the derivative T'(u) the backward uses
 // (reference.non_target_derivative: CurricularFace's t and threshold and the Circle
-// weight [u + m]_+ are constants).
+// weight [u + m]_+ are constants). CurricularFace's t is per row: one Transform a row.
 template <int64_t KIND, typename T>
 struct Transform {
   T alpha, delta, margin, t;
@@ -231,7 +231,6 @@ FM_INLINE const T* class_cosines(T* row, const T* q, T r, int64_t n, int64_t k, 
 
 template <typename T, int64_t KIND>
 FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowState* state, T* target_u) {
-  const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin), T(p.t)};
   const T s = T(p.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int32_t n = static_cast<int32_t>(c.num_classes);
@@ -248,6 +247,8 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
     const int64_t y = c.labels[b] - c.first_class;
     const int32_t target = (y >= 0 && y < n) ? static_cast<int32_t>(y) : -1;
     const T threshold = c.row_threshold != nullptr ? c.row_threshold[b] : T(0);
+    const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin),
+                                c.row_threshold != nullptr ? c.row_threshold[c.num_rows + b] : T(0)};
 
     // Pass 1: z_j = s T(u_j) + bias_j with its lane maxima and sums (over all classes;
     // the target is taken out below), and the lane argmax of the margin-free logit
@@ -335,7 +336,6 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
 
 template <typename T, int64_t KIND>
 FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const RowGrads<T>& g) {
-  const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin), T(p.t)};
   const T s = T(p.scale);
   const T tiny = smallest_normal<T>();
   const int64_t n = c.num_classes, k = p.num_subcenters;
@@ -350,6 +350,8 @@ FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const
     const int64_t y = c.labels[b] - c.first_class;
     const int64_t target = (y >= 0 && y < n) ? y : -1;
     const T threshold = c.row_threshold != nullptr ? c.row_threshold[b] : T(0);
+    const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin),
+                                c.row_threshold != nullptr ? c.row_threshold[c.num_rows + b] : T(0)};
     T lse = g.lse_neg[b];
     T grad_lse = g.grad_lse[b];
     if (!std::isfinite(lse)) {  // no negative class in this row: no softmax term

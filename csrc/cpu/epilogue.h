@@ -34,7 +34,7 @@ struct ChunkTile {
   int64_t first_class;      // index of the chunk's first class among the classes in use
   // per row
   const T* row_scale;       // (B,) r_b (ones when x is not normalized)
-  const T* row_threshold;   // (B,) CurricularFace thresholds, or nullptr
+  const T* row_threshold;   // (2, B) CurricularFace thresholds then t per row, or nullptr
   const int64_t* labels;    // (B,) target class among the classes in use; others: none
   // per column
   const T* col_scale;       // (num_classes * K,) q_i of the chunk's rows

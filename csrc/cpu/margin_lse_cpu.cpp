@@ -64,11 +64,11 @@ void check_vector(const Tensor& t, const char* name, int64_t size) {
 }
 
 MarginParams make_params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha,
-                         double delta, double margin, double t, int64_t num_subcenters) {
+                         double delta, double margin, int64_t num_subcenters) {
   TORCH_CHECK(kind >= kIdentity && kind <= kCurricular, "fused_margin cpu backend: kind must be a NonTargetKind (0..4), got ",
               kind);
   TORCH_CHECK(num_subcenters >= 1, "fused_margin cpu backend: num_subcenters must be >= 1, got ", num_subcenters);
-  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters};
+  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};
 }
 
 // Checks the shared inputs; returns C, the number of classes in use.
@@ -106,7 +106,12 @@ int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
   if (p.kind == kCurricular) {
     TORCH_CHECK(row_threshold.has_value(), "fused_margin cpu backend: the CurricularFace kind needs row_threshold");
   }
-  if (row_threshold.has_value()) check_vector(*row_threshold, "row_threshold", x.size(0));
+  if (row_threshold.has_value()) {
+    check_cpu(*row_threshold, "row_threshold");
+    TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == x.size(0),
+                "fused_margin cpu backend: row_threshold must have shape (2, ", x.size(0), "), got ",
+                row_threshold->sizes());
+  }
   return classes;
 }
 
@@ -543,9 +548,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cpu(
     const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin, double t,
+    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
     int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
   const int64_t classes = check_inputs(x, weight, labels, bias, class_index, row_threshold, p);
   if (acc_dtype(x, weight) == at::kDouble) {
     return forward_impl<double>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
@@ -558,8 +563,8 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
     const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
     const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
-    double alpha, double delta, double margin, double t, int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+    double alpha, double delta, double margin, int64_t num_subcenters, int64_t chunk_size) {
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
   const int64_t classes = check_inputs(x, weight, labels, bias, class_index, row_threshold, p);
   const int64_t batch = x.size(0);
   check_vector(grad_lse, "grad_lse", batch);

@@ -85,11 +85,19 @@ __device__ __forceinline__ A neg_inf() {
 
 template <typename A>
 struct Transform {
-  A scale, alpha, delta, margin, t;
+  A scale, alpha, delta, margin;
 };
 
+// CurricularFace's constants of row b: row_threshold is (2, B), thresholds then t.
+template <typename A>
+__device__ __forceinline__ void curricular_terms(const A* row_threshold, int64_t num_rows, int64_t b, A* threshold,
+                                                 A* t) {
+  *threshold = row_threshold != nullptr ? row_threshold[b] : A(0);
+  *t = row_threshold != nullptr ? row_threshold[num_rows + b] : A(0);
+}
+
 template <int64_t KIND, typename A>
-__device__ __forceinline__ A transform_value(const Transform<A>& tr, A u, A threshold) {
+__device__ __forceinline__ A transform_value(const Transform<A>& tr, A u, A threshold, A t) {
   if constexpr (KIND == kIdentity) {
     return u;
   } else if constexpr (KIND == kAffine) {
@@ -97,13 +105,13 @@ __device__ __forceinline__ A transform_value(const Transform<A>& tr, A u, A thre
   } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
     return fmax(u + tr.margin, A(0)) * (u - tr.margin);
   } else {
-    return u > threshold ? u * (tr.t + u) : u;
+    return u > threshold ? u * (t + u) : u;
   }
 }
 
 // T'(u) as the reference uses it (reference.non_target_derivative).
 template <int64_t KIND, typename A>
-__device__ __forceinline__ A transform_derivative(const Transform<A>& tr, A u, A threshold) {
+__device__ __forceinline__ A transform_derivative(const Transform<A>& tr, A u, A threshold, A t) {
   if constexpr (KIND == kIdentity) {
     return A(1);
   } else if constexpr (KIND == kAffine) {
@@ -113,7 +121,7 @@ __device__ __forceinline__ A transform_derivative(const Transform<A>& tr, A u, A
   } else if constexpr (KIND == kQuadraticDetached) {
     return fmax(u + tr.margin, A(0));
   } else {
-    return u > threshold ? tr.t + A(2) * u : A(1);
+    return u > threshold ? t + A(2) * u : A(1);
   }
 }
 
@@ -195,7 +203,8 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
   const A* row = a.tile + b * n * a.k;
   const A r = a.row_scale[b];
   const int64_t target = a.labels[b] - a.first_class;  // in [0, n) iff the target is in this chunk
-  const A threshold = a.row_threshold != nullptr ? a.row_threshold[b] : A(0);
+  A threshold, t;
+  curricular_terms(a.row_threshold, a.num_rows, b, &threshold, &t);
 
   A z[kItems];
   Partial<A> p{neg_inf<A>(), A(0), A(0), neg_inf<A>(), INT64_MAX};
@@ -216,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
       if (j == target) {
         a.target_u[b] = u;
       } else {
-        z[i] = tr.scale * transform_value<KIND>(tr, u, threshold) + bj;
+        z[i] = tr.scale * transform_value<KIND>(tr, u, threshold, t) + bj;
         p.sum += z[i];
         p.max = fmax(p.max, z[i]);
       }
@@ -331,14 +340,15 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardKernelArgs<A
       lse = A(0);
       grad_lse = A(0);
     }
-    const A threshold = a.row_threshold != nullptr ? a.row_threshold[b] : A(0);
+    A threshold, t;
+    curricular_terms(a.row_threshold, a.num_rows, b, &threshold, &t);
     const bool is_target = j == a.labels[b] - a.first_class;
     int64_t best = 0;
     const A u = k == 1 ? row[j] * (r * a.col_scale[j]) : class_cosine(row, a.col_scale, r, j, k, &best);
-    const A zj = tr.scale * transform_value<KIND>(tr, u, threshold) + bj;
+    const A zj = tr.scale * transform_value<KIND>(tr, u, threshold, t) + bj;
     const A dz = is_target ? A(0) : grad_lse * exp(zj - lse) + a.grad_sum[b];
     dbias += dz;
-    const A du = dz * (tr.scale * transform_derivative<KIND>(tr, u, threshold)) + (is_target ? a.grad_target_u[b] : A(0));
+    const A du = dz * (tr.scale * transform_derivative<KIND>(tr, u, threshold, t)) + (is_target ? a.grad_target_u[b] : A(0));
     // Route the class's gradient to the sub-center that attained the max. All K reads
     // above precede these writes (in-place when G aliases the tile).
     for (int64_t s = 0; s < k; ++s) {
@@ -438,7 +448,7 @@ void dispatch_kind(int64_t kind, F&& f) {
 
 template <typename A>
 Transform<A> make_transform(const MarginParams& p) {
-  return Transform<A>{A(p.scale), A(p.alpha), A(p.delta), A(p.margin), A(p.t)};
+  return Transform<A>{A(p.scale), A(p.alpha), A(p.delta), A(p.margin)};
 }
 
 unsigned blocks_for(int64_t items, int64_t per_block) {

@@ -39,7 +39,7 @@ struct ChunkArgs {
   int64_t num_subcenters;     // K
   // per row (B)
   const void* row_scale;      // r_b (acc)
-  const void* row_threshold;  // CurricularFace thresholds (acc) or nullptr
+  const void* row_threshold;  // (2, B) CurricularFace thresholds then t (acc) or nullptr
   const int64_t* labels;      // target among the classes in use; others: none
   // per column
   const void* col_scale;      // (num_classes*K) q_i of the chunk (acc)

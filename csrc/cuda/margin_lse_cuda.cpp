@@ -56,11 +56,11 @@ void check_vector(const Tensor& t, const char* name, int64_t size, const Tensor&
 }
 
 MarginParams make_params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha,
-                         double delta, double margin, double t, int64_t num_subcenters) {
+                         double delta, double margin, int64_t num_subcenters) {
   TORCH_CHECK(kind >= kIdentity && kind <= kCurricular,
               "fused_margin cuda backend: kind must be a NonTargetKind (0..4), got ", kind);
   TORCH_CHECK(num_subcenters >= 1, "fused_margin cuda backend: num_subcenters must be >= 1, got ", num_subcenters);
-  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters};
+  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};
 }
 
 int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
@@ -97,7 +97,12 @@ int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
   if (p.kind == kCurricular) {
     TORCH_CHECK(row_threshold.has_value(), "fused_margin cuda backend: the CurricularFace kind needs row_threshold");
   }
-  if (row_threshold.has_value()) check_vector(*row_threshold, "row_threshold", x.size(0), x);
+  if (row_threshold.has_value()) {
+    check_on(*row_threshold, "row_threshold", x);
+    TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == x.size(0),
+                "fused_margin cuda backend: row_threshold must have shape (2, ", x.size(0), "), got ",
+                row_threshold->sizes());
+  }
   return classes;
 }
 
@@ -222,9 +227,9 @@ Prepared prepare(const Tensor& x, const Tensor& weight, const Tensor& labels, co
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
     const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
     const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin, double t,
+    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
     int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
   const int64_t classes = check_inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
@@ -288,9 +293,9 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
     const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
     const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
     const Tensor& lse_neg_in, const Tensor& row_scale_in, const Tensor& col_scale_in, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin, double t,
+    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
     int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, t, num_subcenters);
+  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
   const int64_t classes = check_inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
   const int64_t batch_in = x_in.size(0);
   check_vector(grad_lse_in, "grad_lse", batch_in, x_in);

@@ -27,7 +27,7 @@ class ExtensionBackend(Backend):
     def forward(self, x, weight, labels, bias, class_index, row_threshold, params: KernelParams):
         return _ext.ops().margin_lse_fwd(
             x, weight, labels, bias, class_index, row_threshold, params.normalize_x, params.normalize_w,
-            params.scale, int(params.kind), params.alpha, params.delta, params.margin, params.t,
+            params.scale, int(params.kind), params.alpha, params.delta, params.margin,
             params.num_subcenters, self.chunk_size,
         )
 
@@ -38,7 +38,7 @@ class ExtensionBackend(Backend):
         grad_x, grad_w, grad_b = _ext.ops().margin_lse_bwd(
             grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
             lse_neg, row_scale, col_scale, params.normalize_x, params.normalize_w, params.scale,
-            int(params.kind), params.alpha, params.delta, params.margin, params.t, params.num_subcenters,
+            int(params.kind), params.alpha, params.delta, params.margin, params.num_subcenters,
             self.chunk_size,
         )
         return grad_x, grad_w, (grad_b if bias is not None else None)

@@ -17,6 +17,8 @@ class AdaFaceLoss(MarginHead):
     batch_mean: Tensor
     batch_std: Tensor
 
+    _STATE_INIT = {**MarginHead._STATE_INIT, "batch_mean": 20.0, "batch_std": 100.0}
+
     def __init__(
         self,
         num_classes: int,
@@ -37,8 +39,8 @@ class AdaFaceLoss(MarginHead):
         self.scale, self.margin, self.h, self.t_alpha = scale, margin, h, t_alpha
         device = self.weight.device
         # The authors' initial statistics.
-        self.register_buffer("batch_mean", torch.full((), 20.0, device=device))
-        self.register_buffer("batch_std", torch.full((), 100.0, device=device))
+        self.register_buffer("batch_mean", torch.full((), self._STATE_INIT["batch_mean"], device=device))
+        self.register_buffer("batch_std", torch.full((), self._STATE_INIT["batch_std"], device=device))
         # The target reads the statistics through this bound method, so the spec stays
         # one constant object (and follows the buffers across .to(device)).
         self._spec = MarginSpec(scale, AdaptiveMarginTarget(scale, margin, self.norm_scaler), name="adaface")

@@ -73,6 +73,19 @@ class MarginHead(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.reset_parameters()
 
+    #: the initial value of each state buffer (see :meth:`materialize_state`)
+    _STATE_INIT: dict[str, float] = {"step": 0}
+
+    def materialize_state(self, device: torch.device | str) -> None:
+        """Give the state buffers that live on the meta device real storage on ``device``,
+        at their initial values; the weight stays where it is. For a head built with
+        ``device='meta'`` whose spec and state (not weight) another module uses:
+        :class:`fused_margin.distributed.ShardedMarginLoss`."""
+        for name, buffer in list(self._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                value = torch.full((), self._STATE_INIT[name], dtype=buffer.dtype, device=device)
+                self.register_buffer(name, value.expand(buffer.shape).clone())
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
         if self.bias is not None:

@@ -5,8 +5,7 @@ before the loss as in the authors' code."""
 
 from __future__ import annotations
 
-from typing import Any
-
+import torch
 from torch import Tensor
 
 from ..functional import detached_target_cos
@@ -16,6 +15,10 @@ from .base import MarginHead
 
 
 class CurricularFaceLoss(MarginHead):
+    """``t`` is a 0-dim float32 buffer: it travels with ``state_dict()``, and its update
+    runs on the embeddings' device with no host sync, so a compiled training step
+    (``fullgraph=True``) keeps it in the graph."""
+
     def __init__(
         self,
         num_classes: int,
@@ -31,24 +34,24 @@ class CurricularFaceLoss(MarginHead):
             raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.momentum = scale, margin, momentum
-        self.t = 0.0
+        self.register_buffer("t", torch.zeros((), dtype=torch.float32, device=self.weight.device))
+
+    _STATE_INIT = {**MarginHead._STATE_INIT, "t": 0.0}
 
     def spec(self) -> MarginSpec:
         return MarginSpec.curricularface(self.scale, self.margin, self.t)
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)
-        valid = internal >= 0
-        if not bool(valid.any()):
-            return
         cos = detached_target_cos(embeddings, self.weight, internal, self.spec(), None)
-        mean_cos = float(cos[valid].mean())
-        self.t = self.momentum * mean_cos + (1.0 - self.momentum) * self.t
+        self.update_t(cos, internal >= 0)
 
-    # t is a Python float (the kernel takes it as a scalar): it travels in state_dict()
-    # as extra state. Reading the batch mean makes one host sync per training step.
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"t": self.t}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.t = float(state["t"])
+    @torch.no_grad()
+    def update_t(self, target_cos: Tensor, valid: Tensor) -> None:
+        """``t <- momentum * mean(target_cos[valid]) + (1 - momentum) * t``; unchanged
+        when no row is valid. In place, with tensor ops only (no host sync)."""
+        count = valid.sum()
+        total = torch.where(valid, target_cos, torch.zeros_like(target_cos)).sum()
+        mean = (total / count.clamp_min(1)).to(self.t.dtype)
+        updated = self.momentum * mean + (1.0 - self.momentum) * self.t
+        self.t.copy_(torch.where(count > 0, updated, self.t))
