@@ -20,6 +20,8 @@ is, so sub-center heads pay K times the recomputation in that kernel).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +43,7 @@ from .common import (
 )
 from .lse_forward import num_classes_in_use
 
-__all__ = ["kernel_arguments", "margin_lse_bwd"]
+__all__ = ["BackwardInputs", "kernel_arguments", "margin_lse_bwd"]
 
 
 @triton.jit
@@ -236,6 +238,25 @@ def _margin_lse_bwd_dw_kernel(
             tl.store(grad_bias_ptr + classes, grad_bias, mask=mask_c)
 
 
+class BackwardInputs(NamedTuple):
+    """What every Triton backward takes: the backend contract's backward arguments (see
+    :mod:`fused_margin.kernel_params`), in its order."""
+
+    grad_lse: torch.Tensor
+    grad_target_u: torch.Tensor
+    grad_sum: torch.Tensor
+    x: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    bias: torch.Tensor | None
+    class_index: torch.Tensor | None
+    row_threshold: torch.Tensor | None
+    lse_neg: torch.Tensor
+    row_scale: torch.Tensor
+    col_scale: torch.Tensor
+    params: KernelParams
+
+
 def zero_gradients(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -255,19 +276,7 @@ def gradient_buffers(
 
 
 def kernel_arguments(
-    grad_lse: torch.Tensor,
-    grad_target_u: torch.Tensor,
-    grad_sum: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    class_index: torch.Tensor | None,
-    row_threshold: torch.Tensor | None,
-    lse_neg: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    params: KernelParams,
+    inputs: BackwardInputs,
     *,
     input_precision: str,
     grad_dot_fp32: bool,
@@ -276,13 +285,20 @@ def kernel_arguments(
     (B,)-or-(C,) vectors as contiguous fp32; the first of them stands in for absent
     optional tensors, whose pointers a constexpr flag leaves unread), the transform's
     scalars, and the constexpr flags."""
+    x, weight, bias, class_index, row_threshold, params = (
+        inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.row_threshold, inputs.params
+    )
     if params.kind == NonTargetKind.CURRICULAR and (row_threshold is None or row_threshold.shape != (2, x.shape[0])):
         raise ValueError(f"the CurricularFace transform needs row_threshold of shape (2, {x.shape[0]})")
     f32 = torch.float32
-    vectors = [t.to(f32).contiguous() for t in (grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale)]
+    vectors = [
+        t.to(f32).contiguous()
+        for t in (inputs.grad_lse, inputs.grad_target_u, inputs.grad_sum, inputs.lse_neg, inputs.row_scale,
+                  inputs.col_scale)
+    ]
     dummy = vectors[0]
     tensor_args = (
-        x, weight, labels.contiguous(),
+        x, weight, inputs.labels.contiguous(),
         dummy if bias is None else bias.contiguous(),
         dummy if class_index is None else class_index.contiguous(),
         dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
@@ -299,19 +315,7 @@ def kernel_arguments(
 
 
 def margin_lse_bwd(
-    grad_lse: torch.Tensor,
-    grad_target_u: torch.Tensor,
-    grad_sum: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    class_index: torch.Tensor | None,
-    row_threshold: torch.Tensor | None,
-    lse_neg: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    params: KernelParams,
+    inputs: BackwardInputs,
     *,
     input_precision: str = "ieee",
     grad_dot_fp32: bool = False,
@@ -321,8 +325,8 @@ def margin_lse_bwd(
     """The backward of :mod:`fused_margin.kernel_params` on one device.
 
     Args:
-        grad_lse, grad_target_u, grad_sum: (B,) upstream gradients of the forward's
-            first three outputs; lse_neg, row_scale, col_scale: the forward's outputs.
+        inputs: the upstream gradients (B,) of the forward's first three outputs, the
+            forward's inputs, and its saved outputs lse_neg, row_scale, col_scale.
         input_precision: ``tl.dot`` precision for fp32 operands ('ieee', 'tf32', 'tf32x3').
         grad_dot_fp32: feed ``dU`` to the two gradient GEMMs in fp32 (x and W upcast)
             instead of rounding it to the 16-bit input dtype. Accumulation is fp32 either
@@ -332,6 +336,7 @@ def margin_lse_bwd(
     Returns ``(grad_x, grad_weight, grad_bias)`` in the dtypes of x, weight, bias;
     ``class_index`` must not repeat a class (each weight row has one writer).
     """
+    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
     k = params.num_subcenters
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, k)
@@ -341,10 +346,7 @@ def margin_lse_bwd(
         return zero_gradients(x, weight, bias)
     grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index)
 
-    tensor_args, scalars, meta = kernel_arguments(
-        grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
-    )
+    tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
     dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
 
     # dx: rows x class splits x D slices

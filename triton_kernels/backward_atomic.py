@@ -25,9 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_margin.kernel_params import KernelParams
-
-from .backward import _load_row_terms, _logit_grads, kernel_arguments
+from .backward import BackwardInputs, _load_row_terms, _logit_grads, kernel_arguments
 from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
 from .lse_forward import num_classes_in_use
 
@@ -128,19 +126,7 @@ def _margin_lse_bwd_atomic_kernel(
 
 
 def margin_lse_bwd_atomic(
-    grad_lse: torch.Tensor,
-    grad_target_u: torch.Tensor,
-    grad_sum: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    class_index: torch.Tensor | None,
-    row_threshold: torch.Tensor | None,
-    lse_neg: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    params: KernelParams,
+    inputs: BackwardInputs,
     *,
     input_precision: str = "ieee",
     grad_dot_fp32: bool = False,
@@ -151,6 +137,7 @@ def margin_lse_bwd_atomic(
     results) but with one recomputation and atomic accumulation: not bitwise
     reproducible. ``tiles``: :class:`TileConfig` of the one kernel (default
     :func:`default_tiles` for 'atomic')."""
+    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, params.num_subcenters)
     device = x.device
@@ -159,10 +146,7 @@ def margin_lse_bwd_atomic(
     grad_w = torch.zeros(weight.shape, device=device, dtype=f32)
     grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
     if batch > 0 and num_classes > 0:
-        tensor_args, scalars, meta = kernel_arguments(
-            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-            lse_neg, row_scale, col_scale, params, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
-        )
+        tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
         dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
         tiles = tiles or default_tiles(
             "atomic", batch, num_classes, dim, device,

@@ -37,9 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_margin.kernel_params import KernelParams
-
-from .backward import _load_row_terms, _logit_grads, gradient_buffers, kernel_arguments, zero_gradients
+from .backward import (
+    BackwardInputs,
+    _load_row_terms,
+    _logit_grads,
+    gradient_buffers,
+    kernel_arguments,
+    zero_gradients,
+)
 from .common import DX_WORKSPACE_BYTES, TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
 from .lse_forward import num_classes_in_use
 
@@ -243,19 +248,7 @@ def chunk_classes_for(batch: int, num_classes: int, k: int, element_size: int, b
 
 
 def margin_lse_bwd_gemm(
-    grad_lse: torch.Tensor,
-    grad_target_u: torch.Tensor,
-    grad_sum: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    class_index: torch.Tensor | None,
-    row_threshold: torch.Tensor | None,
-    lse_neg: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    params: KernelParams,
+    inputs: BackwardInputs,
     *,
     input_precision: str = "ieee",
     grad_dot_fp32: bool = False,
@@ -267,6 +260,7 @@ def margin_lse_bwd_gemm(
     ``tiles``: optional :class:`TileConfig` overrides keyed 'gemm_logits', 'gemm_dx'
     (its ``splits``: the number of split-K partials of dx), 'gemm_dw'."""
     tiles = tiles or {}
+    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
     k = params.num_subcenters
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, k)
@@ -276,10 +270,7 @@ def margin_lse_bwd_gemm(
         return zero_gradients(x, weight, bias)
     grad_w, grad_bias = gradient_buffers(weight, bias, class_index)
 
-    tensor_args, scalars, meta = kernel_arguments(
-        grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
-    )
+    tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
     dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
     class_index_arg = tensor_args[4]
     grad_fp32 = meta["GRAD_DOT_FP32"]

@@ -127,21 +127,23 @@ class TritonBackend(Backend):
         self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
         lse_neg, row_scale, col_scale, params,
     ):
-        args = (grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-                lse_neg, row_scale, col_scale, params)
+        from ..triton_kernels.backward import BackwardInputs
+
+        inputs = BackwardInputs(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
+                                row_threshold, lse_neg, row_scale, col_scale, params)
         options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32())
         mode = self.backward_implementation()
         if mode == "gemm":
             from ..triton_kernels.backward_gemm import margin_lse_bwd_gemm
 
-            return margin_lse_bwd_gemm(*args, **options, tiles=self.tiles)
+            return margin_lse_bwd_gemm(inputs, **options, tiles=self.tiles)
         if mode == "atomic":
             from ..triton_kernels.backward_atomic import margin_lse_bwd_atomic
 
-            return margin_lse_bwd_atomic(*args, **options, tiles=self.tiles.get("atomic"))
+            return margin_lse_bwd_atomic(inputs, **options, tiles=self.tiles.get("atomic"))
         from ..triton_kernels.backward import margin_lse_bwd
 
-        return margin_lse_bwd(*args, **options, dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"))
+        return margin_lse_bwd(inputs, **options, dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"))
 
 
 def _check_unique(class_index: Tensor) -> None:
