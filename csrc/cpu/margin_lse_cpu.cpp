@@ -30,6 +30,8 @@
 #include <limits>
 #include <vector>
 
+#include "../chunk_rows.h"
+#include "../input_checks.h"
 #include "../margin_params.h"
 #include "epilogue.h"
 
@@ -50,70 +52,10 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------
-// Validation at the boundary (messages name the argument).
+// Validation at the boundary (messages name the argument): ../input_checks.h
 // ---------------------------------------------------------------------------------
 
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fused_margin cpu backend: ", name, " must be a CPU tensor, got ", t.device());
-}
-
-void check_vector(const Tensor& t, const char* name, int64_t size) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "fused_margin cpu backend: ", name, " must have shape (", size,
-              ",), got ", t.sizes());
-}
-
-MarginParams make_params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha,
-                         double delta, double margin, int64_t num_subcenters) {
-  TORCH_CHECK(kind >= kIdentity && kind <= kCurricular, "fused_margin cpu backend: kind must be a NonTargetKind (0..4), got ",
-              kind);
-  TORCH_CHECK(num_subcenters >= 1, "fused_margin cpu backend: num_subcenters must be >= 1, got ", num_subcenters);
-  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};
-}
-
-// Checks the shared inputs; returns C, the number of classes in use.
-int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
-                     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold,
-                     const MarginParams& p) {
-  check_cpu(x, "x");
-  check_cpu(weight, "weight");
-  TORCH_CHECK(x.dim() == 2, "fused_margin cpu backend: x must have shape (B, D), got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
-              "fused_margin cpu backend: weight must have shape (R, ", x.size(1), ") to match x, got ", weight.sizes());
-  TORCH_CHECK(x.is_floating_point() && weight.is_floating_point(),
-              "fused_margin cpu backend: x and weight must be floating point, got ", x.scalar_type(), " and ",
-              weight.scalar_type());
-  const int64_t k = p.num_subcenters;
-  TORCH_CHECK(weight.size(0) % k == 0, "fused_margin cpu backend: weight has ", weight.size(0),
-              " rows, not a multiple of num_subcenters=", k);
-  const int64_t classes_all = weight.size(0) / k;
-  check_vector(labels, "labels", x.size(0));
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "fused_margin cpu backend: labels must be int64, got ",
-              labels.scalar_type());
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", classes_all);
-    TORCH_CHECK(bias->is_floating_point(), "fused_margin cpu backend: bias must be floating point");
-  }
-  int64_t classes = classes_all;
-  if (class_index.has_value()) {
-    check_cpu(*class_index, "class_index");
-    TORCH_CHECK(class_index->dim() == 1 && class_index->scalar_type() == at::kLong,
-                "fused_margin cpu backend: class_index must be a 1-D int64 tensor, got ", class_index->sizes(), " ",
-                class_index->scalar_type());
-    classes = class_index->size(0);
-  }
-  TORCH_CHECK(classes >= 1, "fused_margin cpu backend: there must be at least one class");
-  if (p.kind == kCurricular) {
-    TORCH_CHECK(row_threshold.has_value(), "fused_margin cpu backend: the CurricularFace kind needs row_threshold");
-  }
-  if (row_threshold.has_value()) {
-    check_cpu(*row_threshold, "row_threshold");
-    TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == x.size(0),
-                "fused_margin cpu backend: row_threshold must have shape (2, ", x.size(0), "), got ",
-                row_threshold->sizes());
-  }
-  return classes;
-}
+constexpr InputChecks kChecks{"cpu", c10::DeviceType::CPU};
 
 // class_index values must be valid rows; returns whether they are all distinct (then a
 // chunk's weight-gradient rows can be written in place by the thread that owns it).
@@ -206,63 +148,7 @@ constexpr int64_t kMaxForwardGroups = 256;
 // as many as fit in 16 MiB, but at least 8 (parallelism for large B) and at most 64.
 constexpr int64_t kBackwardPartialBytes = int64_t(16) << 20;
 
-// ---------------------------------------------------------------------------------
-// Weight rows of a chunk, in the accumulation dtype
-// ---------------------------------------------------------------------------------
-
-// Hands out the weight rows of a chunk (n classes * K sub-centers) as a contiguous
-// (n*K, D) tensor of the accumulation dtype: a view of `weight` when possible, else a
-// gathered / converted copy of just this chunk (bounded workspace, reused).
-class ChunkRows {
- public:
-  ChunkRows(const Tensor& weight, const c10::optional<Tensor>& class_index, int64_t k, at::ScalarType acc,
-            int64_t max_rows)
-      : weight_(weight), index_(class_index), k_(k), acc_(acc) {
-    direct_ = !index_.has_value() && weight.scalar_type() == acc;
-    if (!direct_) buffer_ = at::empty({max_rows, weight.size(1)}, weight.options().dtype(acc));
-    if (index_.has_value()) {
-      rows_ = at::empty({max_rows}, weight.options().dtype(at::kLong));
-      if (weight.scalar_type() != acc) native_ = at::empty({max_rows, weight.size(1)}, weight.options());
-    }
-  }
-
-  bool direct() const { return direct_; }
-
-  // Row indices into `weight` of the chunk [c0, c0 + n) (class_index only).
-  Tensor row_ids(int64_t c0, int64_t n) {
-    Tensor ids = rows_.narrow(0, 0, n * k_);
-    const int64_t* cls = index_->data_ptr<int64_t>() + c0;
-    int64_t* out = ids.data_ptr<int64_t>();
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t s = 0; s < k_; ++s) out[j * k_ + s] = cls[j] * k_ + s;
-    }
-    return ids;
-  }
-
-  Tensor load(int64_t c0, int64_t n) {
-    const int64_t rows = n * k_;
-    if (direct_) return weight_.narrow(0, c0 * k_, rows);
-    Tensor out = buffer_.narrow(0, 0, rows);
-    if (!index_.has_value()) {
-      out.copy_(weight_.narrow(0, c0 * k_, rows));
-    } else if (weight_.scalar_type() == acc_) {
-      at::index_select_out(out, weight_, 0, row_ids(c0, n));
-    } else {
-      Tensor native = native_.narrow(0, 0, rows);
-      at::index_select_out(native, weight_, 0, row_ids(c0, n));
-      out.copy_(native);
-    }
-    return out;
-  }
-
- private:
-  Tensor weight_;
-  c10::optional<Tensor> index_;
-  int64_t k_;
-  at::ScalarType acc_;
-  bool direct_;
-  Tensor buffer_, rows_, native_;
-};
+// Weight rows of a chunk, in the accumulation dtype: ChunkRows (../chunk_rows.h).
 
 at::ScalarType acc_dtype(const Tensor& x, const Tensor& weight) {
   return (x.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
@@ -550,8 +436,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cpu(
     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, bool normalize_x,
     bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
     int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = check_inputs(x, weight, labels, bias, class_index, row_threshold, p);
+  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
+  const int64_t classes = kChecks.inputs(x, weight, labels, bias, class_index, row_threshold, p);
   if (acc_dtype(x, weight) == at::kDouble) {
     return forward_impl<double>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
   }
@@ -564,15 +450,10 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
     const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
     double alpha, double delta, double margin, int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = check_inputs(x, weight, labels, bias, class_index, row_threshold, p);
-  const int64_t batch = x.size(0);
-  check_vector(grad_lse, "grad_lse", batch);
-  check_vector(grad_target_u, "grad_target_u", batch);
-  check_vector(grad_sum, "grad_sum", batch);
-  check_vector(lse_neg, "lse_neg", batch);
-  check_vector(row_scale, "row_scale", batch);
-  check_vector(col_scale, "col_scale", classes * num_subcenters);
+  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
+  const int64_t classes = kChecks.inputs(x, weight, labels, bias, class_index, row_threshold, p);
+  kChecks.backward_vectors(grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale, x, classes,
+                           num_subcenters);
   if (acc_dtype(x, weight) == at::kDouble) {
     return backward_impl<double>(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
                                  row_threshold, lse_neg, row_scale, col_scale, p, classes, chunk_size);

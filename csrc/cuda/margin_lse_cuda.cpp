@@ -24,6 +24,8 @@
 
 #include <algorithm>
 
+#include "../chunk_rows.h"
+#include "../input_checks.h"
 #include "../margin_params.h"
 #include "epilogue.cuh"
 
@@ -41,70 +43,10 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------
-// Validation at the boundary (messages name the argument).
+// Validation at the boundary (messages name the argument): ../input_checks.h
 // ---------------------------------------------------------------------------------
 
-void check_on(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "fused_margin cuda backend: ", name, " must be on ", x.device(), ", got ",
-              t.device());
-}
-
-void check_vector(const Tensor& t, const char* name, int64_t size, const Tensor& x) {
-  check_on(t, name, x);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "fused_margin cuda backend: ", name, " must have shape (", size,
-              ",), got ", t.sizes());
-}
-
-MarginParams make_params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha,
-                         double delta, double margin, int64_t num_subcenters) {
-  TORCH_CHECK(kind >= kIdentity && kind <= kCurricular,
-              "fused_margin cuda backend: kind must be a NonTargetKind (0..4), got ", kind);
-  TORCH_CHECK(num_subcenters >= 1, "fused_margin cuda backend: num_subcenters must be >= 1, got ", num_subcenters);
-  return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};
-}
-
-int64_t check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
-                     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold,
-                     const MarginParams& p) {
-  TORCH_CHECK(x.is_cuda(), "fused_margin cuda backend: x must be a CUDA tensor, got ", x.device());
-  check_on(weight, "weight", x);
-  TORCH_CHECK(x.dim() == 2, "fused_margin cuda backend: x must have shape (B, D), got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "fused_margin cuda backend: weight must have shape (R, ",
-              x.size(1), ") to match x, got ", weight.sizes());
-  TORCH_CHECK(x.is_floating_point() && weight.is_floating_point(),
-              "fused_margin cuda backend: x and weight must be floating point, got ", x.scalar_type(), " and ",
-              weight.scalar_type());
-  const int64_t k = p.num_subcenters;
-  TORCH_CHECK(weight.size(0) % k == 0, "fused_margin cuda backend: weight has ", weight.size(0),
-              " rows, not a multiple of num_subcenters=", k);
-  const int64_t classes_all = weight.size(0) / k;
-  check_vector(labels, "labels", x.size(0), x);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "fused_margin cuda backend: labels must be int64, got ",
-              labels.scalar_type());
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", classes_all, x);
-    TORCH_CHECK(bias->is_floating_point(), "fused_margin cuda backend: bias must be floating point");
-  }
-  int64_t classes = classes_all;
-  if (class_index.has_value()) {
-    check_on(*class_index, "class_index", x);
-    TORCH_CHECK(class_index->dim() == 1 && class_index->scalar_type() == at::kLong,
-                "fused_margin cuda backend: class_index must be a 1-D int64 tensor, got ", class_index->sizes(), " ",
-                class_index->scalar_type());
-    classes = class_index->size(0);
-  }
-  TORCH_CHECK(classes >= 1, "fused_margin cuda backend: there must be at least one class");
-  if (p.kind == kCurricular) {
-    TORCH_CHECK(row_threshold.has_value(), "fused_margin cuda backend: the CurricularFace kind needs row_threshold");
-  }
-  if (row_threshold.has_value()) {
-    check_on(*row_threshold, "row_threshold", x);
-    TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == x.size(0),
-                "fused_margin cuda backend: row_threshold must have shape (2, ", x.size(0), "), got ",
-                row_threshold->sizes());
-  }
-  return classes;
-}
+constexpr InputChecks kChecks{"cuda", c10::DeviceType::CUDA};
 
 // ---------------------------------------------------------------------------------
 // Types, chunks, GEMMs
@@ -154,45 +96,7 @@ void gemm_into(Tensor& out, const Tensor& a, const Tensor& b) {
 #endif
 }
 
-// The weight rows of a chunk in the GEMM dtype, contiguous: a view of weight when
-// possible, else a gathered / converted copy of just this chunk.
-class ChunkRows {
- public:
-  ChunkRows(const Tensor& weight, const c10::optional<Tensor>& class_index, int64_t k, at::ScalarType gd,
-            int64_t max_rows)
-      : weight_(weight), index_(class_index), k_(k), gd_(gd) {
-    direct_ = !index_.has_value() && weight.scalar_type() == gd;
-    if (!direct_) buffer_ = at::empty({max_rows, weight.size(1)}, weight.options().dtype(gd));
-  }
-
-  Tensor row_ids(int64_t c0, int64_t n) const {
-    const Tensor cls = index_->narrow(0, c0, n);
-    if (k_ == 1) return cls;
-    return cls.mul(k_).unsqueeze(1).add(at::arange(k_, cls.options())).reshape(-1);
-  }
-
-  Tensor load(int64_t c0, int64_t n) {
-    const int64_t rows = n * k_;
-    if (direct_) return weight_.narrow(0, c0 * k_, rows);
-    Tensor out = buffer_.narrow(0, 0, rows);
-    if (!index_.has_value()) {
-      out.copy_(weight_.narrow(0, c0 * k_, rows));
-    } else if (weight_.scalar_type() == gd_) {
-      at::index_select_out(out, weight_, 0, row_ids(c0, n));
-    } else {
-      out.copy_(weight_.index_select(0, row_ids(c0, n)));
-    }
-    return out;
-  }
-
- private:
-  Tensor weight_;
-  c10::optional<Tensor> index_;
-  int64_t k_;
-  at::ScalarType gd_;
-  bool direct_;
-  Tensor buffer_;
-};
+// The weight rows of a chunk in the GEMM dtype: ChunkRows (../chunk_rows.h).
 
 const void* ptr_or_null(const c10::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
@@ -229,8 +133,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
     const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in, bool normalize_x,
     bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
     int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = check_inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
+  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
+  const int64_t classes = kChecks.inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -295,15 +199,10 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
     const Tensor& lse_neg_in, const Tensor& row_scale_in, const Tensor& col_scale_in, bool normalize_x,
     bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
     int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = make_params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = check_inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
-  const int64_t batch_in = x_in.size(0);
-  check_vector(grad_lse_in, "grad_lse", batch_in, x_in);
-  check_vector(grad_target_u_in, "grad_target_u", batch_in, x_in);
-  check_vector(grad_sum_in, "grad_sum", batch_in, x_in);
-  check_vector(lse_neg_in, "lse_neg", batch_in, x_in);
-  check_vector(row_scale_in, "row_scale", batch_in, x_in);
-  check_vector(col_scale_in, "col_scale", classes * num_subcenters, x_in);
+  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
+  const int64_t classes = kChecks.inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
+  kChecks.backward_vectors(grad_lse_in, grad_target_u_in, grad_sum_in, lse_neg_in, row_scale_in, col_scale_in, x_in,
+                           classes, num_subcenters);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
