@@ -67,6 +67,18 @@ RESULT_MARKER = "@@fused_margin_bench_result@@"
 
 #: Implementations that are not fused backends of the registry, in table order.
 NON_BACKEND_IMPLS = ("eager", "compile", "pml", "liger", "cce", "floor")
+#: Backends with a variant per option value, named 'backend:value' (e.g. 'triton:atomic'):
+#: the option set on the backend in the measuring process. The plain name runs the default.
+BACKEND_VARIANTS = {"triton": ("backward_mode", ("gemm", "recompute", "atomic"))}
+
+
+def split_impl(impl: str) -> tuple[str, dict[str, str]]:
+    """``('triton', {'backward_mode': 'atomic'})`` for 'triton:atomic'; ``(impl, {})`` else."""
+    name, _, value = impl.partition(":")
+    if not value:
+        return impl, {}
+    option, _values = BACKEND_VARIANTS[name]
+    return name, {option: value}
 #: Loss agreement with the float64 reference, per input dtype (max relative error per sample).
 LOSS_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-2}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -343,9 +355,11 @@ def build_case(impl: str, head: str, x: torch.Tensor, w: torch.Tensor, y: torch.
         return Case(
             lambda: linear_cross_entropy(x, w, y, reduction="none", impl=cce_impl), _mean_backward, [x, w]
         )
-    # 'eager', 'reference' and every fused backend: the library's public function.
+    # 'eager', 'reference' and every fused backend (a variant: its options are set on the
+    # backend by the caller): the library's public function.
+    backend = split_impl(impl)[0]
     return Case(
-        lambda: fm.margin_cross_entropy(x, w, y, spec, reduction="none", backend=impl), _mean_backward, [x, w]
+        lambda: fm.margin_cross_entropy(x, w, y, spec, reduction="none", backend=backend), _mean_backward, [x, w]
     )
 
 
@@ -413,9 +427,13 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
             return {"status": "OOM", "reason": "inputs do not fit"}
         raise
     if impl not in NON_BACKEND_IMPLS:
-        reasons = get_backend(impl).not_supported_reasons(x, w, KernelParams.from_spec(spec))
+        base, options = split_impl(impl)
+        backend = get_backend(base)
+        reasons = backend.not_supported_reasons(x, w, KernelParams.from_spec(spec))
         if reasons:
             return {"status": "skipped", "reason": "; ".join(reasons)}
+        for option, value in options.items():  # this process measures this one variant
+            setattr(backend, option, value)
     try:
         case = build_case(impl, job["head"], x, w, y, spec)
     except ImportError as error:
@@ -714,6 +732,7 @@ def select_impls(requested: list[str], probe: dict[str, Any]) -> list[str]:
         else:
             chosen.append(token)
     known = {*fused, "reference", *NON_BACKEND_IMPLS}
+    known |= {f"{name}:{value}" for name, (_, values) in BACKEND_VARIANTS.items() if name in fused for value in values}
     unknown = [c for c in chosen if c not in known]
     if unknown:
         raise SystemExit(f"--backends: unknown {unknown}; known: {sorted(known)}")
@@ -722,8 +741,9 @@ def select_impls(requested: list[str], probe: dict[str, Any]) -> list[str]:
 
 def applicability(impl: str, head: str, classes: int, args: argparse.Namespace, probe: dict[str, Any]) -> str | None:
     """Why ``impl`` is skipped at this point of the sweep (None: run it)."""
-    if impl in probe["backends"].get(head, {}):
-        reasons = probe["backends"][head][impl]
+    base, _ = split_impl(impl)
+    if base in probe["backends"].get(head, {}):
+        reasons = probe["backends"][head][base]
         if reasons:
             return "; ".join(reasons)
     if impl == "pml" and head not in PML_HEADS:
@@ -818,6 +838,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     losses: dict[tuple[str, int, str], list[float] | None] = {}
     references: dict[tuple[str, int], dict[str, Any]] = {}
     planned = [(h, c, i) for h in args.heads for c in args.classes for i in impls if i != "floor"]
+    # --time-budget: no job starts once it is spent; what is left is reported as skipped
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    over_budget = f"time budget spent (--time-budget {args.time_budget} s)"
     progress = tqdm(total=len(planned) + len(args.heads), desc="bench", unit="run", file=sys.stderr,
                     disable=args.no_progress, dynamic_ncols=True)
     for head in args.heads:
@@ -843,6 +866,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 if impl == "floor":
                     continue
                 reason = applicability(impl, head, classes, args, probe)
+                if reason is None and deadline is not None and time.monotonic() > deadline:
+                    reason = over_budget
                 if reason is None and impl in failed_at:
                     reason = f"OOM at C={failed_at[impl]}"
                 if reason is not None:
@@ -880,6 +905,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "heads": args.heads, "classes": args.classes, "batch": args.batch, "dim": args.dim,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
             "min_time_s": args.min_time, "max_repeat": args.max_repeat, "check_rows": check_rows, "seed": args.seed,
+            "time_budget_s": args.time_budget,
             "flush_denormal": args.flush_denormal, "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "compile_max_classes": args.compile_max_classes, "peer_max_classes": args.peer_max_classes,
             "eager_max_classes": args.eager_max_classes, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
@@ -1052,7 +1078,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default CPU float32, GPU bfloat16")
     p.add_argument("--backends", type=_csv, default=["all"],
                    help="implementations: 'all' (fused backends that can run + eager, compile, pml, liger, cce, "
-                        "floor), names to add (also 'reference'), '-name' to drop: e.g. all,-compile")
+                        "floor), names to add (also 'reference', and a backend variant: 'triton:recompute', "
+                        "'triton:atomic' run the Triton backend with that backward mode), '-name' to drop: "
+                        "e.g. all,-compile,triton:atomic")
     p.add_argument("--repeat", type=int, default=None, help="timed iterations, at least (default CPU 3, GPU 10)")
     p.add_argument("--min-time", type=float, default=None,
                    help="more timed iterations until they add up to this many seconds (default CPU 2, GPU 1)")
@@ -1072,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                    help="per-process allocation limit on the CPU, reported as OOM (default 70%% of MemAvailable)")
     p.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds after which no further measurement starts (the rest is reported as skipped "
+                        "and the results are written as usual); default: none")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and PNG")
     p.add_argument("--note", default=None, help="free text stored with the results (e.g. machine load)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

@@ -23,7 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 BENCH_LOSS_ARGS = (
-    "--heads", "cosface", "--classes", "256", "--batch", "8", "--dim", "16", "--backends", "all,-compile",
+    "--heads", "cosface", "--classes", "256", "--batch", "8", "--dim", "16", "--backends", "all,-compile,triton:recompute,triton:atomic",
     "--repeat", "2", "--warmup", "1", "--min-time", "0",
 )
 TRAIN_ARGS = (
@@ -70,7 +70,7 @@ def test_bench_loss(started):
     rows = {row["impl"]: row for row in data["rows"]}
     must_run = ["eager", "pml", "floor", "cpu"]
     if ENV.get("TRITON_INTERPRET") == "1":  # set by conftest.py without a GPU
-        must_run.append("triton")
+        must_run += ["triton", "triton:recompute", "triton:atomic"]
     for impl in must_run:
         assert rows[impl]["status"] == "ok", rows[impl]
     for row in data["rows"]:
@@ -88,6 +88,20 @@ def test_bench_loss(started):
             assert row["loss_max_rel_err"] <= row["loss_tolerance"]
     assert rows["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert "| eager PyTorch |" in stdout
+
+
+def test_bench_loss_time_budget(tmp_path):
+    """With its time budget spent the sweep starts no more measurements, reports them as
+    skipped with the reason, and still writes its results."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_loss.py"), "--device", "cpu", "--out", str(tmp_path),
+           "--no-progress", "--heads", "cosface", "--classes", "256", "--batch", "8", "--dim", "16",
+           "--backends", "eager,floor", "--time-budget", "0.001", "--repeat", "2", "--warmup", "1", "--min-time", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("bench_loss_cpu_*.json")
+    rows = {row["impl"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["eager"]["status"] == "skipped" and "time budget" in rows["eager"]["reason"]
+    assert rows["floor"]["status"] == "ok"
 
 
 def test_train_facerec(started):
