@@ -53,10 +53,10 @@ fi
 bench_args=(--device cuda --heads cosface,cs_softmax --batch 1024 --dim 512 --dtype bfloat16 --out "$out"
             --no-progress)
 
-run_tests() {  # $1: time cap (s); $2...: pytest selection
-  local cap=$1; shift
+run_tests() {  # $1: log name; $2: time cap (s); $3...: pytest selection
+  local log=$1 cap=$2; shift 2
   timeout "$cap" "$py" -m pytest "$@" -q -p no:cacheprovider --durations=10 "${par[@]}" 2>&1 \
-    | tee "$out/pytest-gpu.log" | tail -n 40
+    | tee "$out/$log.log" | tail -n 40
 }
 
 # Each run stops starting measurements at 3/4 of its cap (--time-budget), so that it
@@ -78,12 +78,14 @@ case "$stage" in
     # tests' odd shapes) and the GPU-only ones (bf16/fp16 at B=1024 C=131072 three-way,
     # tf32 modes, peak memory at C=262144, bitwise reproducibility).
     bench_args+=(--compile-max-classes 262144 --backends triton,cuda,eager,compile,floor)
-    run_tests 180 tests/test_triton.py tests/test_cuda.py tests/test_ops.py
+    # The GPU-only tests first (large shapes, memory, reproducibility), then the rest.
+    run_tests pytest-gpu-marked 100 -m gpu tests/test_triton.py tests/test_cuda.py
+    run_tests pytest-gpu-values 90 -m "not gpu" tests/test_triton.py tests/test_cuda.py tests/test_ops.py
     bench_default 180 262144,1048576
     bench_modes 80 262144
     ;;
   tests)
-    run_tests 540 tests
+    run_tests pytest-gpu 540 tests
     ;;
   bench)
     bench_default 330 262144,1048576
