@@ -43,8 +43,13 @@ cat "$out/env.txt"
 # A failed or slow build is logged and the run goes on: the Triton checks need no build.
 if [ -z "${SKIP_BUILD:-}" ] && ! "$py" -c "import fused_margin._ext as e; assert e.has_cuda_kernels()" 2>/dev/null; then
   start=$SECONDS
-  FORCE_CUDA=1 timeout "${BUILD_TIMEOUT:-120}" "$py" -m pip install -q -e . --no-build-isolation --no-deps \
-    > "$out/build.log" 2>&1 || echo "BUILD FAILED (rc $?), see build.log; the cuda backend's tests will skip"
+  if ! FORCE_CUDA=1 timeout "${BUILD_TIMEOUT:-120}" "$py" -m pip install -q -e . --no-build-isolation --no-deps \
+      > "$out/build.log" 2>&1; then
+    # The package itself must be installed (fused_margin.triton_kernels is mapped by the
+    # install): without the extension, the cpu/cuda backends report themselves unavailable.
+    echo "BUILD FAILED, see build.log; installing without the extension (the cuda backend's tests will skip)"
+    FUSED_MARGIN_NO_EXT=1 "$py" -m pip install -q -e . --no-build-isolation --no-deps >> "$out/build.log" 2>&1
+  fi
   echo "build: $((SECONDS - start)) s"
 fi
 
