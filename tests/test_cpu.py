@@ -24,7 +24,18 @@ from fused_margin.backends import resolve_backend
 from fused_margin.backends.cpu import BACKEND
 from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, chunk_size_fixture, loss_and_grads, make_inputs, problems, rel_err
+from tests.utils import (
+    HEAD_SPECS,
+    assert_forward_terms_match,
+    assert_rel_close,
+    chunk_size_fixture,
+    forward_terms_case,
+    loss_and_grads,
+    make_inputs,
+    op_samples,
+    problems,
+    rel_err,
+)
 
 needs_ext = pytest.mark.skipif(
     _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
@@ -124,21 +135,10 @@ def test_label_smoothing(head):
 @pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "softmax"])
 def test_forward_terms(head):
     """The op's six outputs, argmax included, against the reference's."""
-    spec = HEAD_SPECS[head]
-    params = KernelParams.from_spec(spec)
-    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
-    labels[-3:] = -1
-    bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
-    # CurricularFace's per-row constants: thresholds, then t (per row, as the kernels read it)
-    threshold = torch.stack([torch.rand(37) - 0.5, torch.rand(37)]) if head == "curricularface" else None
+    x, w, labels, bias, threshold, params = forward_terms_case(head)
     got = BACKEND.forward(x, w, labels, bias, None, threshold, params)
     want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
-    for name, g, r in zip(("lse_neg", "target_u", "sum_neg", "argmax", "row_scale", "col_scale"), got, want):
-        assert g.dtype == r.dtype and g.shape == r.shape, name
-        if name == "argmax":
-            assert torch.equal(g, r)
-        else:
-            assert_rel_close(g, r, FP64_TOL, name)
+    assert_forward_terms_match(got, want, FP64_TOL)
 
 
 @needs_ext
@@ -227,16 +227,7 @@ def test_opcheck():
     autograd registration against this implementation)."""
     from fused_margin.ops import margin_lse
 
-    for head in ("cosface", "curricularface", "subcenter_arcface", "softmax"):
-        spec = HEAD_SPECS[head]
-        p = KernelParams.from_spec(spec)
-        x, w, labels = make_inputs(5, 6, 4, num_subcenters=spec.num_subcenters, dtype=torch.float32, ignore_rows=1)
-        labels = torch.where(labels < 0, -1, labels)
-        bias = torch.randn(6).requires_grad_() if head == "softmax" else None
-        class_index = torch.tensor([4, 0, 2, 5, 1, 3]) if head == "cosface" else None
-        threshold = torch.stack([torch.rand(5) - 0.5, torch.rand(5)]) if head == "curricularface" else None
-        args = (x.requires_grad_(), w.requires_grad_(), labels, bias, class_index, threshold, p.normalize_x,
-                p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin, p.num_subcenters, "cpu")
+    for args in op_samples("cpu", heads=("cosface", "curricularface", "subcenter_arcface", "softmax")):
         torch.library.opcheck(margin_lse, args)
 
 

@@ -11,9 +11,17 @@ import torch
 
 from fused_margin import MarginSpec, _ext
 from fused_margin.backends.cuda import BACKEND
-from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, chunk_size_fixture, loss_and_grads, make_inputs, rel_err
+from tests.utils import (
+    HEAD_SPECS,
+    assert_forward_terms_match,
+    assert_rel_close,
+    chunk_size_fixture,
+    forward_terms_case,
+    loss_and_grads,
+    make_inputs,
+    rel_err,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -99,25 +107,14 @@ def test_class_index(head, repeated, chunk_size):
 
 @pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "softmax"])
 def test_forward_terms(head):
-    spec = HEAD_SPECS[head]
-    params = KernelParams.from_spec(spec)
-    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
-    labels[-3:] = -1
-    bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
-    # CurricularFace's per-row constants: thresholds, then t (per row, as the kernels read it)
-    threshold = torch.stack([torch.rand(37) - 0.5, torch.rand(37)]) if head == "curricularface" else None
+    x, w, labels, bias, threshold, params = forward_terms_case(head)
 
     def cuda(t):
         return None if t is None else t.cuda()
 
     got = BACKEND.forward(x.cuda(), w.cuda(), labels.cuda(), cuda(bias), None, cuda(threshold), params)
     want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
-    for name, g, r in zip(("lse_neg", "target_u", "sum_neg", "argmax", "row_scale", "col_scale"), got, want):
-        assert g.dtype == r.dtype and g.shape == r.shape, name
-        if name == "argmax":
-            assert torch.equal(g.cpu(), r)
-        else:
-            assert_rel_close(g.cpu(), r, FP64_TOL, name)
+    assert_forward_terms_match(got, want, FP64_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

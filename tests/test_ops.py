@@ -10,32 +10,10 @@ from torch._dynamo.utils import counters
 import fused_margin as fm
 from fused_margin.kernel_params import KernelParams
 from fused_margin.ops import margin_lse, prepare_labels
-from tests.utils import HEAD_SPECS, assert_rel_close, make_inputs
+from tests.utils import HEAD_SPECS, assert_rel_close, op_samples
 
 
-def sample_inputs():
-    """(args, kwargs-free) samples of fused_margin::margin_lse covering the options."""
-    samples = []
-    for name in ("cosface", "curricularface", "subcenter_arcface", "softmax", "so_softmax"):
-        spec = HEAD_SPECS[name]
-        p = KernelParams.from_spec(spec)
-        k = spec.num_subcenters
-        x, w, labels = make_inputs(5, 6, 4, num_subcenters=k, dtype=torch.float32, ignore_rows=1)
-        labels = torch.where(labels < 0, -1, labels)
-        bias = torch.randn(6) if name == "softmax" else None
-        class_index = torch.tensor([4, 0, 2, 5, 1, 3]) if name == "cosface" else None
-        # CurricularFace's per-row constants: thresholds, then t
-        threshold = torch.stack([torch.rand(5) - 0.5, torch.rand(5)]) if name == "curricularface" else None
-        samples.append(
-            (x.requires_grad_(), w.requires_grad_(), labels,
-             None if bias is None else bias.requires_grad_(), class_index, threshold,
-             p.normalize_x, p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin,
-             p.num_subcenters, "reference")
-        )
-    return samples
-
-
-@pytest.mark.parametrize("args", sample_inputs())
+@pytest.mark.parametrize("args", op_samples("reference"))
 def test_opcheck(args):
     torch.library.opcheck(margin_lse, args)
 

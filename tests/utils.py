@@ -11,6 +11,7 @@ from torch import Tensor
 
 import fused_margin as fm
 from fused_margin import MarginSpec
+from fused_margin.kernel_params import KernelParams
 
 #: Every head as a stateless spec, with the parameters the tests use. The angular
 #: heads keep their defaults; SphereFace and L-Softmax at a mid-range lambda.
@@ -86,6 +87,58 @@ def assert_rel_close(out: Tensor, ref: Tensor, tol: float, what: str = "", atol:
         f"{what}: relative error {err:.3e} > {tol:.1e}; max abs error {float(diff.max()):.3e} at {where} "
         f"(out {float(out.detach().double().reshape(-1)[flat]):.6g}, ref {float(ref.detach().double().reshape(-1)[flat]):.6g})"
     )
+
+
+def curricular_row_terms(batch: int) -> Tensor:
+    """Random CurricularFace per-row constants as the kernels take them: (2, B),
+    thresholds then ``t`` (a different t per row, to catch a kernel reading one for all)."""
+    return torch.stack([torch.rand(batch) - 0.5, torch.rand(batch)])
+
+
+def op_samples(backend: str, heads: tuple[str, ...] = ("cosface", "curricularface", "subcenter_arcface", "softmax",
+                                                        "so_softmax")) -> list[tuple]:
+    """Arguments of ``fused_margin::margin_lse`` with ``backend``, for
+    ``torch.library.opcheck``: tiny shapes covering class_index (cosface), CurricularFace's
+    row constants, sub-centers, a bias (softmax) and the quadratic transform (so_softmax)."""
+    samples = []
+    for name in heads:
+        spec = HEAD_SPECS[name]
+        p = KernelParams.from_spec(spec)
+        x, w, labels = make_inputs(5, 6, 4, num_subcenters=spec.num_subcenters, dtype=torch.float32, ignore_rows=1)
+        labels = torch.where(labels < 0, -1, labels)
+        bias = torch.randn(6).requires_grad_() if name == "softmax" else None
+        class_index = torch.tensor([4, 0, 2, 5, 1, 3]) if name == "cosface" else None
+        threshold = curricular_row_terms(5) if name == "curricularface" else None
+        samples.append((
+            x.requires_grad_(), w.requires_grad_(), labels, bias, class_index, threshold,
+            p.normalize_x, p.normalize_w, p.scale, int(p.kind), p.alpha, p.delta, p.margin, p.num_subcenters, backend,
+        ))
+    return samples
+
+
+FORWARD_TERMS = ("lse_neg", "target_u", "sum_neg", "argmax", "row_scale", "col_scale")
+
+
+def forward_terms_case(head: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, KernelParams]:
+    """``(x, w, labels, bias, row_threshold, params)`` in float64 for a backend's forward at
+    B=37, C=1003, D=67, with three rows without a target."""
+    spec = HEAD_SPECS[head]
+    x, w, labels = make_inputs(37, 1003, 67, num_subcenters=spec.num_subcenters)
+    labels[-3:] = -1
+    bias = torch.randn(1003, dtype=torch.float64) if head == "softmax" else None
+    threshold = curricular_row_terms(37) if head == "curricularface" else None
+    return x, w, labels, bias, threshold, KernelParams.from_spec(spec)
+
+
+def assert_forward_terms_match(got: tuple, want: tuple, tol: float) -> None:
+    """A backend's six forward outputs against the reference's: dtypes and shapes equal,
+    argmax exactly, the rest within ``tol`` (relative norm)."""
+    for name, g, r in zip(FORWARD_TERMS, got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if name == "argmax":
+            assert torch.equal(g.cpu(), r)
+        else:
+            assert_rel_close(g.cpu(), r, tol, name)
 
 
 def loss_and_grads(
