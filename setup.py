@@ -6,6 +6,8 @@
 * ``FUSED_MARGIN_NO_EXT=1`` skips the extension: the package then runs on its Python
   backends (eager reference, Triton) and says so once when the 'cpu' or 'cuda' backend
   is asked for.
+* Without a visible GPU the CUDA kernels are built for ``TORCH_CUDA_ARCH_LIST`` when set,
+  else for sm_80 and sm_90 with PTX.
 * ``MAX_JOBS`` bounds ninja's parallel compile jobs, as for any torch extension.
 """
 
@@ -18,6 +20,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _flag(name: str) -> bool:
@@ -49,6 +52,12 @@ def _extension_kwargs() -> dict:
     if sys.platform == "win32":
         cxx = ["/O2", "/openmp", "/DNDEBUG"]
 
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to read the architecture from (a CPU build machine, or a CUDA build of
+        # torch on a CPU machine): torch 2.11 then fails with an IndexError in
+        # _get_cuda_arch_flags. Build for A100 and H100/H200, with PTX for newer GPUs.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        print(f"fused_margin: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
     if with_cuda:
         extension = CUDAExtension(
             "fused_margin._C",

@@ -62,6 +62,13 @@ class KernelParams:
     margin: float = 0.0
     num_subcenters: int = 1
 
+    def as_tuple(self) -> tuple:
+        """The fields in order, as plain Python values (``KernelParams(*t)`` rebuilds it)."""
+        return (
+            self.normalize_x, self.normalize_w, self.scale, self.kind, self.alpha, self.delta,
+            self.margin, self.num_subcenters,
+        )
+
     @classmethod
     def from_spec(cls, spec: MarginSpec) -> KernelParams:
         nt = spec.non_target

@@ -92,7 +92,8 @@ class NonTarget:
     t: float | Tensor = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", NonTargetKind(self.kind))
+        if not isinstance(self.kind, NonTargetKind):  # no enum call when traced (Dynamo 2.11 can't)
+            object.__setattr__(self, "kind", NonTargetKind(self.kind))
         for name in ("alpha", "delta", "margin", "t"):
             value = getattr(self, name)
             if name == "t" and isinstance(value, Tensor):

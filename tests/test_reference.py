@@ -259,6 +259,25 @@ def test_curricular_t_update_and_threshold():
     assert torch.allclose(th, torch.cos(torch.acos(c) + 0.5))
 
 
+def test_curricular_spec_follows_the_t_buffer():
+    """The head's spec holds its ``t`` buffer itself (built outside a compiled step); it
+    follows the buffer when .to(), materialize_state or load_state_dict(assign=True)
+    replaces it, and sees the in-place updates of training."""
+    head = fm.CurricularFaceLoss(6, 4, ignore_index=-1)
+    assert head.spec().non_target.t is head.t
+    head.to(torch.float64)
+    assert head.t.dtype == torch.float64 and head.spec().non_target.t is head.t
+    x, _, labels = make_inputs(8, 6, 4, ignore_rows=2, ignore_index=-1)
+    head(x, labels)
+    assert float(head.spec().non_target.t) == float(head.t) != 0.0
+    state = {name: value.clone() + (0.25 if name == "t" else 0) for name, value in head.state_dict().items()}
+    head.load_state_dict(state, assign=True)
+    assert head.spec().non_target.t is head.t and float(head.spec().non_target.t) == float(state["t"])
+    meta = fm.CurricularFaceLoss(6, 4, device="meta")
+    meta.materialize_state("cpu")
+    assert meta.spec().non_target.t is meta.t and meta.t.device.type == "cpu"
+
+
 def test_curricular_matches_explicit_construction():
     t, m, s = 0.3, 0.5, 64.0
     x, w, labels = make_inputs(7, 6, 5)

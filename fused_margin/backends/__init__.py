@@ -91,11 +91,18 @@ def get_backend(name: str) -> Backend:
     return registry[name]
 
 
+def resolve_backend(name: str, x: Tensor, weight: Tensor, params: KernelParams) -> str:
+    """The backend that will run: ``name`` itself if it can, the first able one for 'auto'."""
+    # The params travel as a tuple of plain values: Dynamo (torch 2.11) cannot pass a
+    # frozen dataclass to an assume_constant_result function.
+    return _resolve(name, x, weight, params.as_tuple())
+
+
 # Resolution depends only on device, dtypes and the installed packages: a constant for a
 # compiled graph, so Dynamo runs it once at trace time instead of tracing the registry.
 @torch.compiler.assume_constant_result
-def resolve_backend(name: str, x: Tensor, weight: Tensor, params: KernelParams) -> str:
-    """The backend that will run: ``name`` itself if it can, the first able one for 'auto'."""
+def _resolve(name: str, x: Tensor, weight: Tensor, param_values: tuple) -> str:
+    params = KernelParams(*param_values)
     if name != "auto":
         reasons = get_backend(name).not_supported_reasons(x, weight, params)
         if reasons:

@@ -35,11 +35,29 @@ class CurricularFaceLoss(MarginHead):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.momentum = scale, margin, momentum
         self.register_buffer("t", torch.zeros((), dtype=torch.float32, device=self.weight.device))
+        self._refresh_spec()
 
     _STATE_INIT = {**MarginHead._STATE_INIT, "t": 0.0}
 
+    def _refresh_spec(self) -> None:
+        self._spec = MarginSpec.curricularface(self.scale, self.margin, self.t)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): a new ``t`` tensor
+        super()._apply(fn, recurse)
+        self._refresh_spec()
+        return self
+
+    def materialize_state(self, device: torch.device | str) -> None:
+        super().materialize_state(device)
+        self._refresh_spec()
+
     def spec(self) -> MarginSpec:
-        return MarginSpec.curricularface(self.scale, self.margin, self.t)
+        # The spec holds the buffer itself (updated in place), so it is built outside a
+        # compiled step: Dynamo (torch 2.11) cannot construct the spec's dataclasses. A
+        # buffer replaced some other way (``load_state_dict(assign=True)``) is seen here.
+        if self._spec.non_target.t is not self.t:
+            self._refresh_spec()
+        return self._spec
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)
