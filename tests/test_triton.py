@@ -453,16 +453,26 @@ def test_kernels_compile_for_hopper():
     code = (
         "import sys, warnings; warnings.simplefilter('ignore')\n"
         "from fused_margin.triton_kernels.compile_check import compile_variants\n"
-        "for kernel, variant, shared in compile_variants(90):\n"
+        "for kernel, variant, shared, counts in compile_variants(90):\n"
         "    assert shared <= 227 * 1024, (kernel, variant, shared)\n"
-        "    print('compiled', kernel)\n"
+        "    print('compiled', kernel, *variant, counts['wgmma'], counts['mma.sync'], sep=',')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    compiled = set(result.stdout.split("\n"))
+    rows = [line.split(",") for line in result.stdout.splitlines() if line.startswith("compiled,")]
     kernels = ("forward", "dx", "dw", "atomic", "gemm_logits", "gemm_dx", "gemm_dw")
-    assert {f"compiled {k}" for k in kernels} <= compiled, result.stdout
+    assert {row[1] for row in rows} == set(kernels), result.stdout
+    # The default path (forward + gemm backward) multiplies 16-bit operands, and fp32 ones
+    # in tf32, on Hopper's wgmma tensor-core instructions, not Ampere's mma.sync (half
+    # the rate at best) nor CUDA-core FMAs. Exact fp32 ('ieee', also what mixed dtypes
+    # and grad_dot_fp32 use by default) has no tensor-core path.
+    for kernel, x_dtype, w_dtype, grad_fp32, precision, *_, wgmma, mma_sync in rows:
+        if kernel not in ("forward", "gemm_logits", "gemm_dx", "gemm_dw"):
+            continue
+        fp32 = x_dtype != w_dtype or x_dtype == "fp32" or (grad_fp32 == "True" and kernel in ("gemm_dx", "gemm_dw"))
+        if not fp32 or precision != "ieee":
+            assert int(wgmma) > 0 and int(mma_sync) == 0, (kernel, x_dtype, w_dtype, grad_fp32, precision)
 
 
 # ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .backward_gemm import _dot_grad_kernel, _gemm_dw_kernel, _gemm_dx_kernel
 from .common import _GPU_TILES
 from .lse_forward import _margin_lse_fwd_kernel
 
-__all__ = ["KERNELS", "VARIANTS", "compile_variants", "main"]
+__all__ = ["KERNELS", "VARIANTS", "compile_variants", "main", "matrix_instructions"]
 
 KERNELS = ("forward", "dx", "dw", "atomic", "gemm_logits", "gemm_dx", "gemm_dw")
 
@@ -135,26 +135,44 @@ def resource_usage(compiled) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def compile_variants(arch: int = 90, variants: list[tuple] | None = None) -> list[tuple[str, tuple, int]]:
-    """``(kernel, variant, shared memory bytes)`` for each kernel and variant; raises on
-    the first that does not compile."""
+def matrix_instructions(compiled) -> dict[str, int]:
+    """How the kernel multiplies, counted in its PTX: Hopper's asynchronous tensor-core
+    instructions (``wgmma``), Ampere's synchronous ones (``mma.sync``, half of Hopper's
+    tensor-core rate at best) and fp32 FMAs on the CUDA cores (``fma``, what an exact
+    fp32 ``tl.dot`` becomes)."""
+    ptx = compiled.asm["ptx"]
+    return {
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        "mma.sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+        "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+    }
+
+
+def compile_variants(
+    arch: int = 90, variants: list[tuple] | None = None
+) -> list[tuple[str, tuple, int, dict[str, int]]]:
+    """``(kernel, variant, shared memory bytes, matrix instructions)`` for each kernel and
+    variant; raises on the first that does not compile."""
     target = GPUTarget("cuda", arch, 32)
-    return [
-        (kernel, variant, int(_compile(kernel, variant, target).metadata.shared))
-        for kernel in KERNELS
-        for variant in (variants or VARIANTS)
-    ]
+    result = []
+    for kernel in KERNELS:
+        for variant in variants or VARIANTS:
+            compiled = _compile(kernel, variant, target)
+            result.append((kernel, variant, int(compiled.metadata.shared), matrix_instructions(compiled)))
+    return result
 
 
 def main() -> None:
-    """Every kernel and variant for sm_90: shared memory, registers, spill bytes."""
+    """Every kernel and variant for sm_90: shared memory, registers, spill bytes, and the
+    matrix instructions in its PTX."""
     target = GPUTarget("cuda", 90, 32)
     for kernel in KERNELS:
         for variant in VARIANTS:
             compiled = _compile(kernel, variant, target)
             registers, spill = resource_usage(compiled)
+            counts = "  ".join(f"{name} {n}" for name, n in matrix_instructions(compiled).items())
             print(f"{kernel:12s} {variant} shared {compiled.metadata.shared:6d} B  registers {registers:3d}  "
-                  f"spill {spill} B")
+                  f"spill {spill} B  {counts}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ None):
   than the tensor-core modes), ``'tf32'`` (tensor cores, 10-bit mantissa products:
   ~1e-3 relative error in each logit), ``'tf32x3'`` (three tf32 products per
   multiply, close to fp32). bf16/fp16 operands always use tensor cores with fp32
-  accumulation; mixed dtypes (e.g. bf16 x with fp32 W) are multiplied in fp32.
+  accumulation; mixed dtypes (e.g. bf16 x with fp32 W) are multiplied in fp32, so
+  under the default 'ieee' they too run on CUDA cores (the compiled code has no
+  tensor-core instruction then): pass 'tf32' or 'tf32x3' for tensor-core speed.
 * ``backward_mode`` / ``FUSED_MARGIN_TRITON_BACKWARD``: how the backward is computed;
   every mode recomputes the logits (none are kept from the forward).
 
@@ -30,8 +32,9 @@ None):
     run to run; with a bf16/fp16 W it keeps an fp32 buffer of W's shape.
 * ``grad_dot_fp32`` / ``FUSED_MARGIN_TRITON_GRAD_FP32=1``: the backward's two
   gradient GEMMs take ``dU`` in fp32 instead of rounding it to the bf16/fp16 input
-  dtype. dW is accumulated in fp32 in every case (over the whole batch, in registers,
-  rounded once to W's dtype), so this only removes the rounding of ``dU``.
+  dtype (fp32 GEMMs: on CUDA cores under 'ieee', as above). dW is accumulated in fp32
+  in every case (over the whole batch, in registers, rounded once to W's dtype), so
+  this only removes the rounding of ``dU``.
 """
 
 from __future__ import annotations
