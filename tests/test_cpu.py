@@ -26,6 +26,7 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
+    assert_far_weight_rows_match,
     assert_forward_terms_match,
     assert_rel_close,
     chunk_size_fixture,
@@ -316,3 +317,11 @@ def test_missing_extension_warns_once_and_auto_falls_back(monkeypatch):
     labels = torch.tensor([0, 1, 4])
     loss = fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["cosface"])  # runs on the fallback
     assert torch.isfinite(loss)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_offsets_beyond_int32(dtype):
+    """Rows of W more than 2**31 elements from its start (10^7 classes x D = 512) are
+    addressed in 64 bits (see ``assert_far_weight_rows_match``)."""
+    assert_far_weight_rows_match("cpu", "cpu", dtype)

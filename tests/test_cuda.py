@@ -14,6 +14,7 @@ from fused_margin.backends.cuda import BACKEND
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
+    assert_far_weight_rows_match,
     assert_forward_terms_match,
     assert_rel_close,
     chunk_size_fixture,
@@ -157,3 +158,10 @@ def test_deterministic_and_no_logits_materialized():
     extra = peak - 2 * w.numel() * w.element_size()
     logits_bytes = batch * classes * 4
     assert extra < logits_bytes / 4, f"{extra / 2**20:.0f} MiB beyond W and dW; logits: {logits_bytes / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_weight_offsets_beyond_int32(dtype):
+    """Rows of W more than 2**31 elements from its start (10^7 classes x D = 512) are
+    addressed in 64 bits (see ``assert_far_weight_rows_match``)."""
+    assert_far_weight_rows_match("cuda", "cuda", dtype)

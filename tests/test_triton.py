@@ -21,7 +21,15 @@ from fused_margin import BackendUnavailableError, MarginSpec
 from fused_margin.backends.triton import BACKEND
 from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, problems, rel_err
+from tests.utils import (
+    HEAD_SPECS,
+    assert_far_weight_rows_match,
+    assert_rel_close,
+    loss_and_grads,
+    make_inputs,
+    problems,
+    rel_err,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -334,6 +342,12 @@ def test_grad_dot_fp32_option(monkeypatch):
     x, w, labels = make_inputs(37, 1003, 67, ignore_rows=2)
     _check_three_way("arcface", x, w, labels, spec, torch.float16, torch.float16, 2e-5,
                      upstream=torch.randn(37, dtype=torch.float64))
+
+
+def test_weight_offsets_beyond_int32(backward_mode):
+    """Rows of W more than 2**31 elements from its start (10^7 classes x D = 512):
+    every kernel addresses them in int64 (see ``assert_far_weight_rows_match``)."""
+    assert_far_weight_rows_match("triton", DEVICE, torch.float16)
 
 
 @pytest.mark.parametrize(

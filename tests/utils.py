@@ -165,6 +165,32 @@ def loss_and_grads(
     return loss.detach(), grads[0], grads[1], (grads[2] if br is not None else None)
 
 
+def assert_far_weight_rows_match(backend: str, device: str, dtype: torch.dtype) -> None:
+    """Rows of W more than 2**31 elements from its start (10^7 classes x D = 512 holds
+    5e9) must be addressed in 64 bits. The weight here is a view with a row stride of
+    2**26 elements into an untouched 5 GiB (fp16) allocation, of which only its 40 rows
+    are written, so little memory is used; loss and gradients (with a bias, ignored and
+    peaked rows, a random upstream gradient) must equal, bit for bit, those for a
+    contiguous copy of the same weight, which other tests check against float64. A
+    32-bit row offset reads elsewhere (or crashes)."""
+    batch, num_classes, dim, stride = 13, 40, 24, 1 << 26
+    storage = torch.empty((num_classes - 1) * stride + dim, dtype=dtype, device=device)
+    far = storage.as_strided((num_classes, dim), (stride, 1))
+    assert (num_classes - 1) * stride >= 2**31
+    x, w, labels = make_inputs(batch, num_classes, dim, ignore_rows=2, peaked_rows=1)
+    x, labels = x.to(device, dtype), labels.to(device)
+    far.copy_(w.to(dtype))
+    bias, upstream = torch.randn(num_classes, device=device), torch.randn(batch, device=device)
+    results = []
+    for weight in (far, far.contiguous()):
+        inputs = (x.clone().requires_grad_(), weight.detach().requires_grad_(), bias.clone().requires_grad_())
+        loss = fm.margin_cross_entropy(*inputs[:2], labels, HEAD_SPECS["softmax"], bias=inputs[2],
+                                       reduction="none", backend=backend)
+        results.append((loss, *torch.autograd.grad(loss, inputs, upstream)))
+    for what, a, b in zip(("loss", "dx", "dW", "dbias"), *results):
+        assert torch.isfinite(a).all() and torch.equal(a, b), what
+
+
 @dataclass(frozen=True)
 class Problem:
     """One random case of the fused operation (see :func:`problems`)."""
