@@ -413,6 +413,23 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     assert "cpu" not in BACKEND.auto_priority
 
 
+def test_auto_picks_triton_for_cuda_tensors():
+    """'auto' takes the Triton backend for CUDA tensors it supports, and another for the
+    ones it refuses (fp64). Fake CUDA tensors (shapes and devices only): no GPU needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fused_margin.backends import resolve_backend
+
+    params = KernelParams.from_spec(HEAD_SPECS["cosface"])
+    with FakeTensorMode():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.empty(4, 8, device="cuda", dtype=dtype)
+            w = torch.empty(10, 8, device="cuda", dtype=torch.float32)
+            assert resolve_backend("auto", x, w, params) == "triton", dtype
+        x, w = torch.empty(4, 8, device="cuda", dtype=torch.float64), torch.empty(10, 8, device="cuda")
+        assert resolve_backend("auto", x, w, params) != "triton"
+
+
 def test_bad_precision_option(monkeypatch):
     monkeypatch.setenv("FUSED_MARGIN_TRITON_PRECISION", "fp8")
     with pytest.raises(ValueError, match="precision"):
