@@ -438,6 +438,24 @@ def test_bad_precision_option(monkeypatch):
     assert BACKEND.precision() == "tf32"
 
 
+@pytest.mark.parametrize(("torch_setting", "expected"), [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_precision_follows_torch_setting(monkeypatch, torch_setting, expected):
+    """Without the option or its variable, fp32 dots follow
+    torch.set_float32_matmul_precision as torch.mm does; both override it."""
+    monkeypatch.delenv("FUSED_MARGIN_TRITON_PRECISION", raising=False)
+    monkeypatch.setattr(BACKEND, "input_precision", None)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(torch_setting)
+        assert BACKEND.precision() == expected
+        monkeypatch.setenv("FUSED_MARGIN_TRITON_PRECISION", "tf32x3")
+        assert BACKEND.precision() == "tf32x3"
+        monkeypatch.setattr(BACKEND, "input_precision", "ieee")
+        assert BACKEND.precision() == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def test_backward_mode_option(monkeypatch):
     monkeypatch.delenv("FUSED_MARGIN_TRITON_BACKWARD", raising=False)
     assert BACKEND.backward_implementation() == "gemm"

@@ -10,13 +10,18 @@ Options (backend attributes, or the environment variables read when an attribute
 None):
 
 * ``input_precision`` / ``FUSED_MARGIN_TRITON_PRECISION``: how ``tl.dot`` multiplies
-  fp32 operands: ``'ieee'`` (default: exact fp32 on CUDA cores, several times slower
-  than the tensor-core modes), ``'tf32'`` (tensor cores, 10-bit mantissa products:
-  ~1e-3 relative error in each logit), ``'tf32x3'`` (three tf32 products per
-  multiply, close to fp32). bf16/fp16 operands always use tensor cores with fp32
-  accumulation; mixed dtypes (e.g. bf16 x with fp32 W) are multiplied in fp32, so
-  under the default 'ieee' they too run on CUDA cores (the compiled code has no
-  tensor-core instruction then): pass 'tf32' or 'tf32x3' for tensor-core speed.
+  fp32 operands: ``'ieee'`` (exact fp32 on CUDA cores, several times slower than the
+  tensor-core modes), ``'tf32'`` (tensor cores, 10-bit mantissa products: ~1e-3
+  relative error in each logit), ``'tf32x3'`` (three tf32 products per multiply, close
+  to fp32). When neither is set, PyTorch's own setting decides, as it does for
+  ``torch.mm`` (and so for the 'cuda' backend's cuBLAS GEMMs):
+  ``torch.get_float32_matmul_precision()`` 'highest' (PyTorch's default) gives
+  ``'ieee'``, 'high' and 'medium' (``torch.set_float32_matmul_precision``, or
+  ``torch.backends.cuda.matmul.allow_tf32 = True``) give ``'tf32'``. bf16/fp16
+  operands always use tensor cores with fp32 accumulation; mixed dtypes (e.g. bf16 x
+  with fp32 W) are multiplied in fp32, so under 'ieee' they too run on CUDA cores (the
+  compiled code has no tensor-core instruction then): 'tf32' or 'tf32x3' put them on
+  tensor cores.
 * ``backward_mode`` / ``FUSED_MARGIN_TRITON_BACKWARD``: how the backward is computed;
   every mode recomputes the logits (none are kept from the forward).
 
@@ -52,6 +57,8 @@ if TYPE_CHECKING:
     from ..triton_kernels.common import TileConfig
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+#: torch.get_float32_matmul_precision() -> input_precision (what cuBLAS does on CUDA)
+_TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 _BACKWARD_MODES = ("gemm", "recompute", "atomic")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,7 +80,8 @@ class TritonBackend(Backend):
     auto_priority = {"cuda": 0}
 
     def __init__(self) -> None:
-        #: 'ieee' | 'tf32' | 'tf32x3' | None (None: $FUSED_MARGIN_TRITON_PRECISION, else 'ieee')
+        #: 'ieee' | 'tf32' | 'tf32x3' | None (None: $FUSED_MARGIN_TRITON_PRECISION, else
+        #: from torch.get_float32_matmul_precision())
         self.input_precision: str | None = None
         #: bool | None (None: $FUSED_MARGIN_TRITON_GRAD_FP32 == '1')
         self.grad_dot_fp32: bool | None = None
@@ -86,7 +94,9 @@ class TritonBackend(Backend):
     # ---- options -------------------------------------------------------------------
 
     def precision(self) -> str:
-        value = self.input_precision or os.environ.get("FUSED_MARGIN_TRITON_PRECISION", "ieee")
+        value = self.input_precision or os.environ.get("FUSED_MARGIN_TRITON_PRECISION")
+        if not value:
+            value = _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
         if value not in _PRECISIONS:
             raise ValueError(f"the Triton input precision must be one of {_PRECISIONS}, got {value!r}")
         return value
