@@ -17,6 +17,7 @@ from tests.utils import (
     assert_far_weight_rows_match,
     assert_forward_terms_match,
     assert_rel_close,
+    assert_strided_inputs_match,
     chunk_size_fixture,
     forward_terms_case,
     loss_and_grads,
@@ -165,3 +166,9 @@ def test_weight_offsets_beyond_int32(dtype):
     """Rows of W more than 2**31 elements from its start (10^7 classes x D = 512) are
     addressed in 64 bits (see ``assert_far_weight_rows_match``)."""
     assert_far_weight_rows_match("cuda", "cuda", dtype)
+
+
+def test_strided_inputs():
+    """Sliced embeddings, a transposed (column-major) or row-strided weight, strided
+    labels and bias give what their contiguous copies give."""
+    assert_strided_inputs_match("cuda", "cuda", torch.float32, 1e-6)

@@ -25,6 +25,7 @@ from tests.utils import (
     HEAD_SPECS,
     assert_far_weight_rows_match,
     assert_rel_close,
+    assert_strided_inputs_match,
     loss_and_grads,
     make_inputs,
     problems,
@@ -607,3 +608,9 @@ def test_gpu_peak_memory(monkeypatch, mode, w_dtype):
     extra = torch.cuda.max_memory_allocated() - base
     grads = x.numel() * x.element_size() + w.numel() * w.element_size()
     assert extra <= grads + (64 << 20), f"peak {extra / 2**20:.1f} MiB beyond inputs, gradients {grads / 2**20:.1f} MiB"
+
+
+def test_strided_inputs(backward_mode):
+    """Sliced embeddings, a transposed (column-major) or row-strided weight, strided
+    labels and bias give what their contiguous copies give."""
+    assert_strided_inputs_match("triton", DEVICE, torch.float32, 1e-6)

@@ -191,6 +191,42 @@ def assert_far_weight_rows_match(backend: str, device: str, dtype: torch.dtype) 
         assert torch.isfinite(a).all() and torch.equal(a, b), what
 
 
+def assert_strided_inputs_match(backend: str, device: str, dtype: torch.dtype, tol: float) -> None:
+    """Non-contiguous inputs, as users pass them: embeddings sliced from a wider tensor
+    (row stride > D), a weight stored (D, C) and passed transposed (column stride C, the
+    layout of pytorch-metric-learning's ``W``), a sub-center weight whose rows are every
+    other row of a buffer, strided labels and bias. Loss and gradients must match those
+    for contiguous copies (``tol``: relative, the kernels may load in another order) and
+    come back in the inputs' shapes."""
+    batch, num_classes, dim = 11, 29, 20
+    for spec in (HEAD_SPECS["softmax"], HEAD_SPECS["subcenter_arcface"]):
+        k = spec.num_subcenters
+        x, w, labels = make_inputs(batch, num_classes, dim, num_subcenters=k, ignore_rows=2, peaked_rows=1)
+        wide = torch.randn(batch, dim + 7, dtype=dtype, device=device)
+        wide[:, 3:3 + dim] = x.to(dtype)
+        x_view = wide[:, 3:3 + dim]
+        if k == 1:
+            w_view = w.to(device, dtype).t().contiguous().t()  # column-major (D, C) storage
+        else:
+            w_view = torch.randn(2 * num_classes * k, dim, dtype=dtype, device=device)[::2]
+            w_view.copy_(w.to(dtype))
+        labels_view = torch.stack([labels, labels], dim=1).to(device)[:, 1]
+        bias = torch.randn(2 * num_classes, device=device, dtype=dtype)[::2] if k == 1 else None
+        upstream = torch.randn(batch, device=device)
+        assert not (x_view.is_contiguous() or w_view.is_contiguous() or labels_view.is_contiguous())
+        strided = (x_view, w_view, labels_view, bias)
+        results = []
+        for x_in, w_in, labels_in, bias_in in (strided, [None if t is None else t.contiguous() for t in strided]):
+            leaves = [t.detach().requires_grad_() for t in (x_in, w_in, bias_in) if t is not None]
+            loss = fm.margin_cross_entropy(leaves[0], leaves[1], labels_in, spec,
+                                           bias=leaves[2] if bias_in is not None else None,
+                                           reduction="none", backend=backend)
+            results.append((loss, *torch.autograd.grad(loss, leaves, upstream)))
+        for what, a, b, t in zip(("loss", "dx", "dW", "dbias"), *results, (None, x_view, w_view, bias)):
+            assert t is None or a.shape == t.shape, what
+            assert_rel_close(a, b, tol, f"{spec.name} {what}")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One random case of the fused operation (see :func:`problems`)."""
