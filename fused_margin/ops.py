@@ -37,7 +37,13 @@ def _acc(x: Tensor, weight: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
 
 
-@torch.library.custom_op("fused_margin::prepare_labels", mutates_args=())
+# The label checks read values on the host (a sync): CUDA-graph capture cannot contain
+# them, so the op says so, and Inductor's cudagraphs keep it out of a captured graph
+# (or skip the graph) instead of failing during capture.
+_HOST_SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("fused_margin::prepare_labels", mutates_args=(), tags=_HOST_SYNC_TAGS)
 def prepare_labels(
     labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None, num_weight_classes: int = 0
 ) -> Tensor:

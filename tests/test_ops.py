@@ -89,3 +89,21 @@ def test_compile_fullgraph_training_step(backend, head_cls):
 
 def test_auto_resolves_on_cpu():
     assert _auto_cpu_backend() in fm.available_backends()
+
+
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
+def test_label_checks_stay_out_of_cuda_graphs():
+    """prepare_labels reads the labels on the host (a sync, which CUDA-graph capture
+    forbids): it carries the cudagraph_unsafe tag, so Inductor's cudagraphs
+    (torch.compile(mode='reduce-overhead')) leave it out instead of failing in capture.
+    The fused op itself has no host sync and no tag."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, labels = torch.randn(6, 4), torch.randn(9, 4), torch.tensor([0, 8, -100, 3, 3, 1])
+    graph = make_fx(lambda x, w, y: fm.margin_cross_entropy(x, w, y, HEAD_SPECS["cosface"], backend="reference"))(
+        x, w, labels
+    )
+    node = get_first_incompatible_cudagraph_node(graph)
+    assert node is not None and node.target == torch.ops.fused_margin.prepare_labels.default, node
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.fused_margin.margin_lse.default.tags
