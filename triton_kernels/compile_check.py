@@ -148,31 +148,34 @@ def matrix_instructions(compiled) -> dict[str, int]:
     }
 
 
+def _compiled_variants(arch: int, variants: list[tuple] | None):
+    """``(kernel, variant, compiled)`` for each kernel and variant, in order; raises on
+    the first that does not compile."""
+    target = GPUTarget("cuda", arch, 32)
+    for kernel in KERNELS:
+        for variant in variants or VARIANTS:
+            yield kernel, variant, _compile(kernel, variant, target)
+
+
 def compile_variants(
     arch: int = 90, variants: list[tuple] | None = None
 ) -> list[tuple[str, tuple, int, dict[str, int]]]:
     """``(kernel, variant, shared memory bytes, matrix instructions)`` for each kernel and
     variant; raises on the first that does not compile."""
-    target = GPUTarget("cuda", arch, 32)
-    result = []
-    for kernel in KERNELS:
-        for variant in variants or VARIANTS:
-            compiled = _compile(kernel, variant, target)
-            result.append((kernel, variant, int(compiled.metadata.shared), matrix_instructions(compiled)))
-    return result
+    return [
+        (kernel, variant, int(compiled.metadata.shared), matrix_instructions(compiled))
+        for kernel, variant, compiled in _compiled_variants(arch, variants)
+    ]
 
 
 def main() -> None:
     """Every kernel and variant for sm_90: shared memory, registers, spill bytes, and the
     matrix instructions in its PTX."""
-    target = GPUTarget("cuda", 90, 32)
-    for kernel in KERNELS:
-        for variant in VARIANTS:
-            compiled = _compile(kernel, variant, target)
-            registers, spill = resource_usage(compiled)
-            counts = "  ".join(f"{name} {n}" for name, n in matrix_instructions(compiled).items())
-            print(f"{kernel:12s} {variant} shared {compiled.metadata.shared:6d} B  registers {registers:3d}  "
-                  f"spill {spill} B  {counts}")
+    for kernel, variant, compiled in _compiled_variants(90, None):
+        registers, spill = resource_usage(compiled)
+        counts = "  ".join(f"{name} {n}" for name, n in matrix_instructions(compiled).items())
+        print(f"{kernel:12s} {variant} shared {compiled.metadata.shared:6d} B  registers {registers:3d}  "
+              f"spill {spill} B  {counts}")
 
 
 if __name__ == "__main__":
