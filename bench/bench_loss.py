@@ -24,7 +24,7 @@ equivalent loss, Liger Kernel's and Apple's cut-cross-entropy fused linear
 cross-entropy on the plain softmax head (when importable), and the floor: the three
 plain GEMMs of the same shapes (logits, dX, dW), timed with ``torch.mm``.
 
-FLOP model (DESIGN.md section 5): the floor is ``6*B*C*D`` FLOPs (three GEMMs of
+FLOP model (docs/design.md section 5): the floor is ``6*B*C*D`` FLOPs (three GEMMs of
 ``2*B*C*D``); a fused kernel does ``8*B*C*D`` (it recomputes the logits in the
 backward). Reported throughput is *useful* FLOP/s: ``6*B*C*D / total time``. The
 memory floor above the inputs is their gradients: ``(B*D + C*D) * itemsize``.
@@ -1096,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager-max-classes", type=int, default=None, help="skip eager above this C (default: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flush-denormal", action="store_true",
-                   help="torch.set_flush_denormal(True) in the measuring processes (DESIGN.md section 5)")
+                   help="torch.set_flush_denormal(True) in the measuring processes (docs/design.md section 5)")
     p.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                    help="per-process allocation limit on the CPU, reported as OOM (default 70%% of MemAvailable)")
     p.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per child process")

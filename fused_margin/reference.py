@@ -1,7 +1,7 @@
 """The eager PyTorch reference: materializes the (B, C) logits, written for clarity.
 
 It is the ground truth every backend is tested against (run it in float64) and the
-"eager PyTorch" baseline of the benchmarks. Two layers, mirroring DESIGN.md section 2:
+"eager PyTorch" baseline of the benchmarks. Two layers, mirroring docs/design.md section 1:
 
 * :func:`margin_lse_terms` computes what a fused kernel computes
   (``lse_neg, target_u, sum_neg, argmax, row_scale, col_scale``) with autograd;

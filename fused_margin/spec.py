@@ -1,6 +1,6 @@
 """`MarginSpec`: the declarative description of a margin-based softmax head.
 
-A head is split in two (DESIGN.md section 2):
+A head is split in two (docs/design.md section 1):
 
 * the **non-target** transform ``z_bj = s * T_n(u_bj) (+ bias_j)`` applied to every
   class but the label, chosen from a small closed set (:class:`NonTarget`) that every
@@ -455,7 +455,7 @@ class MarginSpec:
         ):
             raise ValueError(f"num_subcenters must be a positive integer, got {self.num_subcenters!r}")
 
-    # ---- the heads of DESIGN.md section 3, as stateless specs -------------------
+    # ---- the heads of the README's table, as stateless specs -------------------
 
     @classmethod
     def softmax(cls) -> MarginSpec:

@@ -193,7 +193,7 @@ def test_chunk_size_does_not_matter(chunk_size):
 @needs_ext
 def test_far_classes_underflow():
     """Aligned rows at s=64: most softmax probabilities fall below fp32's normal range
-    (the denormal trap of DESIGN.md section 5) and are flushed to zero in the epilogue.
+    (the denormal trap of docs/design.md section 5) and are flushed to zero in the epilogue.
     The loss is ~1e-6 here, so the fp32 `logaddexp(z_y, lse) - z_y` downstream of the
     kernel cancels: the kernel may be as wrong as eager fp32, plus a small tolerance."""
     x, w, labels = make_inputs(37, 1003, 67, peaked_rows=37)

@@ -84,7 +84,7 @@ def test_arcface_fallback_region_agrees_and_is_documented():
 def test_difference_at_exactly_aligned_embeddings():
     """Where the definitions differ: at c_y = 1 exactly PML differentiates acos at 1
     (its gradient is non-finite), while our gradient floors 1 - c^2 at SIN2_EPS
-    (DESIGN.md: exact gradients, never NaN). The loss values still agree."""
+    (docs/design.md section 6: exact gradients, never NaN). The loss values still agree."""
     x, w, labels = make_inputs(5, 4, 3)
     x = 2.0 * w[labels].clone()
     pml_loss = _pml(pml_losses.ArcFaceLoss, w, margin=28.6, scale=64)

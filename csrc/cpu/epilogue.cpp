@@ -106,7 +106,7 @@ FM_INLINE X select(M c, X a, X b) {
 // minimax (float) or Taylor (double) polynomial for exp(r), and 2^n assembled in the
 // exponent bits. Results below the smallest normal number are returned as exactly 0:
 // those probabilities can never matter next to the row's largest (>= 1/C), and a
-// denormal operand makes the next GEMM run ~25x slower on x86 (DESIGN.md section 5) --
+// denormal operand makes the next GEMM run ~25x slower on x86 (docs/design.md section 5) --
 // this is the flush, done here instead of in the process-wide FTZ/DAZ state.
 template <typename X>
 FM_INLINE X exp_flush_f32(X x) {
