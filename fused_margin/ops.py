@@ -166,7 +166,6 @@ def _(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, r
     return torch.empty_like(x), torch.empty_like(weight), grad_b
 
 
-_TENSOR_INPUTS = ("x", "weight", "labels", "bias", "class_index", "row_threshold")
 _SCALAR_INPUTS = ("normalize_x", "normalize_w", "scale", "kind", "alpha", "delta", "margin", "num_subcenters",
                   "backend")
 

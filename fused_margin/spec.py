@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "COS_EPS",
     "SIN2_EPS",
     "safe_acos",
     "sin_from_cos",
@@ -44,7 +43,6 @@ __all__ = [
 #: magnitude), exact wherever ``1 - c^2 >= SIN2_EPS`` (any fp32 cosine other than
 #: exactly +-1), and never NaN, for perfectly aligned embeddings too.
 SIN2_EPS: float = 1e-12
-COS_EPS: float = SIN2_EPS  # kept for the name used in the docs
 
 
 def sin_from_cos(c: Tensor) -> Tensor:

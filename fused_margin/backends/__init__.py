@@ -123,6 +123,3 @@ def _resolve(name: str, x: Tensor, weight: Tensor, param_values: tuple) -> str:
         f"no backend can run inputs on device {x.device} ({x.dtype}, {weight.dtype}): " + " | ".join(refusals)
     )
 
-
-def accelerator_available() -> bool:
-    return torch.cuda.is_available()
