@@ -4,7 +4,7 @@ plus the regularizer ``lambda_g * (a / u_a^2 + 1 / a)`` added to every row's los
 
 from __future__ import annotations
 
-from ..spec import MagFaceRegularizer, MagnitudeAwareTarget, MarginSpec, _positive
+from ..spec import MagFaceRegularizer, MagnitudeAwareTarget, MarginSpec, _filtering, _positive
 from .base import MarginHead
 
 
@@ -20,6 +20,7 @@ class MagFaceLoss(MarginHead):
         lower_margin: float = 0.45,
         upper_margin: float = 0.8,
         regularizer_weight: float = 35.0,
+        interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ) -> None:
         for name, value in (("scale", scale), ("lower_norm", lower_norm), ("upper_norm", upper_norm),
@@ -32,7 +33,9 @@ class MagFaceLoss(MarginHead):
         super().__init__(num_classes, embedding_size, **kwargs)
         target = MagnitudeAwareTarget(scale, lower_norm, upper_norm, lower_margin, upper_margin)
         reg = MagFaceRegularizer(regularizer_weight, lower_norm, upper_norm)
-        self._spec = MarginSpec(scale, target, regularizer=reg, name="magface")
+        self._spec = MarginSpec(
+            scale, target, _filtering(interclass_filtering_threshold), regularizer=reg, name="magface"
+        )
 
     def spec(self) -> MarginSpec:
         return self._spec
