@@ -525,3 +525,10 @@ def _run_gpu_cases(tmp_path: Path, cases: list[dict[str, Any]]) -> None:
             for r in results
         ]
         _check_case(case, cpu_results)
+
+
+def test_embedding_grad_default_is_what_a_ddp_backbone_needs():
+    # DDP and FSDP average the backbone's gradients over ranks; 'ddp' undoes that
+    import inspect
+
+    assert inspect.signature(ShardedMarginLoss).parameters["embedding_grad"].default == "ddp"
