@@ -256,6 +256,7 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
         self.last_batch_size = 0
         self.weight_index: Tensor | None = None
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
+        shards.weight = self.weight  # one shard in memory: the sharded head's own is freed here
 
     _shards: _PartialFCShards
 

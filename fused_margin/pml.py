@@ -13,8 +13,10 @@ Each loss takes pytorch-metric-learning's constructor arguments (margins in degr
 where it uses degrees: ``ArcFaceLoss``, ``SubCenterArcFaceLoss``) and owns its parameter
 ``W`` of shape ``(embedding_size, num_classes)`` (``num_classes * sub_centers`` columns
 for the sub-center loss), so its ``state_dict()`` is pytorch-metric-learning's and loads
-both ways, strictly. The kernels read ``W.t()``, a view: no copy. The loss is the mean
-over the batch, as its default ``MeanReducer`` gives.
+both ways, strictly. The kernels are handed ``W.t()``, a view: the Triton kernels read
+it in place (no copy); the CPU and CUDA C++ backends copy it to row-major inside each
+call (forward and backward), a transient ``C x D`` buffer. The loss is the mean over the
+batch, as its default ``MeanReducer`` gives.
 
 The loss equals pytorch-metric-learning's (its definitions, not this library's core
 heads where they differ): ``SphereFaceLoss`` and ``LargeMarginSoftmaxLoss`` have no

@@ -394,6 +394,20 @@ class GoalOrientedTarget:
 
 
 @dataclass(frozen=True)
+class StraightThroughTarget:
+    """``target``'s value with the gradient of ``scale * c_y``: the margin in the forward
+    pass only (as InsightFace's arcface_torch applies it), for any angular target."""
+
+    target: TargetTransform
+    scale: float
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        z = self.target(ctx)
+        base = self.scale * ctx.clamped_cos().to(z.dtype)
+        return base + (z - base).detach()
+
+
+@dataclass(frozen=True)
 class AdaptiveMarginTarget:
     """AdaFace (Kim et al. 2022, eq. 11): with ``g = norm_scaler(||x||)`` in [-1, 1] (the
     head maps the detached feature norms through its batch statistics),
@@ -609,12 +623,14 @@ class MarginSpec:
         )
 
     @classmethod
-    def curricularface(cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0) -> MarginSpec:
+    def curricularface(
+        cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0, *, straight_through: bool = False
+    ) -> MarginSpec:
         s = _positive("scale", scale)
         m = _unit_interval("margin", margin)
         return cls(
             s,
-            CosineMarginTarget(s, m2=m),
+            CosineMarginTarget(s, m2=m, straight_through=_flag("straight_through", straight_through)),
             NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _finite("t", t)),
             name="curricularface",
         )
