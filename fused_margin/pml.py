@@ -139,6 +139,14 @@ class _FusedPMLLoss(nn.Module):
         for name, value in (("indices_tuple", indices_tuple), ("ref_emb", ref_emb), ("ref_labels", ref_labels)):
             if value is not None:
                 raise ValueError(f"{type(self).__name__}: {name} is not supported by the fused head")
+        if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.dtype.is_floating_point:
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bool(bad.any()):
+                position = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"labels must lie in [0, {self.num_classes}) (every row is a class here, as in "
+                    f"pytorch-metric-learning); got {int(labels[position])} at position {position}"
+                )
         return margin_cross_entropy(
             embeddings, self.W.t(), labels, self.spec(), ignore_index=_NO_IGNORE, backend=self.backend
         )
