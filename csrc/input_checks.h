@@ -33,8 +33,8 @@ struct InputChecks {
 
   MarginParams params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha, double delta,
                       double margin, int64_t num_subcenters) const {
-    TORCH_CHECK(kind >= kIdentity && kind <= kCurricular, "fused_margin ", backend,
-                " backend: kind must be a NonTargetKind (0..4), got ", kind);
+    TORCH_CHECK(kind >= kIdentity && kind <= kFiltered, "fused_margin ", backend,
+                " backend: kind must be a NonTargetKind (0..5), got ", kind);
     TORCH_CHECK(num_subcenters >= 1, "fused_margin ", backend, " backend: num_subcenters must be >= 1, got ",
                 num_subcenters);
     return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};

@@ -14,6 +14,7 @@ enum NonTargetKind : int64_t {
   kQuadratic = 2,          // T(u) = [u + m]_+ (u - m), exact derivative
   kQuadraticDetached = 3,  // same value, derivative [u + m]_+ (Circle loss)
   kCurricular = 4,         // T(u) = u (t_b + u) if u > threshold_b else u (CurricularFace; per-row t_b)
+  kFiltered = 5,           // T(u) = u [u <= margin], T'(u) = [u <= margin] (inter-class filtering)
 };
 
 struct MarginParams {

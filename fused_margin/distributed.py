@@ -33,12 +33,14 @@ the other rows is added as a constant), so the sum over ranks of what is back-pr
 is the global loss exactly once, and the collectives in the backward are the true
 adjoints (all-reduce SUM for an all-reduce SUM, reduce-scatter for an all-gather).
 
-A backbone wrapped in ``DistributedDataParallel`` *averages* its gradients over ranks,
-so with exact embedding gradients it would receive ``dL/dtheta / world_size``. Pass
-``embedding_grad='ddp'`` to multiply the embeddings' gradients by ``world_size`` (Partial
-FC's convention): the backbone then receives exactly ``dL/dtheta``, the same as training
-the same global batch in one process. Do not wrap this module itself in DDP: its
-parameters differ across ranks by design.
+A backbone wrapped in ``DistributedDataParallel`` (or FSDP) *averages* its gradients
+over ranks, so with exact embedding gradients it would receive ``dL/dtheta / world_size``.
+The default ``embedding_grad='ddp'`` therefore multiplies the embeddings' gradients by
+``world_size`` (Partial FC's convention): the backbone then receives exactly
+``dL/dtheta``, the same as training the same global batch in one process. Pass
+``embedding_grad='exact'`` when the backbone's gradients are *not* averaged over ranks
+(no DDP/FSDP, or a hand-written all-reduce SUM): the embeddings then receive ``dL/dx_r``.
+Do not wrap this module itself in DDP: its parameters differ across ranks by design.
 
 **Class sampling** (``sample_rate < 1``, training only; Partial FC): each step, each
 rank keeps every class of its shard that is a label in the global batch plus a random
@@ -70,6 +72,7 @@ from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = [
     "ShardedMarginLoss",
+    "full_weight_from_state_dicts",
     "gather_full_weight",
     "reshard_state_dicts",
     "shard_range",
@@ -119,18 +122,8 @@ def shard_weight(full_weight: Tensor, rank: int, world_size: int, *, num_subcent
 _EXTRA_STATE_KEY = "_extra_state"
 
 
-def reshard_state_dicts(state_dicts: Sequence[Mapping[str, Any]], world_size: int) -> list[dict[str, Any]]:
-    """Offline conversion of the per-rank ``state_dict()`` of a :class:`ShardedMarginLoss`
-    (given in any order, all ranks) into ``world_size`` per-rank state dicts.
-
-    The sampling generators are not carried over (each new rank keeps the generator of
-    the module it is loaded into); the step and the head state are copied. Optimizer
-    state (momentum) is not handled here: reshard it the same way, row for row.
-    """
-    if not state_dicts:
-        raise ValueError("state_dicts is empty")
-    metas = [sd[_EXTRA_STATE_KEY] for sd in state_dicts]
-    order = sorted(range(len(state_dicts)), key=lambda i: metas[i]["rank"])
+def _check_tiling(metas: list[Mapping[str, Any]], order: list[int]) -> tuple[int, int]:
+    """The shards' metadata, in rank order, must tile [0, C); returns (C, K)."""
     num_classes, k = metas[0]["num_classes"], metas[0]["num_subcenters"]
     expected = 0
     for i in order:
@@ -145,6 +138,83 @@ def reshard_state_dicts(state_dicts: Sequence[Mapping[str, Any]], world_size: in
         expected = meta["class_end"]
     if expected != num_classes:
         raise ValueError(f"the shards cover classes [0, {expected}) of {num_classes}: some rank is missing")
+    return num_classes, k
+
+
+def _is_plain(state_dict: Mapping[str, Any]) -> bool:
+    """A per-rank checkpoint without our metadata: arcface_torch's ``{'weight': shard}``."""
+    return _EXTRA_STATE_KEY not in state_dict
+
+
+def _plain_shards(state_dicts: Sequence[Mapping[str, Any]], num_subcenters: int) -> tuple[int, list[Tensor]]:
+    """Checks that plain per-rank ``{'weight'}`` dicts, taken in rank order, tile the
+    classes by :func:`shard_range`; returns the class count and the shards."""
+    for r, sd in enumerate(state_dicts):
+        extra = sorted(set(sd) - {"weight"})
+        if "weight" not in sd or extra or not isinstance(sd["weight"], Tensor) or sd["weight"].dim() != 2:
+            raise ValueError(
+                f"state_dicts[{r}] must hold ShardedMarginLoss metadata ({_EXTRA_STATE_KEY!r}) or be a plain "
+                f"per-rank {{'weight': (num_local, embedding_size) tensor}} (arcface_torch's); got keys {sorted(sd)}"
+            )
+    shards = [sd["weight"] for sd in state_dicts]
+    rows = [w.shape[0] for w in shards]
+    if any(n % num_subcenters for n in rows):
+        raise ValueError(f"shard row counts {rows} are not multiples of num_subcenters={num_subcenters}")
+    num_classes = sum(rows) // num_subcenters
+    n = len(shards)
+    expected = [shard_range(num_classes, r, n) for r in range(n)]
+    if [(e - s) * num_subcenters for s, e in expected] != rows:
+        raise ValueError(
+            f"plain per-rank state dicts must be given in rank order and split {num_classes} classes over {n} "
+            f"ranks as shard_range does (the first C % n ranks one class more); got shards of {rows} rows"
+        )
+    if len({(w.shape[1], w.dtype) for w in shards}) > 1:
+        raise ValueError("the shards differ in embedding_size or dtype")
+    return num_classes, shards
+
+
+def full_weight_from_state_dicts(
+    state_dicts: Sequence[Mapping[str, Any]], *, num_subcenters: int | None = None
+) -> Tensor:
+    """The full ``(C*K, D)`` weight from every rank's checkpoint: our
+    :class:`ShardedMarginLoss` state dicts (any order), or arcface_torch's plain
+    ``{'weight'}`` ones (``softmax_fc_gpu_{rank}.pt``), given in rank order."""
+    if not state_dicts:
+        raise ValueError("state_dicts is empty")
+    if all(_is_plain(sd) for sd in state_dicts):
+        return torch.cat(_plain_shards(state_dicts, num_subcenters or 1)[1])
+    if any(_is_plain(sd) for sd in state_dicts):
+        raise ValueError("state_dicts mixes plain {'weight'} dicts with ShardedMarginLoss ones")
+    metas = [sd[_EXTRA_STATE_KEY] for sd in state_dicts]
+    order = sorted(range(len(state_dicts)), key=lambda i: metas[i]["rank"])
+    _check_tiling(metas, order)
+    return torch.cat([state_dicts[i]["weight"] for i in order])
+
+
+def reshard_state_dicts(state_dicts: Sequence[Mapping[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """Offline conversion of the per-rank ``state_dict()`` of a :class:`ShardedMarginLoss`
+    (given in any order, all ranks) into ``world_size`` per-rank state dicts.
+
+    Plain per-rank ``{'weight'}`` dicts (arcface_torch's ``PartialFC_V2`` checkpoints, and
+    :class:`fused_margin.insightface.PartialFC_V2`'s), given in rank order, are resharded
+    into plain ``{'weight'}`` dicts.
+
+    The sampling generators are not carried over (each new rank keeps the generator of
+    the module it is loaded into); the step and the head state are copied. Optimizer
+    state (momentum) is not handled here: reshard it the same way, row for row.
+    """
+    if not state_dicts:
+        raise ValueError("state_dicts is empty")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if all(_is_plain(sd) for sd in state_dicts):
+        full = full_weight_from_state_dicts(state_dicts)
+        return [{"weight": shard_weight(full, r, world_size).clone()} for r in range(world_size)]
+    if any(_is_plain(sd) for sd in state_dicts):
+        raise ValueError("state_dicts mixes plain {'weight'} dicts with ShardedMarginLoss ones")
+    metas = [sd[_EXTRA_STATE_KEY] for sd in state_dicts]
+    order = sorted(range(len(state_dicts)), key=lambda i: metas[i]["rank"])
+    num_classes, k = _check_tiling(metas, order)
     full = torch.cat([state_dicts[i]["weight"] for i in order])
     out = []
     for rank in range(world_size):
@@ -288,8 +358,9 @@ class ShardedMarginLoss(nn.Module):
             :func:`fused_margin.margin_cross_entropy`, over the global batch.
         return_accuracy: also return the top-1 accuracy of the margin-free logits over
             the global batch (two more B-vector all-reduces).
-        embedding_grad: 'exact' (embeddings receive dL/dx) or 'ddp' (times world_size, for
-            a backbone wrapped in DistributedDataParallel, which averages).
+        embedding_grad: 'ddp' (default: dL/dx times world_size, what a backbone wrapped in
+            DistributedDataParallel or FSDP needs, since they average over ranks) or
+            'exact' (dL/dx: pick it when nothing averages the backbone's gradients).
         backend: passed to the fused operation ('auto', 'reference', 'cpu', 'triton', ...).
         seed: seed of the sampling generators (rank r uses ``seed + r``); None: random.
         timeout: seconds the per-step input check waits for the other ranks before
@@ -314,7 +385,7 @@ class ShardedMarginLoss(nn.Module):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         return_accuracy: bool = False,
-        embedding_grad: EmbeddingGrad = "exact",
+        embedding_grad: EmbeddingGrad = "ddp",
         backend: BackendName = "auto",
         seed: int | None = None,
         timeout: float = 600.0,
@@ -381,6 +452,9 @@ class ShardedMarginLoss(nn.Module):
         self.reset_parameters()
 
     head: MarginHead | None
+    #: when set, each row's loss *value* is capped there (the gradient stays that of the
+    #: uncapped loss): fused_margin.insightface reproduces arcface_torch's loss with it
+    _row_loss_cap: float | None = None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
@@ -389,8 +463,12 @@ class ShardedMarginLoss(nn.Module):
         return self._spec if self.head is None else self.head.spec()
 
     @torch.no_grad()
-    def load_full_weight(self, full_weight: Tensor) -> None:
-        """Copy this rank's rows of a full ``(C*K, D)`` weight (e.g. a single-process head's)."""
+    def load_full_weight(self, full_weight: Tensor | Sequence[Mapping[str, Any]]) -> None:
+        """Copy this rank's rows of a full ``(C*K, D)`` weight (e.g. a single-process head's),
+        or of the full weight that per-rank state dicts make up (ours, or arcface_torch's
+        plain ``{'weight'}`` ones in rank order: :func:`full_weight_from_state_dicts`)."""
+        if not isinstance(full_weight, Tensor):
+            full_weight = full_weight_from_state_dicts(full_weight, num_subcenters=self.num_subcenters)
         if full_weight.shape != (self.num_classes * self.num_subcenters, self.embedding_size):
             raise ValueError(
                 f"full_weight must have shape ({self.num_classes * self.num_subcenters}, {self.embedding_size}), "
@@ -631,6 +709,10 @@ class ShardedMarginLoss(nn.Module):
         if spec.regularizer is not None:
             loss_all = loss_all + summed[1]
         loss_all = torch.where(valid, loss_all, torch.zeros_like(loss_all))
+        if self._row_loss_cap is not None:
+            # the value of each row capped (arcface_torch's clamp of p_y at 1e-30), the
+            # gradient that of the uncapped loss (what its backward computes)
+            loss_all = loss_all + (loss_all.clamp_max(self._row_loss_cap) - loss_all).detach()
 
         # Back-propagate this rank's rows only; the others' value is a constant (see the
         # module docstring: the sum over ranks is then the global loss, counted once).

@@ -106,6 +106,8 @@ def non_target_derivative(u: Tensor, params: KernelParams, row_threshold: Tensor
         return torch.where(u > -m, 2.0 * u, torch.zeros_like(u))
     if kind == NonTargetKind.QUADRATIC_DETACHED:
         return torch.relu(u + m)
+    if kind == NonTargetKind.FILTERED:
+        return torch.where(u > m, torch.zeros_like(u), torch.ones_like(u))
     terms = row_threshold.to(u.dtype)
     return torch.where(u > terms[0, :, None], terms[1, :, None] + 2.0 * u, torch.ones_like(u))
 

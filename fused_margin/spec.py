@@ -19,6 +19,7 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -70,6 +71,7 @@ class NonTargetKind(enum.IntEnum):
     QUADRATIC = 2  # T(u) = [u + m]_+ * (u - m), exact gradient (SO-Softmax)
     QUADRATIC_DETACHED = 3  # same value, gradient [u + m]_+ (Circle loss, detached weight)
     CURRICULAR = 4  # T(u) = u * (t_b + u) if u > threshold_b else u (CurricularFace; per-row constants)
+    FILTERED = 5  # T(u) = u * [u <= t], T'(u) = [u <= t], t = NonTarget.margin (inter-class filtering)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ class NonTarget:
     paper); ``t`` is CurricularFace's modulation coefficient: a number, or a 0-dim
     tensor (the head's running ``t``, which stays on the device: no host sync). The
     kernels take both CurricularFace constants per row (:meth:`row_terms`).
+
+    ``FILTERED`` (InsightFace's ``interclass_filtering_threshold``) reads its threshold
+    ``t`` from ``margin``: a non-target cosine above it becomes 0 (the logit ``s * 0``
+    stays in the softmax) and passes no gradient; build it with :meth:`filtered`.
     """
 
     kind: NonTargetKind = NonTargetKind.IDENTITY
@@ -102,6 +108,11 @@ class NonTarget:
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"NonTarget.{name} must be a finite number, got {value!r}")
 
+    @classmethod
+    def filtered(cls, threshold: float) -> NonTarget:
+        """Inter-class filtering: ``T(u) = u * [u <= threshold]``, ``T'(u) = [u <= threshold]``."""
+        return cls(NonTargetKind.FILTERED, margin=_finite("interclass_filtering_threshold", threshold))
+
     def apply(self, u: Tensor, row_threshold: Tensor | None = None) -> Tensor:
         """``T_n(u)`` for a (B, C) tensor, with autograd (used by the reference).
         CurricularFace takes its constants from ``row_threshold`` (2, B), see
@@ -115,6 +126,9 @@ class NonTarget:
             return torch.relu(u + self.margin) * (u - self.margin)
         if kind == NonTargetKind.QUADRATIC_DETACHED:
             return torch.relu(u + self.margin).detach() * (u - self.margin)
+        if kind == NonTargetKind.FILTERED:
+            # written as u > t so that a NaN cosine stays NaN
+            return torch.where(u > self.margin, torch.zeros_like(u), u)
         if row_threshold is None:
             raise ValueError("the CurricularFace non-target transform needs row_threshold")
         hard = u > row_threshold[0, :, None]
@@ -267,15 +281,21 @@ class LinearTarget:
         return self.scale * ctx.u
 
 
+_BEYOND_PI = ("fallback", "easy_margin", "none")
+
+
 @dataclass(frozen=True)
 class CosineMarginTarget:
     """``z_y = s * (cos(m1 * theta + m2) - m3)``, the InsightFace combined margin.
 
-    ArcFace (``m1 = 1, m3 = 0``) gets the monotonic fallback ``s * (c - m2 * sin m2)``
-    where ``theta + m2 > pi`` (InsightFace's ``th``/``mm``), or ``easy_margin``
-    (margin only where ``c > 0``). ``straight_through`` applies the margin in the
-    forward pass only (the gradient is that of ``s * c``), as InsightFace's current
-    ArcFace does. CosFace and CS-Softmax are ``m1 = 1, m2 = 0``.
+    With ``m1 = 1``, ``beyond_pi`` says what happens where ``theta + m2 > pi`` (where
+    ``cos(theta + m2)`` would grow again as ``theta`` grows): ``'fallback'`` the monotonic
+    ``c - m2 * sin m2`` (InsightFace's former ``th``/``mm``), ``'easy_margin'`` (then the
+    margin applies only where ``c > 0``), ``'none'`` ``cos(theta + m2)`` as written, as
+    InsightFace's arcface_torch computes it. ``easy_margin=True`` is
+    ``beyond_pi='easy_margin'``. ``straight_through`` applies the margin in the forward
+    pass only (the gradient is that of ``s * c``), as arcface_torch's ArcFace does.
+    CosFace and CS-Softmax are ``m1 = 1, m2 = 0``.
     """
 
     scale: float
@@ -284,6 +304,16 @@ class CosineMarginTarget:
     m3: float = 0.0
     easy_margin: bool = False
     straight_through: bool = False
+    beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback"
+
+    def __post_init__(self) -> None:
+        if self.beyond_pi not in _BEYOND_PI:
+            raise ValueError(f"beyond_pi must be one of {_BEYOND_PI}, got {self.beyond_pi!r}")
+        if self.easy_margin and self.beyond_pi == "none":
+            raise ValueError("easy_margin=True contradicts beyond_pi='none'")
+        if self.easy_margin or self.beyond_pi == "easy_margin":
+            object.__setattr__(self, "easy_margin", True)
+            object.__setattr__(self, "beyond_pi", "easy_margin")
 
     def __call__(self, ctx: TargetContext) -> Tensor:
         c = ctx.clamped_cos() if (self.m1 != 1.0 or self.m2 != 0.0) else ctx.cos
@@ -302,6 +332,8 @@ class CosineMarginTarget:
             arc = c * math.cos(m2) - sin_theta * math.sin(m2)
             if self.easy_margin:
                 arc = torch.where(c > 0, arc, c)
+            elif self.beyond_pi == "none":
+                pass
             else:
                 arc = torch.where(c > math.cos(math.pi - m2), arc, c - m2 * math.sin(m2))
             return arc - m3
@@ -357,6 +389,20 @@ class GoalOrientedTarget:
         if self.detached:
             return self.scale * torch.relu(1.0 + m - c).detach() * (c - (1.0 - m))
         return self.scale * (m * m - (1.0 - c) ** 2)
+
+
+@dataclass(frozen=True)
+class StraightThroughTarget:
+    """``target``'s value with the gradient of ``scale * c_y``: the margin in the forward
+    pass only (as InsightFace's arcface_torch applies it), for any angular target."""
+
+    target: TargetTransform
+    scale: float
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        z = self.target(ctx)
+        base = self.scale * ctx.clamped_cos().to(z.dtype)
+        return base + (z - base).detach()
 
 
 @dataclass(frozen=True)
@@ -460,14 +506,19 @@ class MarginSpec:
         return cls(1.0, LinearTarget(1.0), normalize_embeddings=False, normalize_weight=False, name="softmax")
 
     @classmethod
-    def normface(cls, scale: float = 30.0) -> MarginSpec:
+    def normface(cls, scale: float = 30.0, *, interclass_filtering_threshold: float = 0.0) -> MarginSpec:
         s = _positive("scale", scale)
-        return cls(s, LinearTarget(s), name="normface")
+        return cls(s, LinearTarget(s), _filtering(interclass_filtering_threshold), name="normface")
 
     @classmethod
-    def cosface(cls, scale: float = 64.0, margin: float = 0.35) -> MarginSpec:
+    def cosface(
+        cls, scale: float = 64.0, margin: float = 0.35, *, interclass_filtering_threshold: float = 0.0
+    ) -> MarginSpec:
         s = _positive("scale", scale)
-        return cls(s, CosineMarginTarget(s, m3=_finite("margin", margin)), name="cosface")
+        return cls(
+            s, CosineMarginTarget(s, m3=_finite("margin", margin)), _filtering(interclass_filtering_threshold),
+            name="cosface",
+        )
 
     @classmethod
     def arcface(
@@ -478,26 +529,47 @@ class MarginSpec:
         easy_margin: bool = False,
         straight_through: bool = False,
         num_subcenters: int = 1,
+        beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback",
+        interclass_filtering_threshold: float = 0.0,
     ) -> MarginSpec:
+        """``beyond_pi``: the target logit where ``theta + m > pi`` (see
+        :class:`CosineMarginTarget`); ``interclass_filtering_threshold`` > 0: non-target
+        cosines above it count as 0 (:meth:`NonTarget.filtered`; 0 turns it off)."""
         s = _positive("scale", scale)
         target = CosineMarginTarget(
             s,
             m2=_unit_interval("margin", margin),
             easy_margin=easy_margin,
-            straight_through=straight_through,
+            straight_through=_flag("straight_through", straight_through),
+            beyond_pi=beyond_pi,
         )
         name = "arcface" if num_subcenters == 1 else "subcenter_arcface"
-        return cls(s, target, num_subcenters=num_subcenters, name=name)
+        return cls(
+            s, target, _filtering(interclass_filtering_threshold), num_subcenters=num_subcenters, name=name
+        )
 
     @classmethod
-    def combined(cls, scale: float = 64.0, margins: tuple[float, float, float] = (1.0, 0.3, 0.2)) -> MarginSpec:
+    def combined(
+        cls,
+        scale: float = 64.0,
+        margins: tuple[float, float, float] = (1.0, 0.3, 0.2),
+        *,
+        straight_through: bool = False,
+        beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback",
+        interclass_filtering_threshold: float = 0.0,
+    ) -> MarginSpec:
+        """``z_y = s * (cos(m1 * theta + m2) - m3)``; ``beyond_pi`` applies when ``m1 = 1``
+        (:class:`CosineMarginTarget`), ``straight_through`` gives the gradient of ``s * c``."""
         s = _positive("scale", scale)
-        if len(margins) != 3:
+        if not isinstance(margins, (tuple, list)) or len(margins) != 3:
             raise ValueError(f"margins must be (m1, m2, m3), got {margins!r}")
         m1 = _positive("margins[0] (m1)", margins[0])
         m2 = _unit_interval("margins[1] (m2)", margins[1])
         m3 = _finite("margins[2] (m3)", margins[2])
-        return cls(s, CosineMarginTarget(s, m1=m1, m2=m2, m3=m3), name="combined")
+        target = CosineMarginTarget(
+            s, m1=m1, m2=m2, m3=m3, straight_through=_flag("straight_through", straight_through), beyond_pi=beyond_pi
+        )
+        return cls(s, target, _filtering(interclass_filtering_threshold), name="combined")
 
     @classmethod
     def sphereface(
@@ -549,15 +621,32 @@ class MarginSpec:
         )
 
     @classmethod
-    def curricularface(cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0) -> MarginSpec:
+    def curricularface(
+        cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0, *, straight_through: bool = False
+    ) -> MarginSpec:
         s = _positive("scale", scale)
         m = _unit_interval("margin", margin)
         return cls(
             s,
-            CosineMarginTarget(s, m2=m),
+            CosineMarginTarget(s, m2=m, straight_through=_flag("straight_through", straight_through)),
             NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _finite("t", t)),
             name="curricularface",
         )
+
+
+def _flag(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _filtering(threshold: float) -> NonTarget:
+    """The non-target transform of a cosine head: identity, or with ``threshold > 0``
+    InsightFace's inter-class filtering (0 turns it off, as in arcface_torch)."""
+    t = _finite("interclass_filtering_threshold", threshold)
+    if t < 0:
+        raise ValueError(f"interclass_filtering_threshold must be >= 0 (0: off), got {threshold!r}")
+    return NonTarget() if t == 0 else NonTarget.filtered(t)
 
 
 def _lambda_schedule_args(lam: float, gamma: float, power: float, lam_min: float) -> tuple[float, ...]:

@@ -144,7 +144,8 @@ def _module(case: dict[str, Any], rank: int, *, seed: int | None = None) -> Shar
     sample_seed = options.pop("sample_seed", None)
     module = ShardedMarginLoss(
         _make_head(case), case["num_classes"], case["dim"], seed=sample_seed if seed is None else seed,
-        dtype=case["dtype"], device=case["x"][rank].device, timeout=60.0, **{"backend": "reference", **options},
+        dtype=case["dtype"], device=case["x"][rank].device, timeout=60.0,
+        **{"backend": "reference", "embedding_grad": "exact", **options},
     )
     module.load_full_weight(case["weight"])
     return module
@@ -524,3 +525,10 @@ def _run_gpu_cases(tmp_path: Path, cases: list[dict[str, Any]]) -> None:
             for r in results
         ]
         _check_case(case, cpu_results)
+
+
+def test_embedding_grad_default_is_what_a_ddp_backbone_needs():
+    # DDP and FSDP average the backbone's gradients over ranks; 'ddp' undoes that
+    import inspect
+
+    assert inspect.signature(ShardedMarginLoss).parameters["embedding_grad"].default == "ddp"

@@ -28,6 +28,8 @@ HEAD_SPECS: dict[str, MarginSpec] = {
     "circle": MarginSpec.circle(),
     "curricularface": MarginSpec.curricularface(t=0.4),
     "subcenter_arcface": MarginSpec.arcface(num_subcenters=3),
+    # inter-class filtering: at the tests' small D, cosines above 0.2 are common
+    "filtered": MarginSpec.cosface(interclass_filtering_threshold=0.2),
 }
 
 

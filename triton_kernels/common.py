@@ -35,6 +35,7 @@ KIND_AFFINE = tl.constexpr(int(NonTargetKind.AFFINE))
 KIND_QUADRATIC = tl.constexpr(int(NonTargetKind.QUADRATIC))
 KIND_QUADRATIC_DETACHED = tl.constexpr(int(NonTargetKind.QUADRATIC_DETACHED))
 KIND_CURRICULAR = tl.constexpr(int(NonTargetKind.CURRICULAR))
+KIND_FILTERED = tl.constexpr(int(NonTargetKind.FILTERED))
 
 
 def interpreting() -> bool:
@@ -212,6 +213,8 @@ def _non_target(u, threshold, alpha, delta, margin, t, KIND: tl.constexpr):
         out = tl.maximum(u + margin, 0.0) * (u - margin)
     elif KIND == KIND_CURRICULAR:
         out = tl.where(u > threshold, u * (t + u), u)
+    elif KIND == KIND_FILTERED:  # inter-class filtering, threshold in `margin`
+        out = tl.where(u > margin, 0.0, u)  # u > t: a NaN stays NaN
     else:
         out = u
     return out
@@ -229,6 +232,8 @@ def _non_target_grad(u, threshold, alpha, margin, t, KIND: tl.constexpr):
         out = tl.maximum(u + margin, 0.0)
     elif KIND == KIND_CURRICULAR:
         out = tl.where(u > threshold, t + 2.0 * u, 1.0)
+    elif KIND == KIND_FILTERED:
+        out = tl.where(u > margin, 0.0, 1.0)
     else:
         out = tl.zeros_like(u) + 1.0
     return out

@@ -48,6 +48,7 @@ VARIANTS = [
     ("fp32", "fp32", False, "tf32x3", 4, True, True, False, True, 3),
     ("bf16", "bf16", True, "ieee", 0, False, False, True, True, 1),
     ("bf16", "bf16", False, "ieee", 0, True, True, False, False, 3),
+    ("fp16", "fp16", False, "ieee", 5, True, True, False, False, 1),
 ]
 
 

@@ -183,6 +183,8 @@ struct Transform {
     } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
       const X shifted = u + margin;
       return select(shifted > T(0), shifted, X{}) * (u - margin);
+    } else if constexpr (KIND == kFiltered) {
+      return select(u > margin, X{}, u);  // u > t: a NaN cosine stays NaN
     } else {
       return select(u > threshold, u * (t + u), u);
     }
@@ -200,6 +202,8 @@ struct Transform {
     } else if constexpr (KIND == kQuadraticDetached) {
       const X shifted = u + margin;
       return select(shifted > T(0), shifted, zero);
+    } else if constexpr (KIND == kFiltered) {
+      return select(u > margin, zero, zero + T(1));
     } else {
       return select(u > threshold, t + T(2) * u, zero + T(1));
     }
@@ -413,6 +417,7 @@ FM_INLINE void forward_any(const ChunkTile<T>& c, const MarginParams& p, RowStat
     case kAffine: return forward_rows<T, kAffine>(c, p, state, target_u);
     case kQuadratic: return forward_rows<T, kQuadratic>(c, p, state, target_u);
     case kQuadraticDetached: return forward_rows<T, kQuadraticDetached>(c, p, state, target_u);
+    case kFiltered: return forward_rows<T, kFiltered>(c, p, state, target_u);
     default: return forward_rows<T, kCurricular>(c, p, state, target_u);
   }
 }
@@ -424,6 +429,7 @@ FM_INLINE void backward_any(const ChunkTile<T>& c, const MarginParams& p, const 
     case kAffine: return backward_rows<T, kAffine>(c, p, g);
     case kQuadratic: return backward_rows<T, kQuadratic>(c, p, g);
     case kQuadraticDetached: return backward_rows<T, kQuadraticDetached>(c, p, g);
+    case kFiltered: return backward_rows<T, kFiltered>(c, p, g);
     default: return backward_rows<T, kCurricular>(c, p, g);
   }
 }

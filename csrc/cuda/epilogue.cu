@@ -104,6 +104,8 @@ __device__ __forceinline__ A transform_value(const Transform<A>& tr, A u, A thre
     return tr.alpha * u + tr.delta;
   } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
     return fmax(u + tr.margin, A(0)) * (u - tr.margin);
+  } else if constexpr (KIND == kFiltered) {
+    return u > tr.margin ? A(0) : u;  // u > t: a NaN cosine stays NaN
   } else {
     return u > threshold ? u * (t + u) : u;
   }
@@ -120,6 +122,8 @@ __device__ __forceinline__ A transform_derivative(const Transform<A>& tr, A u, A
     return u > -tr.margin ? A(2) * u : A(0);
   } else if constexpr (KIND == kQuadraticDetached) {
     return fmax(u + tr.margin, A(0));
+  } else if constexpr (KIND == kFiltered) {
+    return u > tr.margin ? A(0) : A(1);
   } else {
     return u > threshold ? t + A(2) * u : A(1);
   }
@@ -442,6 +446,7 @@ void dispatch_kind(int64_t kind, F&& f) {
     case kQuadratic: return f(std::integral_constant<int64_t, kQuadratic>{});
     case kQuadraticDetached: return f(std::integral_constant<int64_t, kQuadraticDetached>{});
     case kCurricular: return f(std::integral_constant<int64_t, kCurricular>{});
+    case kFiltered: return f(std::integral_constant<int64_t, kFiltered>{});
   }
   throw std::invalid_argument("fused_margin cuda backend: unknown non-target kind");
 }

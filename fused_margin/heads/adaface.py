@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..ops import prepare_labels
-from ..spec import AdaptiveMarginTarget, MarginSpec, _finite, _positive
+from ..spec import AdaptiveMarginTarget, MarginSpec, StraightThroughTarget, _filtering, _finite, _flag, _positive
 from .base import MarginHead
 
 
@@ -28,6 +28,8 @@ class AdaFaceLoss(MarginHead):
         margin: float = 0.4,
         h: float = 0.333,
         t_alpha: float = 0.01,
+        interclass_filtering_threshold: float = 0.0,
+        straight_through: bool = False,
         **kwargs,
     ) -> None:
         _positive("scale", scale)
@@ -43,7 +45,10 @@ class AdaFaceLoss(MarginHead):
         self.register_buffer("batch_std", torch.full((), self._STATE_INIT["batch_std"], device=device))
         # The target reads the statistics through this bound method, so the spec stays
         # one constant object (and follows the buffers across .to(device)).
-        self._spec = MarginSpec(scale, AdaptiveMarginTarget(scale, margin, self.norm_scaler), name="adaface")
+        target = AdaptiveMarginTarget(scale, margin, self.norm_scaler)
+        if _flag("straight_through", straight_through):
+            target = StraightThroughTarget(target, scale)
+        self._spec = MarginSpec(scale, target, _filtering(interclass_filtering_threshold), name="adaface")
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)

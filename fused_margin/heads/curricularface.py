@@ -27,20 +27,22 @@ class CurricularFaceLoss(MarginHead):
         scale: float = 64.0,
         margin: float = 0.5,
         momentum: float = 0.01,
+        straight_through: bool = False,
         **kwargs,
     ) -> None:
-        MarginSpec.curricularface(scale, margin)  # validates
+        MarginSpec.curricularface(scale, margin, straight_through=straight_through)  # validates
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.momentum = scale, margin, momentum
+        self.straight_through = straight_through
         self.register_buffer("t", torch.zeros((), dtype=torch.float32, device=self.weight.device))
         self._refresh_spec()
 
     _STATE_INIT = {**MarginHead._STATE_INIT, "t": 0.0}
 
     def _refresh_spec(self) -> None:
-        self._spec = MarginSpec.curricularface(self.scale, self.margin, self.t)
+        self._spec = MarginSpec.curricularface(self.scale, self.margin, self.t, straight_through=self.straight_through)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): a new ``t`` tensor
         super()._apply(fn, recurse)
