@@ -45,6 +45,19 @@ def newest_per_device(results: list[tuple[Path, dict[str, Any]]], kind: str) -> 
     return [newest[k] for k in sorted(newest)]
 
 
+def newest_digits_runs(results: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    """The newest digits run per device and embedder recipe (with or without BatchNorm
+    on the embedding: ``--no-final-bn``), the default recipe first."""
+    newest: dict[tuple[str, bool], tuple[Path, dict[str, Any]]] = {}
+    for path, data in results:
+        if data.get("kind") != "train_digits":
+            continue
+        key = (device_slug(data["device"]), not data["config"].get("final_bn", True))
+        if key not in newest or data["date"] > newest[key][1]["date"]:
+            newest[key] = (path, data)
+    return [newest[k] for k in sorted(newest)]
+
+
 def _link(path: Path) -> str:
     try:
         return path.resolve().relative_to(REPO_ROOT).as_posix()
@@ -57,7 +70,8 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
     def pick(kind: str) -> list[tuple[Path, dict[str, Any]]]:
         return [r for r in results if r[1].get("kind") == kind] if every else newest_per_device(results, kind)
 
-    loss_runs, train_runs, digits_runs = pick("bench_loss"), pick("train_facerec"), pick("train_digits")
+    loss_runs, train_runs = pick("bench_loss"), pick("train_facerec")
+    digits_runs = pick("train_digits") if every else newest_digits_runs(results)
     if not loss_runs and not train_runs and not digits_runs:
         return "\n".join(out + ["No benchmark results committed yet: run `make bench`."]) + "\n"
     for path, data in loss_runs:
@@ -86,11 +100,16 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
 def digits_section(path: Path, data: dict[str, Any]) -> list[str]:
     """Every head on scikit-learn's digits: the table, figure (a), a link to figure (b)."""
     kind = "GPU" if data["device"]["type"] == "cuda" else "CPU"
-    out = [f"### Every head on real data: handwritten digits, {kind}", "", header_text(data), "",
+    default_recipe = data["config"].get("final_bn", True)
+    variant = "" if default_recipe else ", without BatchNorm on the embedding"
+    out = [f"### Every head on real data: handwritten digits, {kind}{variant}", "", header_text(data), "",
            f"Data: [`{_link(path)}`]({_link(path)}); the whole run took {data['duration_s']} s.", "",
            train_digits.markdown_table(data)]
     figure = data.get("embedding_figure") or {}
-    if data.get("plot_embeddings"):
+    if data.get("plot_embeddings") and not default_recipe:
+        out += [f"Test embeddings at D={figure.get('dim')}: [`{data['plot_embeddings']}`]"
+                f"({_link(path.parent / data['plot_embeddings'])})", ""]
+    elif data.get("plot_embeddings"):
         accs = ", ".join(f"{p['label']} {p['test_accuracy'] * 100:.1f}%" for p in figure.get("heads", []))
         out += [f"![test embeddings at D={figure.get('dim')}]({_link(path.parent / data['plot_embeddings'])})", "",
                 f"Figure: the same recipe at D={figure.get('dim')} (seed {figure.get('seed')}), test embeddings as "

@@ -112,10 +112,10 @@ def test_readme_shows_the_committed_digits_results():
     ``bench/report.py`` renders them (the whole block is checked in test_bench_smoke.py)."""
     import report
 
-    runs = report.newest_per_device(report.load_results(ROOT / "bench" / "results"), "train_digits")
+    runs = report.newest_digits_runs(report.load_results(ROOT / "bench" / "results"))
     assert runs, "no committed bench/results/train_digits_*.json"
     readme = report.readme_block((ROOT / "README.md").read_text())
     for path, data in runs:
         assert train_digits.markdown_table(data) in readme
-        assert data["plot_embeddings"] in readme
+        assert data["plot_embeddings"] in readme and data["plot_angles"] in readme
         assert (path.parent / data["plot_embeddings"]).is_file() and (path.parent / data["plot_angles"]).is_file()
