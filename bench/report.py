@@ -103,7 +103,8 @@ def digits_section(path: Path, data: dict[str, Any]) -> list[str]:
     default_recipe = data["config"].get("final_bn", True)
     variant = "" if default_recipe else ", without BatchNorm on the embedding"
     out = [f"### Every head on real data: handwritten digits, {kind}{variant}", "", header_text(data), "",
-           f"Data: [`{_link(path)}`]({_link(path)}); the whole run took {data['duration_s']} s.", "",
+           f"Data: [`{_link(path)}`]({_link(path)}); training and evaluation took {data['duration_s']} s "
+           "(after the start-up: imports, data).", "",
            train_digits.markdown_table(data)]
     figure = data.get("embedding_figure") or {}
     if data.get("plot_embeddings") and not default_recipe:
