@@ -456,7 +456,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} must be at least {low}, got {value}")
     if not 0.0 < args.test_size < 1.0:
         raise SystemExit(f"--test-size must lie in (0, 1), got {args.test_size}")
-    device = torch.device(args.device or ("cuda" if args.backend in ("cuda", "triton") else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if args.backend in ("cuda", "triton") else "cpu"))
+    except RuntimeError as error:
+        raise SystemExit(f"--device {args.device!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--backend {args.backend!r} on {device}: no CUDA device here (torch.cuda.is_available() "
+                         "is False); pass --device cpu (for 'triton' with TRITON_INTERPRET=1), or another --backend")
     torch.set_num_threads(args.threads)
     try:  # a backend that cannot run says why, before any training
         probe = fm.CosFaceLoss(NUM_CLASSES, args.dim, backend=args.backend, device=device)

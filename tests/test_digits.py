@@ -99,6 +99,9 @@ def test_another_backend_trains_the_same(one_thread):
     (["--test-size", "1.5"], "--test-size must lie in (0, 1), got 1.5"),
     (["--batch", "5000"], "--batch 5000 exceeds"),
     (["--backend", "nonsense"], "--backend 'nonsense'"),
+    (["--device", "nowhere"], "--device 'nowhere'"),
+    pytest.param(["--backend", "cuda"], "--backend 'cuda' on cuda: no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
 ])
 def test_bad_arguments_are_refused_by_name(argv, message, tmp_path):
     with pytest.raises(SystemExit) as error:
