@@ -11,10 +11,10 @@ mean and standard deviation.
 
 One recipe for every head (nothing is tuned per head; every head keeps its defaults,
 the papers'): a small MLP embedder (64 -> ``--hidden`` -> ``--dim``: Linear, BatchNorm,
-ReLU, Linear, BatchNorm, the last as InsightFace's embedding layer), trained jointly with
-the head's class weights by SGD (momentum 0.9, weight decay 5e-4: InsightFace's; ``--lr``
-with cosine decay to 0 over ``--epochs``), mini-batches of ``--batch`` drawn without replacement each epoch (the
-remainder dropped). The seed sets the initial weights and the batch order; the split is
+ReLU, Linear, BatchNorm, the last as InsightFace's embedding layer; ``--no-final-bn``
+drops it), trained jointly with the head's class weights by SGD (momentum 0.9, weight
+decay 5e-4: InsightFace's; ``--lr`` with cosine decay to 0 over ``--epochs``), on
+mini-batches of ``--batch`` drawn without replacement each epoch (the remainder dropped). The seed sets the initial weights and the batch order; the split is
 the same for every seed and head.
 
 Measured per head and seed, on the test set, after training (embedder in eval mode):
@@ -222,9 +222,8 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
         }
         if hasattr(head, "lam"):  # SphereFace, L-Softmax: the annealed lambda at the end
             result["final_lambda"] = head.lam
-        if hasattr(head, "step"):
-            result["head_state"] = {k: v.tolist() for k, v in head.state_dict().items() if k != "weight"
-                                    and k != "bias"}
+        # the step counter and the running statistics (CurricularFace's t, AdaFace's norms)
+        result["head_state"] = {k: v.tolist() for k, v in head.state_dict().items() if k not in ("weight", "bias")}
         if keep_embeddings:
             result["_embeddings"] = emb.detach().cpu().double()
             result["_weights"] = head.weight.detach().cpu().double()
