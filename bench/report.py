@@ -4,7 +4,7 @@
     .venv/bin/python bench/report.py --readme     # rewrite README.md's results block in place
 
 Nothing here is typed by hand: every number comes from ``bench/results/*.json``
-(written by ``bench_loss.py`` and ``train_facerec.py``). For each device it takes the
+(written by ``bench_loss.py``, ``train_facerec.py`` and ``train_digits.py``). For each device it takes the
 newest file of each kind, unless ``--all`` asks for every file.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_facerec  # noqa: E402 - bench/ is not a package
+import train_digits  # noqa: E402 - bench/ is not a package
+import train_facerec  # noqa: E402
 from bench_loss import REPO_ROOT, RESULTS_DIR, SCHEMA, device_slug, header_text, markdown_tables  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def load_results(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if data.get("schema") in (SCHEMA, train_facerec.SCHEMA):
+        if data.get("schema") in (SCHEMA, train_facerec.SCHEMA, train_digits.SCHEMA):
             found.append((path, data))
     return found
 
@@ -41,6 +42,19 @@ def newest_per_device(results: list[tuple[Path, dict[str, Any]]], kind: str) -> 
         slug = device_slug(data["device"])
         if slug not in newest or data["date"] > newest[slug][1]["date"]:
             newest[slug] = (path, data)
+    return [newest[k] for k in sorted(newest)]
+
+
+def newest_digits_runs(results: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    """The newest digits run per device and embedder recipe (with or without BatchNorm
+    on the embedding: ``--no-final-bn``), the default recipe first."""
+    newest: dict[tuple[str, bool], tuple[Path, dict[str, Any]]] = {}
+    for path, data in results:
+        if data.get("kind") != "train_digits":
+            continue
+        key = (device_slug(data["device"]), not data["config"].get("final_bn", True))
+        if key not in newest or data["date"] > newest[key][1]["date"]:
+            newest[key] = (path, data)
     return [newest[k] for k in sorted(newest)]
 
 
@@ -57,7 +71,8 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
         return [r for r in results if r[1].get("kind") == kind] if every else newest_per_device(results, kind)
 
     loss_runs, train_runs = pick("bench_loss"), pick("train_facerec")
-    if not loss_runs and not train_runs:
+    digits_runs = pick("train_digits") if every else newest_digits_runs(results)
+    if not loss_runs and not train_runs and not digits_runs:
         return "\n".join(out + ["No benchmark results committed yet: run `make bench`."]) + "\n"
     for path, data in loss_runs:
         kind = "GPU" if data["device"]["type"] == "cuda" else "CPU"
@@ -77,7 +92,33 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
                 f"Data: [`{_link(path)}`]({_link(path)})", "", train_facerec.markdown_table(data)]
         cfg = data["config"]
         out += [f"Throughput: {cfg.get('throughput')}. Largest C: {cfg.get('capacity_method')}.", ""]
+    for path, data in digits_runs:
+        out += digits_section(path, data)
     return "\n".join(out).rstrip() + "\n"
+
+
+def digits_section(path: Path, data: dict[str, Any]) -> list[str]:
+    """Every head on scikit-learn's digits: the table, figure (a), a link to figure (b)."""
+    kind = "GPU" if data["device"]["type"] == "cuda" else "CPU"
+    default_recipe = data["config"].get("final_bn", True)
+    variant = "" if default_recipe else ", without BatchNorm on the embedding"
+    out = [f"### Every head on real data: handwritten digits, {kind}{variant}", "", header_text(data), "",
+           f"Data: [`{_link(path)}`]({_link(path)}); training and evaluation took {data['duration_s']} s "
+           "(after the start-up: imports, data).", "",
+           train_digits.markdown_table(data)]
+    figure = data.get("embedding_figure") or {}
+    if data.get("plot_embeddings") and not default_recipe:
+        out += [f"Test embeddings at D={figure.get('dim')}: [`{data['plot_embeddings']}`]"
+                f"({_link(path.parent / data['plot_embeddings'])})", ""]
+    elif data.get("plot_embeddings"):
+        accs = ", ".join(f"{p['label']} {p['test_accuracy'] * 100:.1f}%" for p in figure.get("heads", []))
+        out += [f"![test embeddings at D={figure.get('dim')}]({_link(path.parent / data['plot_embeddings'])})", "",
+                f"Figure: the same recipe at D={figure.get('dim')} (seed {figure.get('seed')}), test embeddings as "
+                f"directions on the unit sphere; test accuracy at D={figure.get('dim')}: {accs}.", ""]
+    if data.get("plot_angles"):
+        out += [f"Angle histograms of every head (θ_y and θ_n, all seeds): "
+                f"[`{data['plot_angles']}`]({_link(path.parent / data['plot_angles'])})", ""]
+    return out
 
 
 #: README.md's results block lies between these two lines (kept by ``--readme``).
