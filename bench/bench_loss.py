@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import datetime as dt
 import importlib.metadata
@@ -48,6 +49,7 @@ import platform
 import re
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -485,9 +487,16 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
     spec = head_spec(job["head"])
     batch, dim = job["batch"], job["dim"]
     out: dict[str, Any] = {}
+    deadline = job.get("deadline_unix")  # --time-budget: no class count starts after it
     for classes in job["classes_list"]:
         entry: dict[str, Any] = {}
         rows = classes * spec.num_subcenters
+        if deadline is not None and time.time() > deadline:
+            entry["losses_error"] = "time budget spent (--time-budget)"
+            if job.get("floor", True):
+                entry["floor"] = {"status": "skipped", "reason": "time budget spent (--time-budget)"}
+            out[str(classes)] = entry
+            continue
         try:
             x, w = make_inputs(batch, rows, dim, dtype, device, job["seed"])
             y = make_labels(batch, classes, device, job["seed"])
@@ -508,7 +517,10 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001
             entry["losses_error"] = f"{type(error).__name__}: {_first_line(error)}"
         if job.get("floor", True):
-            entry["floor"] = _time_floor(job, device, dtype, batch, rows, dim)
+            if deadline is not None and time.time() > deadline:
+                entry["floor"] = {"status": "skipped", "reason": "time budget spent (--time-budget)"}
+            else:
+                entry["floor"] = _time_floor(job, device, dtype, batch, rows, dim)
         out[str(classes)] = entry
     return {"status": "ok", "classes": out}
 
@@ -816,7 +828,19 @@ def finish_rows(rows: list[dict[str, Any]], losses: dict[tuple[str, int, str], l
             row["time_vs_floor"] = total / floor["total_ms"]["median"]
 
 
-def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+class Interrupted(Exception):
+    """SIGTERM (or SIGINT) while sweeping: the rows measured so far are kept and written."""
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole sweep. ``save`` receives the result as it stands after every row (rows
+    not yet measured are absent, ``complete`` is False), so that a run killed at any
+    point leaves what it measured; SIGINT/SIGTERM end the sweep early, and the result
+    then says so (``interrupted``)."""
     from tqdm import tqdm
 
     script = Path(__file__).resolve()
@@ -825,7 +849,18 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     base = {"device": args.device, "dtype": args.dtype, "batch": args.batch, "dim": args.dim, "seed": args.seed,
             "flush_denormal": args.flush_denormal, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
             "warmup": args.warmup, "repeat": args.repeat, "min_time": args.min_time, "max_repeat": args.max_repeat}
-    probe = run_job(script, {**base, "kind": "probe", "heads": args.heads}, args.worker_timeout)
+    # --time-budget: no job starts once it is spent (the reference job stops between
+    # class counts); what is left is reported as skipped
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    over_budget = f"time budget spent (--time-budget {args.time_budget} s)"
+
+    def child_timeout() -> float:
+        # a child started near the end of the budget may not outlive it by much
+        if deadline is None:
+            return args.worker_timeout
+        return max(1.0, min(args.worker_timeout, deadline - time.monotonic() + BUDGET_GRACE_S))
+
+    probe = run_job(script, {**base, "kind": "probe", "heads": args.heads}, child_timeout())
     if probe.get("status") != "ok":
         raise SystemExit(f"probe failed: {probe.get('reason')}")
     impls = select_impls(args.backends, probe)
@@ -838,59 +873,100 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     losses: dict[tuple[str, int, str], list[float] | None] = {}
     references: dict[tuple[str, int], dict[str, Any]] = {}
     planned = [(h, c, i) for h in args.heads for c in args.classes for i in impls if i != "floor"]
-    # --time-budget: no job starts once it is spent; what is left is reported as skipped
-    deadline = time.monotonic() + args.time_budget if args.time_budget else None
-    over_budget = f"time budget spent (--time-budget {args.time_budget} s)"
+    interrupted: str | None = None
+
+    def snapshot(complete: bool) -> dict[str, Any]:
+        done = copy.deepcopy(rows)
+        order = {impl: i for i, impl in enumerate(impls)}
+        done.sort(key=lambda r: (args.heads.index(r["head"]), r["classes"], order.get(r["impl"], len(order))))
+        finish_rows(done, losses, references, args)
+        return _result(args, started, load_start, probe, impls, check_rows, done, complete, interrupted)
+
+    def checkpoint() -> None:
+        if save is not None:
+            save(snapshot(complete=False))
+
     progress = tqdm(total=len(planned) + len(args.heads), desc="bench", unit="run", file=sys.stderr,
                     disable=args.no_progress, dynamic_ncols=True)
-    for head in args.heads:
-        progress.set_postfix_str(f"{head}: float64 reference + GEMM floor")
-        ref = run_job(script, {**base, "kind": "reference", "head": head, "classes_list": args.classes,
-                                 "floor": "floor" in impls, "check_rows": check_rows}, args.worker_timeout)
-        progress.update()
-        num_k = head_spec(head).num_subcenters
-        for classes in args.classes:
-            entry = ref.get("classes", {}).get(str(classes), {})
-            references[(head, classes)] = entry
-            if "floor" in impls:
-                floor = entry.get("floor") or {"status": ref.get("status", "error"), "reason": ref.get("reason")}
-                row = assemble_row(head, classes, "floor", args, floor)
-                if row["status"] == "ok":
-                    # Memory floor above the inputs: their gradients, nothing of size B x C.
-                    row["peak_extra_bytes"] = (args.batch * args.dim + classes * num_k * args.dim) * itemsize
-                    row["memory_method"] = "analytic: (B*D + C*D) * itemsize"
-                rows.append(row)
-        failed_at: dict[str, int] = {}
-        for classes in args.classes:
-            for impl in impls:
-                if impl == "floor":
-                    continue
-                reason = applicability(impl, head, classes, args, probe)
-                if reason is None and deadline is not None and time.monotonic() > deadline:
-                    reason = over_budget
-                if reason is None and impl in failed_at:
-                    reason = f"OOM at C={failed_at[impl]}"
-                if reason is not None:
-                    rows.append(assemble_row(head, classes, impl, args, {"status": "skipped", "reason": reason}))
-                    progress.update()
-                    continue
-                progress.set_postfix_str(f"{head} C={classes} {impl}")
-                result = run_child(script, {**base, "kind": "measure", "head": head, "classes": classes,
-                                            "impl": impl}, args.worker_timeout)
-                if result.get("status") == "OOM":
-                    failed_at[impl] = classes
-                losses[(head, classes, impl)] = result.pop("losses", None)
-                rows.append(assemble_row(head, classes, impl, args, result))
-                progress.update()
+    try:
+        for head in args.heads:
+            _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
+                        child_timeout, rows, losses, references, progress, checkpoint)
+    except (Interrupted, KeyboardInterrupt) as error:
+        interrupted = f"stopped by {error or 'SIGINT'} after {len(rows)} row(s)"
+        print(f"bench_loss: {interrupted}; writing the rows measured so far", file=sys.stderr, flush=True)
     progress.close()
-    order = {impl: i for i, impl in enumerate(impls)}
-    rows.sort(key=lambda r: (args.heads.index(r["head"]), r["classes"], order.get(r["impl"], len(order))))
-    finish_rows(rows, losses, references, args)
+    return snapshot(complete=interrupted is None)
+
+
+#: seconds a child started inside --time-budget may run past it
+BUDGET_GRACE_S = 30.0
+
+
+def _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
+                child_timeout, rows, losses, references, progress, checkpoint) -> None:
+    progress.set_postfix_str(f"{head}: float64 reference + GEMM floor")
+    ref_job = {**base, "kind": "reference", "head": head, "classes_list": args.classes, "floor": "floor" in impls,
+               "check_rows": check_rows}
+    if deadline is not None:
+        ref_job["deadline_unix"] = time.time() + (deadline - time.monotonic())
+    ref = run_job(script, ref_job, child_timeout())
+    progress.update()
+    num_k = head_spec(head).num_subcenters
+    for classes in args.classes:
+        entry = ref.get("classes", {}).get(str(classes), {})
+        references[(head, classes)] = entry
+        if "floor" in impls:
+            floor = entry.get("floor") or {"status": ref.get("status", "error"), "reason": ref.get("reason")}
+            row = assemble_row(head, classes, "floor", args, floor)
+            if row["status"] == "ok":
+                # Memory floor above the inputs: their gradients, nothing of size B x C.
+                row["peak_extra_bytes"] = (args.batch * args.dim + classes * num_k * args.dim) * itemsize
+                row["memory_method"] = "analytic: (B*D + C*D) * itemsize"
+            rows.append(row)
+    checkpoint()
+    failed_at: dict[str, int] = {}
+    for classes in args.classes:
+        for impl in impls:
+            if impl == "floor":
+                continue
+            reason = applicability(impl, head, classes, args, probe)
+            if reason is None and deadline is not None and time.monotonic() > deadline:
+                reason = over_budget
+            if reason is None and impl in failed_at:
+                reason = f"OOM at C={failed_at[impl]}"
+            if reason is not None:
+                rows.append(assemble_row(head, classes, impl, args, {"status": "skipped", "reason": reason}))
+                progress.update()
+                continue
+            progress.set_postfix_str(f"{head} C={classes} {impl}")
+            result = run_child(script, {**base, "kind": "measure", "head": head, "classes": classes,
+                                        "impl": impl}, child_timeout())
+            if result.get("status") == "OOM":
+                failed_at[impl] = classes
+            losses[(head, classes, impl)] = result.pop("losses", None)
+            row = assemble_row(head, classes, impl, args, result)
+            rows.append(row)
+            progress.update()
+            _print_row(row)
+            checkpoint()
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    """One line per measured row on stdout as it is measured (logs of a killed run keep them)."""
+    total = (row.get("total_ms") or {}).get("median")
+    what = f"{total:.3f} ms" if total is not None else f"{row['status']}: {row.get('reason')}"
+    print(f"row {row['head']} C={row['classes']} {row['impl']}: {what}", flush=True)
+
+
+def _result(args, started, load_start, probe, impls, check_rows, rows, complete, interrupted) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "kind": "bench_loss",
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "complete": complete,
+        "interrupted": interrupted,
         "device": probe["device"],
         "versions": probe["versions"],
         "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
@@ -905,7 +981,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "heads": args.heads, "classes": args.classes, "batch": args.batch, "dim": args.dim,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
             "min_time_s": args.min_time, "max_repeat": args.max_repeat, "check_rows": check_rows, "seed": args.seed,
-            "time_budget_s": args.time_budget,
+            "time_budget_s": args.time_budget, "worker_timeout_s": args.worker_timeout,
             "flush_denormal": args.flush_denormal, "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "compile_max_classes": args.compile_max_classes, "peer_max_classes": args.peer_max_classes,
             "eager_max_classes": args.eager_max_classes, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
@@ -1099,7 +1175,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.set_flush_denormal(True) in the measuring processes (DESIGN.md section 5)")
     p.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                    help="per-process allocation limit on the CPU, reported as OOM (default 70%% of MemAvailable)")
-    p.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds per child process (default CPU 900, GPU 180: one measurement with its JIT "
+                        "compilations; a hung compile must not eat a whole --time-budget)")
+    p.add_argument("--live-json", type=Path, default=None,
+                   help="also write the result as it stands to this file after every measured row (a run "
+                        "killed at any point leaves the rows measured so far)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which no further measurement starts (the rest is reported as skipped "
                         "and the results are written as usual); default: none")
@@ -1124,6 +1205,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.repeat = args.repeat or (10 if gpu else 3)
     args.min_time = args.min_time if args.min_time is not None else (1.0 if gpu else 2.0)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    if args.worker_timeout is None:
+        args.worker_timeout = 180.0 if gpu else 900.0
     if args.compile_max_classes is None and not gpu:
         args.compile_max_classes = 2**14
     if args.peer_max_classes is None and not gpu:
@@ -1136,29 +1219,53 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    # write-then-rename: a reader (or a kill) never sees half a file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         worker_main({"measure": worker_measure, "reference": worker_reference, "probe": worker_probe})
         return 0
     args = resolve_defaults(args)
-    result = run_sweep(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    paths: dict[str, Path] = {}
+
+    def save(result: dict[str, Any]) -> None:
+        if "json" not in paths:
+            stem = f"bench_loss_{device_slug(result['device'])}_{stamp}"
+            paths["json"], paths["png"] = args.out / f"{stem}.json", args.out / f"{stem}.png"
+        result["plot"] = paths["png"].name
+        _write_json(paths["json"], result)
+        if args.live_json is not None:
+            args.live_json.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(args.live_json, result)
+
+    # SIGTERM ends the sweep as SIGINT does: with the rows measured so far written out
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    result = run_sweep(args, save)
+    save(result)
     print(header_text(result))
     print()
     print(markdown_tables(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.fromisoformat(result["date"]).strftime("%Y%m%d-%H%M%S")
-    stem = f"bench_loss_{device_slug(result['device'])}_{stamp}"
-    result["plot"] = f"{stem}.png"
-    json_path = args.out / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out / result["plot"])
-    bad = [r for r in result["rows"] if r.get("loss_ok") is False]
-    print(f"wrote {json_path} and {result['plot']} ({result['duration_s']} s)")
+    try:
+        plot(result, paths["png"])
+    except Exception as error:  # noqa: BLE001 - the JSON is the result; the plot is drawn from it
+        print(f"plot failed: {type(error).__name__}: {_first_line(error)}", file=sys.stderr)
+    bad = [r for r in result["rows"] if r.get("loss_ok") is False or r.get("grad_ok") is False]
+    print(f"wrote {paths['json']} and {result['plot']} ({result['duration_s']} s)")
     if bad:
         names = ", ".join(f"{r['head']}/{r['classes']}/{r['impl']}" for r in bad)
-        print(f"LOSS MISMATCH in {len(bad)} row(s): {names}")
+        print(f"MISMATCH against the float64 reference in {len(bad)} row(s): {names}")
         return 1
+    if result["interrupted"]:
+        print(f"INCOMPLETE: {result['interrupted']}")
+        return 130
     return 0
 
 
