@@ -893,7 +893,7 @@ def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] |
             _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
                         child_timeout, rows, losses, references, progress, checkpoint)
     except (Interrupted, KeyboardInterrupt) as error:
-        interrupted = f"stopped by {error or 'SIGINT'} after {len(rows)} row(s)"
+        interrupted = f"stopped by {str(error) or 'SIGINT'} after {len(rows)} row(s)"
         print(f"bench_loss: {interrupted}; writing the rows measured so far", file=sys.stderr, flush=True)
     progress.close()
     return snapshot(complete=interrupted is None)
