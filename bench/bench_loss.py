@@ -982,7 +982,7 @@ def _result(args, started, load_start, probe, impls, check_rows, rows, complete,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
             "min_time_s": args.min_time, "max_repeat": args.max_repeat, "check_rows": check_rows, "seed": args.seed,
             "time_budget_s": args.time_budget, "worker_timeout_s": args.worker_timeout,
-            "flush_denormal": args.flush_denormal, "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "flush_denormal": args.flush_denormal, "float32_matmul_precision": _fp32_matmul_precision(),
             "compile_max_classes": args.compile_max_classes, "peer_max_classes": args.peer_max_classes,
             "eager_max_classes": args.eager_max_classes, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
         },
@@ -998,6 +998,12 @@ def _result(args, started, load_start, probe, impls, check_rows, rows, complete,
         "backend_support": probe["backends"],
         "rows": rows,
     }
+
+
+def _fp32_matmul_precision() -> str:
+    from fused_margin.backends.triton import torch_fp32_matmul_precision
+
+    return torch_fp32_matmul_precision()
 
 
 def _triton_options() -> dict:
