@@ -701,9 +701,15 @@ def test_gpu_deterministic_large(monkeypatch, mode):
 )
 def test_gpu_peak_memory(monkeypatch, mode, w_dtype):
     """Forward + backward at B=1024, C=262144, D=512 (bf16 embeddings) allocates at most
-    the gradients + 64 MiB beyond the inputs: no (B, C) buffer anywhere. The atomic
-    backward with fp32 master weights accumulates into the gradient itself (with a
-    16-bit W it would need an fp32 buffer of W's shape, which this bound excludes)."""
+    the gradients + the bounded workspaces (the gemm backward's 32 MiB, the dx partials'
+    16 MiB) + 32 MiB of O(B*D + C) vectors beyond the inputs: no (B, C) buffer anywhere
+    (512 MiB in bf16). The atomic backward with fp32 master weights accumulates into the
+    gradient itself (with a 16-bit W it would need an fp32 buffer of W's shape, which
+    this bound excludes). The warm-up runs at the measured batch (a small C), so that no
+    kernel compiles inside the measured call."""
+    from fused_margin.triton_kernels.backward_gemm import GEMM_WORKSPACE_BYTES
+    from fused_margin.triton_kernels.common import DX_WORKSPACE_BYTES
+
     if INTERPRETED:
         pytest.skip("compiled kernels only")
     monkeypatch.setattr(BACKEND, "backward_mode", mode)
@@ -712,7 +718,7 @@ def test_gpu_peak_memory(monkeypatch, mode, w_dtype):
     w = torch.randn(num_classes, dim, device="cuda", dtype=w_dtype, requires_grad=True)
     labels = torch.randint(0, num_classes, (batch,), device="cuda")
     spec = HEAD_SPECS["arcface"]
-    fm.margin_cross_entropy(x[:64], w[:4096], labels[:64] % 4096, spec, backend="triton").backward()  # compile
+    fm.margin_cross_entropy(x, w[:4096], labels % 4096, spec, backend="triton").backward()  # compile
     x.grad = w.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -721,7 +727,8 @@ def test_gpu_peak_memory(monkeypatch, mode, w_dtype):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = x.numel() * x.element_size() + w.numel() * w.element_size()
-    assert extra <= grads + (64 << 20), f"peak {extra / 2**20:.1f} MiB beyond inputs, gradients {grads / 2**20:.1f} MiB"
+    allowance = GEMM_WORKSPACE_BYTES + DX_WORKSPACE_BYTES + (32 << 20)
+    assert extra <= grads + allowance, f"peak {extra / 2**20:.1f} MiB beyond inputs, gradients {grads / 2**20:.1f} MiB"
 
 
 def test_strided_inputs(backward_mode):
