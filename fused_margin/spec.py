@@ -139,6 +139,11 @@ class NonTarget:
         return torch.stack([threshold, t.expand_as(threshold)])
 
 
+#: below this many elements of W a dense gradient costs little, and tools that expect
+#: one (torch.autograd.gradcheck) get it
+_SPARSE_GRAD_MIN_NUMEL = 1 << 20
+
+
 class _TargetRowNorm(torch.autograd.Function):
     """``||w_{rows_b}||`` (B,) with a sparse gradient for W: B rows, not W's size.
     ``index_select``'s backward would allocate a dense zero W and scatter into it, and
@@ -205,7 +210,8 @@ class TargetContext:
     @property
     def weight_norm(self) -> Tensor:
         if self._weight_norm is None:
-            if self._weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if (self._weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and self._weight.numel() >= _SPARSE_GRAD_MIN_NUMEL):
                 self._weight_norm = _TargetRowNorm.apply(self._weight, self._target_rows, self.u.dtype)
             else:
                 # Under torch.compile the gather's dense gradient is traced and fused instead.
