@@ -83,6 +83,9 @@ def split_impl(impl: str) -> tuple[str, dict[str, str]]:
     return name, {option: value}
 #: Loss agreement with the float64 reference, per input dtype (max relative error per sample).
 LOSS_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-2}
+#: Gradient agreement with the float64 reference on the sampled rows of dX and dW
+#: (norm-wise relative error of each block), per input dtype.
+GRAD_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 3e-2, "float16": 1e-2}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ---------------------------------------------------------------------------------
@@ -150,8 +153,14 @@ IMPL_LABELS = {
 }
 
 
-def impl_label(impl: str) -> str:
-    return IMPL_LABELS.get(impl, f"fused [{impl}]")
+def impl_label(impl: str, dtype: str | None = None) -> str:
+    """The table's name of ``impl``; the eager baselines say how they multiply (what a
+    user writes: 16-bit GEMMs in the input dtype, the softmax in fp32)."""
+    label = IMPL_LABELS.get(impl, f"fused [{impl}]")
+    if impl in ("eager", "compile") and dtype in ("bfloat16", "float16"):
+        short = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+        label += f" ({short} GEMMs, fp32 softmax)"
+    return label
 
 
 # ---------------------------------------------------------------------------------
@@ -311,6 +320,14 @@ def make_labels(batch: int, num_classes: int, device: torch.device, seed: int) -
     return torch.randint(0, num_classes, (batch,), device=device, generator=gen)
 
 
+def check_weight_rows(labels: torch.Tensor, check_rows: list[int], num_rows: int, k: int, count: int) -> list[int]:
+    """Rows of W whose gradient is checked: the target rows of the checked embeddings
+    (where the target transform acts) and ``count`` rows spread over W."""
+    targets = (labels[torch.tensor(check_rows, device=labels.device)] * k).tolist()
+    spread = [round(i * (num_rows - 1) / max(count - 1, 1)) for i in range(min(count, num_rows))]
+    return sorted(set(targets) | set(spread))
+
+
 @dataclass
 class Case:
     """One implementation on one set of inputs: ``forward()`` returns the loss (per
@@ -444,6 +461,8 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
     meter = MemoryMeter(device)
     meter.set_baseline()
     first_loss: list[torch.Tensor] = []
+    first_grads: dict[str, list] = {}
+    grad_rows = job.get("check_rows") if job.get("check_grads") else None
 
     def step(t: Timer) -> None:
         for p in case.params:
@@ -453,6 +472,13 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
         case.backward(out)
         if not first_loss:
             first_loss.append(out.detach().float().cpu())
+            if grad_rows is not None:  # the sampled gradient rows, outside the timed part of the run
+                gx, gw = case.params[0].grad, case.params[1].grad
+                if impl == "pml":  # its weight is (D, C)
+                    gw = gw.T
+                w_rows = check_weight_rows(y, grad_rows, gw.shape[0], spec.num_subcenters, len(grad_rows))
+                first_grads["dx_rows"] = gx[torch.tensor(grad_rows, device=gx.device)].double().cpu().tolist()
+                first_grads["dw_rows"] = gw[torch.tensor(w_rows, device=gw.device)].double().cpu().tolist()
 
     try:
         timings = time_iterations(step, device, job["warmup"], job["repeat"], job["min_time"], job["max_repeat"],
@@ -472,6 +498,7 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
         "memory_method": meter.method,
         "loss_mean": float(loss.mean()),
         "losses": loss.tolist() if loss.dim() else None,
+        **first_grads,
     }
 
 
@@ -501,19 +528,38 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
             x, w = make_inputs(batch, rows, dim, dtype, device, job["seed"])
             y = make_labels(batch, classes, device, job["seed"])
             check = torch.tensor(job["check_rows"], device=device)
-            x, y = x[check], y[check]
-            with torch.no_grad():
-                w64 = w.double()
-                # Row chunks keep each (chunk, C) float64 temporary near 256 MiB.
-                chunk = max(1, (1 << 25) // rows)
-                losses = [
-                    margin_cross_entropy_reference(x[i : i + chunk].double(), w64, y[i : i + chunk], spec,
-                                                   reduction="none")
-                    for i in range(0, x.shape[0], chunk)
-                ]
-                entry["losses"] = torch.cat(losses).cpu().tolist()
-                entry["rows"] = job["check_rows"]
-                del w64, losses
+            # Row chunks keep each (chunk, C) float64 temporary near 256 MiB.
+            chunk = max(1, (1 << 25) // rows)
+            if job.get("check_grads"):
+                # dW needs every row: the whole batch in float64, backpropagating the
+                # mean loss (1/B per row, as the measurements do), chunk by chunk
+                x64 = x.double().requires_grad_(True)
+                w64 = w.double().requires_grad_(True)
+                losses = []
+                for i in range(0, batch, chunk):
+                    part = margin_cross_entropy_reference(x64[i : i + chunk], w64, y[i : i + chunk], spec,
+                                                          reduction="none")
+                    (part.sum() / batch).backward()
+                    losses.append(part.detach())
+                all_losses = torch.cat(losses)
+                w_rows = check_weight_rows(y, job["check_rows"], rows, spec.num_subcenters, len(job["check_rows"]))
+                entry["losses"] = all_losses[check].cpu().tolist()
+                entry["dx_rows"] = x64.grad[check].cpu().tolist()
+                entry["dw_rows"] = w64.grad[torch.tensor(w_rows, device=device)].cpu().tolist()
+                entry["w_rows"] = w_rows
+                del x64, w64, losses
+            else:
+                xc, yc = x[check], y[check]
+                with torch.no_grad():
+                    w64 = w.double()
+                    losses = [
+                        margin_cross_entropy_reference(xc[i : i + chunk].double(), w64, yc[i : i + chunk], spec,
+                                                       reduction="none")
+                        for i in range(0, xc.shape[0], chunk)
+                    ]
+                    entry["losses"] = torch.cat(losses).cpu().tolist()
+                    del w64, losses
+            entry["rows"] = job["check_rows"]
         except Exception as error:  # noqa: BLE001
             entry["losses_error"] = f"{type(error).__name__}: {_first_line(error)}"
         if job.get("floor", True):
@@ -778,7 +824,7 @@ def assemble_row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {
         "head": head, "classes": classes, "batch": args.batch, "dim": args.dim, "dtype": args.dtype,
-        "impl": impl, "label": impl_label(impl), "status": result.get("status", "error"),
+        "impl": impl, "label": impl_label(impl, args.dtype), "status": result.get("status", "error"),
         "reason": result.get("reason"), "warmup": args.warmup, "repeat": args.repeat,
     }
     for key in ("fwd_ms", "bwd_ms", "total_ms", "peak_bytes", "baseline_bytes", "peak_extra_bytes",
@@ -788,10 +834,23 @@ def assemble_row(
     return row
 
 
+def _block_rel_err(mine: list | None, ref: list | None) -> float | None:
+    if mine is None or ref is None:
+        return None
+    a, b = torch.tensor(mine, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64)
+    if a.shape != b.shape:
+        return None
+    if not torch.isfinite(a).all():
+        return math.inf
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
+
+
 def finish_rows(rows: list[dict[str, Any]], losses: dict[tuple[str, int, str], list[float] | None],
-                references: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace) -> None:
-    """Loss check against the float64 reference; ratios against eager and the floor."""
+                references: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace,
+                grads: dict[tuple[str, int, str], tuple[list | None, list | None]] | None = None) -> None:
+    """Loss and gradient checks against the float64 reference; ratios against eager and the floor."""
     tol = LOSS_TOLERANCE[args.dtype]
+    grads = grads or {}
     by_key = {(r["head"], r["classes"], r["impl"]): r for r in rows}
     for row in rows:
         head, classes, impl = row["head"], row["classes"], row["impl"]
@@ -816,6 +875,16 @@ def finish_rows(rows: list[dict[str, Any]], losses: dict[tuple[str, int, str], l
         if "loss_max_rel_err" in row:
             row["loss_tolerance"] = tol
             row["loss_ok"] = bool(row["loss_max_rel_err"] <= tol)
+        dx_rows, dw_rows = grads.get((head, classes, impl), (None, None))
+        dx_err = _block_rel_err(dx_rows, reference.get("dx_rows"))
+        dw_err = _block_rel_err(dw_rows, reference.get("dw_rows"))
+        if dx_err is not None and dw_err is not None:
+            row["dx_rel_err"], row["dw_rel_err"] = dx_err, dw_err
+            row["grad_max_rel_err"] = max(dx_err, dw_err)
+            row["grad_check"] = (f"dX rows {len(ref_rows)}, dW rows {len(reference['w_rows'])} "
+                                 "(targets of those rows and rows spread over W)")
+            row["grad_tolerance"] = GRAD_TOLERANCE[args.dtype]
+            row["grad_ok"] = bool(row["grad_max_rel_err"] <= row["grad_tolerance"])
         total = row["total_ms"]["median"]
         row["useful_tflops"] = row["useful_flops"] / (total * 1e-3) / 1e12
         eager = by_key.get((head, classes, "eager"))
@@ -848,7 +917,8 @@ def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] |
     load_start = load_average()
     base = {"device": args.device, "dtype": args.dtype, "batch": args.batch, "dim": args.dim, "seed": args.seed,
             "flush_denormal": args.flush_denormal, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
-            "warmup": args.warmup, "repeat": args.repeat, "min_time": args.min_time, "max_repeat": args.max_repeat}
+            "warmup": args.warmup, "repeat": args.repeat, "min_time": args.min_time, "max_repeat": args.max_repeat,
+            "check_grads": args.check_grads}
     # --time-budget: no job starts once it is spent (the reference job stops between
     # class counts); what is left is reported as skipped
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
@@ -871,6 +941,7 @@ def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] |
 
     rows: list[dict[str, Any]] = []
     losses: dict[tuple[str, int, str], list[float] | None] = {}
+    grads: dict[tuple[str, int, str], tuple[list | None, list | None]] = {}
     references: dict[tuple[str, int], dict[str, Any]] = {}
     planned = [(h, c, i) for h in args.heads for c in args.classes for i in impls if i != "floor"]
     interrupted: str | None = None
@@ -879,7 +950,7 @@ def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] |
         done = copy.deepcopy(rows)
         order = {impl: i for i, impl in enumerate(impls)}
         done.sort(key=lambda r: (args.heads.index(r["head"]), r["classes"], order.get(r["impl"], len(order))))
-        finish_rows(done, losses, references, args)
+        finish_rows(done, losses, references, args, grads)
         return _result(args, started, load_start, probe, impls, check_rows, done, complete, interrupted)
 
     def checkpoint() -> None:
@@ -891,7 +962,7 @@ def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] |
     try:
         for head in args.heads:
             _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
-                        child_timeout, rows, losses, references, progress, checkpoint)
+                        child_timeout, rows, losses, grads, references, progress, checkpoint)
     except (Interrupted, KeyboardInterrupt) as error:
         interrupted = f"stopped by {str(error) or 'SIGINT'} after {len(rows)} row(s)"
         print(f"bench_loss: {interrupted}; writing the rows measured so far", file=sys.stderr, flush=True)
@@ -904,7 +975,7 @@ BUDGET_GRACE_S = 30.0
 
 
 def _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
-                child_timeout, rows, losses, references, progress, checkpoint) -> None:
+                child_timeout, rows, losses, grads, references, progress, checkpoint) -> None:
     progress.set_postfix_str(f"{head}: float64 reference + GEMM floor")
     ref_job = {**base, "kind": "reference", "head": head, "classes_list": args.classes, "floor": "floor" in impls,
                "check_rows": check_rows}
@@ -941,10 +1012,11 @@ def _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, de
                 continue
             progress.set_postfix_str(f"{head} C={classes} {impl}")
             result = run_child(script, {**base, "kind": "measure", "head": head, "classes": classes,
-                                        "impl": impl}, child_timeout())
+                                        "impl": impl, "check_rows": check_rows}, child_timeout())
             if result.get("status") == "OOM":
                 failed_at[impl] = classes
             losses[(head, classes, impl)] = result.pop("losses", None)
+            grads[(head, classes, impl)] = (result.pop("dx_rows", None), result.pop("dw_rows", None))
             row = assemble_row(head, classes, impl, args, result)
             rows.append(row)
             progress.update()
@@ -982,6 +1054,7 @@ def _result(args, started, load_start, probe, impls, check_rows, rows, complete,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
             "min_time_s": args.min_time, "max_repeat": args.max_repeat, "check_rows": check_rows, "seed": args.seed,
             "time_budget_s": args.time_budget, "worker_timeout_s": args.worker_timeout,
+            "check_grads": args.check_grads,
             "flush_denormal": args.flush_denormal, "float32_matmul_precision": _fp32_matmul_precision(),
             "compile_max_classes": args.compile_max_classes, "peer_max_classes": args.peer_max_classes,
             "eager_max_classes": args.eager_max_classes, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
@@ -1040,6 +1113,10 @@ def _fmt_ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}×"
 
 
+def _fmt_err(value: float | None, ok: bool) -> str:
+    return "" if value is None else f"{value:.1e}" + ("" if ok else " ✗")
+
+
 def markdown_tables(result: dict[str, Any]) -> str:
     """One markdown table per head, from a result dict (what report.py also uses)."""
     cfg = result["config"]
@@ -1056,16 +1133,19 @@ def markdown_tables(result: dict[str, Any]) -> str:
             mine = [r for r in rows if r["impl"] == impl]
             if all(r["status"] == "skipped" for r in mine) and len({r.get("reason") for r in mine}) == 1:
                 not_run[impl] = f"{mine[0]['label']}: {mine[0].get('reason')}"
+        # the gradient check's column where the run made one (older results have none)
+        with_grads = any("grad_max_rel_err" in r for r in rows)
         lines.append("| C | implementation | fwd ms | bwd ms | total ms | speed-up vs eager | × floor | useful TFLOP/s "
-                     "| peak MiB | memory vs eager | loss rel. err |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| peak MiB | memory vs eager | loss rel. err |" + (" grad rel. err |" if with_grads else ""))
+        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_grads else ""))
+        blank = " |" if with_grads else ""
         for row in rows:
             if row["impl"] in not_run:
                 continue
             if row["status"] != "ok":
                 status = row["status"] if row["status"] != "skipped" else "skipped"
                 reason = f" ({row['reason']})" if row.get("reason") else ""
-                lines.append(f"| {row['classes']} | {row['label']} | {status}{reason} | | | | | | | | |")
+                lines.append(f"| {row['classes']} | {row['label']} | {status}{reason} | | | | | | | | |{blank}")
                 continue
             err = row.get("loss_max_rel_err")
             err_text = "" if err is None else f"{err:.1e}" + ("" if row.get("loss_ok", True) else " ✗")
@@ -1077,6 +1157,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
                 f"| {_fmt_ms(row.get('total_ms'))} | {_fmt_ratio(row.get('speedup_vs_eager'))} "
                 f"| {_fmt_ratio(row.get('time_vs_floor'))} | {row.get('useful_tflops', 0):.3g} | {mem} "
                 f"| {_fmt_ratio(row.get('memory_vs_eager'))} | {err_text} |"
+                + (f" {_fmt_err(row.get('grad_max_rel_err'), row.get('grad_ok', True))} |" if with_grads else "")
             )
         lines.append("")
         if not_run:
@@ -1117,12 +1198,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["classes"])
             cs = [r["classes"] for r in mine]
             style = {"linestyle": "--", "color": "black"} if impl == "floor" else {"marker": "o"}
-            (line,) = ax_t.plot(cs, [r["total_ms"]["median"] for r in mine], label=impl_label(impl), **style)
+            (line,) = ax_t.plot(cs, [r["total_ms"]["median"] for r in mine], label=mine[0].get("label", impl_label(impl)), **style)
             ax_t.fill_between(cs, [r["total_ms"]["min"] for r in mine], [r["total_ms"]["max"] for r in mine],
                               color=line.get_color(), alpha=0.15, linewidth=0)
             mem = [(r["classes"], r["peak_extra_bytes"] / 2**20) for r in mine if r.get("peak_extra_bytes")]
             if mem:
-                ax_m.plot(*zip(*mem, strict=True), label=impl_label(impl), **style)
+                ax_m.plot(*zip(*mem, strict=True), label=mine[0].get("label", impl_label(impl)), **style)
         for ax, ylabel in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory above inputs (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -1169,6 +1250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-repeat", type=int, default=50, help="at most this many timed iterations")
     p.add_argument("--check-rows", type=int, default=32,
                    help="rows whose loss is checked against the float64 reference (spread over the batch)")
+    p.add_argument("--no-check-grads", dest="check_grads", action="store_false",
+                   help="skip the gradient check (dX on the checked rows, dW on their target rows and rows spread "
+                        "over W, against float64: the reference then runs the whole batch)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default CPU 1, GPU 3)")
     p.add_argument("--compile-max-classes", type=int, default=None,
                    help="skip torch.compile above this C (default CPU 2^14: compiling costs ~10 s per shape "

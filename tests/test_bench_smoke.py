@@ -86,6 +86,9 @@ def test_bench_loss(started):
         if row["impl"] != "floor":
             assert row["loss_ok"], row
             assert row["loss_max_rel_err"] <= row["loss_tolerance"]
+            # gradients too: dX rows and dW rows (targets and spread) against float64
+            assert row["grad_ok"], row
+            assert 0 <= row["grad_max_rel_err"] <= row["grad_tolerance"]
     assert rows["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert "| eager PyTorch |" in stdout
 
