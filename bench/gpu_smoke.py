@@ -302,16 +302,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     emit(env)
-    if "correctness" in checks:
-        for dtype_name, precisions in (("bfloat16", (None,)), ("float16", (None,)), ("float32", ("ieee", "tf32"))):
-            for precision in precisions:
+    # Order of value, and of JIT reuse: bf16 values first, then bf16 timings (the same
+    # compiled kernels at a larger C), then the other dtypes (new compilations), compile.
+    configs = [("bfloat16", None), ("float16", None), ("float32", "ieee"), ("float32", "tf32")]
+
+    def correctness(selected):
+        if "correctness" in checks:
+            for dtype_name, precision in selected:
                 for mode in MODES:
                     guarded("correctness", {"dtype": dtype_name, "precision": precision, "mode": mode},
                             lambda d=dtype_name, p=precision, m=mode: smoke.correctness(d, p, m))
+
+    correctness([c for c in configs if c[0] == args.dtype])
     if "timing" in checks:
         for mode in ("floor", *MODES):
             guarded("timing", {"mode": mode, "dtype": args.dtype, "classes": args.classes_time},
                     lambda m=mode: smoke.timing(m))
+    correctness([c for c in configs if c[0] != args.dtype])
     if "compile" in checks:
         for compiler in ("aot_eager", "inductor"):
             guarded("compile", {"compiler": compiler}, lambda c=compiler: smoke.compile_step(c))
