@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import datetime as dt
 import importlib.metadata
@@ -48,6 +49,7 @@ import platform
 import re
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,6 +83,9 @@ def split_impl(impl: str) -> tuple[str, dict[str, str]]:
     return name, {option: value}
 #: Loss agreement with the float64 reference, per input dtype (max relative error per sample).
 LOSS_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-2}
+#: Gradient agreement with the float64 reference on the sampled rows of dX and dW
+#: (norm-wise relative error of each block), per input dtype.
+GRAD_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 3e-2, "float16": 1e-2}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ---------------------------------------------------------------------------------
@@ -148,8 +153,14 @@ IMPL_LABELS = {
 }
 
 
-def impl_label(impl: str) -> str:
-    return IMPL_LABELS.get(impl, f"fused [{impl}]")
+def impl_label(impl: str, dtype: str | None = None) -> str:
+    """The table's name of ``impl``; the eager baselines say how they multiply (what a
+    user writes: 16-bit GEMMs in the input dtype, the softmax in fp32)."""
+    label = IMPL_LABELS.get(impl, f"fused [{impl}]")
+    if impl in ("eager", "compile") and dtype in ("bfloat16", "float16"):
+        short = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+        label += f" ({short} GEMMs, fp32 softmax)"
+    return label
 
 
 # ---------------------------------------------------------------------------------
@@ -309,6 +320,14 @@ def make_labels(batch: int, num_classes: int, device: torch.device, seed: int) -
     return torch.randint(0, num_classes, (batch,), device=device, generator=gen)
 
 
+def check_weight_rows(labels: torch.Tensor, check_rows: list[int], num_rows: int, k: int, count: int) -> list[int]:
+    """Rows of W whose gradient is checked: the target rows of the checked embeddings
+    (where the target transform acts) and ``count`` rows spread over W."""
+    targets = (labels[torch.tensor(check_rows, device=labels.device)] * k).tolist()
+    spread = [round(i * (num_rows - 1) / max(count - 1, 1)) for i in range(min(count, num_rows))]
+    return sorted(set(targets) | set(spread))
+
+
 @dataclass
 class Case:
     """One implementation on one set of inputs: ``forward()`` returns the loss (per
@@ -442,6 +461,8 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
     meter = MemoryMeter(device)
     meter.set_baseline()
     first_loss: list[torch.Tensor] = []
+    first_grads: dict[str, list] = {}
+    grad_rows = job.get("check_rows") if job.get("check_grads") else None
 
     def step(t: Timer) -> None:
         for p in case.params:
@@ -451,6 +472,13 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
         case.backward(out)
         if not first_loss:
             first_loss.append(out.detach().float().cpu())
+            if grad_rows is not None:  # the sampled gradient rows, outside the timed part of the run
+                gx, gw = case.params[0].grad, case.params[1].grad
+                if impl == "pml":  # its weight is (D, C)
+                    gw = gw.T
+                w_rows = check_weight_rows(y, grad_rows, gw.shape[0], spec.num_subcenters, len(grad_rows))
+                first_grads["dx_rows"] = gx[torch.tensor(grad_rows, device=gx.device)].double().cpu().tolist()
+                first_grads["dw_rows"] = gw[torch.tensor(w_rows, device=gw.device)].double().cpu().tolist()
 
     try:
         timings = time_iterations(step, device, job["warmup"], job["repeat"], job["min_time"], job["max_repeat"],
@@ -470,6 +498,7 @@ def worker_measure(job: dict[str, Any]) -> dict[str, Any]:
         "memory_method": meter.method,
         "loss_mean": float(loss.mean()),
         "losses": loss.tolist() if loss.dim() else None,
+        **first_grads,
     }
 
 
@@ -485,30 +514,59 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
     spec = head_spec(job["head"])
     batch, dim = job["batch"], job["dim"]
     out: dict[str, Any] = {}
+    deadline = job.get("deadline_unix")  # --time-budget: no class count starts after it
     for classes in job["classes_list"]:
         entry: dict[str, Any] = {}
         rows = classes * spec.num_subcenters
+        if deadline is not None and time.time() > deadline:
+            entry["losses_error"] = "time budget spent (--time-budget)"
+            if job.get("floor", True):
+                entry["floor"] = {"status": "skipped", "reason": "time budget spent (--time-budget)"}
+            out[str(classes)] = entry
+            continue
         try:
             x, w = make_inputs(batch, rows, dim, dtype, device, job["seed"])
             y = make_labels(batch, classes, device, job["seed"])
             check = torch.tensor(job["check_rows"], device=device)
-            x, y = x[check], y[check]
-            with torch.no_grad():
-                w64 = w.double()
-                # Row chunks keep each (chunk, C) float64 temporary near 256 MiB.
-                chunk = max(1, (1 << 25) // rows)
-                losses = [
-                    margin_cross_entropy_reference(x[i : i + chunk].double(), w64, y[i : i + chunk], spec,
-                                                   reduction="none")
-                    for i in range(0, x.shape[0], chunk)
-                ]
-                entry["losses"] = torch.cat(losses).cpu().tolist()
-                entry["rows"] = job["check_rows"]
-                del w64, losses
+            # Row chunks keep each (chunk, C) float64 temporary near 256 MiB.
+            chunk = max(1, (1 << 25) // rows)
+            if job.get("check_grads"):
+                # dW needs every row: the whole batch in float64, backpropagating the
+                # mean loss (1/B per row, as the measurements do), chunk by chunk
+                x64 = x.double().requires_grad_(True)
+                w64 = w.double().requires_grad_(True)
+                losses = []
+                for i in range(0, batch, chunk):
+                    part = margin_cross_entropy_reference(x64[i : i + chunk], w64, y[i : i + chunk], spec,
+                                                          reduction="none")
+                    (part.sum() / batch).backward()
+                    losses.append(part.detach())
+                all_losses = torch.cat(losses)
+                w_rows = check_weight_rows(y, job["check_rows"], rows, spec.num_subcenters, len(job["check_rows"]))
+                entry["losses"] = all_losses[check].cpu().tolist()
+                entry["dx_rows"] = x64.grad[check].cpu().tolist()
+                entry["dw_rows"] = w64.grad[torch.tensor(w_rows, device=device)].cpu().tolist()
+                entry["w_rows"] = w_rows
+                del x64, w64, losses
+            else:
+                xc, yc = x[check], y[check]
+                with torch.no_grad():
+                    w64 = w.double()
+                    losses = [
+                        margin_cross_entropy_reference(xc[i : i + chunk].double(), w64, yc[i : i + chunk], spec,
+                                                       reduction="none")
+                        for i in range(0, xc.shape[0], chunk)
+                    ]
+                    entry["losses"] = torch.cat(losses).cpu().tolist()
+                    del w64, losses
+            entry["rows"] = job["check_rows"]
         except Exception as error:  # noqa: BLE001
             entry["losses_error"] = f"{type(error).__name__}: {_first_line(error)}"
         if job.get("floor", True):
-            entry["floor"] = _time_floor(job, device, dtype, batch, rows, dim)
+            if deadline is not None and time.time() > deadline:
+                entry["floor"] = {"status": "skipped", "reason": "time budget spent (--time-budget)"}
+            else:
+                entry["floor"] = _time_floor(job, device, dtype, batch, rows, dim)
         out[str(classes)] = entry
     return {"status": "ok", "classes": out}
 
@@ -766,7 +824,7 @@ def assemble_row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {
         "head": head, "classes": classes, "batch": args.batch, "dim": args.dim, "dtype": args.dtype,
-        "impl": impl, "label": impl_label(impl), "status": result.get("status", "error"),
+        "impl": impl, "label": impl_label(impl, args.dtype), "status": result.get("status", "error"),
         "reason": result.get("reason"), "warmup": args.warmup, "repeat": args.repeat,
     }
     for key in ("fwd_ms", "bwd_ms", "total_ms", "peak_bytes", "baseline_bytes", "peak_extra_bytes",
@@ -776,10 +834,23 @@ def assemble_row(
     return row
 
 
+def _block_rel_err(mine: list | None, ref: list | None) -> float | None:
+    if mine is None or ref is None:
+        return None
+    a, b = torch.tensor(mine, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64)
+    if a.shape != b.shape:
+        return None
+    if not torch.isfinite(a).all():
+        return math.inf
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
+
+
 def finish_rows(rows: list[dict[str, Any]], losses: dict[tuple[str, int, str], list[float] | None],
-                references: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace) -> None:
-    """Loss check against the float64 reference; ratios against eager and the floor."""
+                references: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace,
+                grads: dict[tuple[str, int, str], tuple[list | None, list | None]] | None = None) -> None:
+    """Loss and gradient checks against the float64 reference; ratios against eager and the floor."""
     tol = LOSS_TOLERANCE[args.dtype]
+    grads = grads or {}
     by_key = {(r["head"], r["classes"], r["impl"]): r for r in rows}
     for row in rows:
         head, classes, impl = row["head"], row["classes"], row["impl"]
@@ -804,6 +875,16 @@ def finish_rows(rows: list[dict[str, Any]], losses: dict[tuple[str, int, str], l
         if "loss_max_rel_err" in row:
             row["loss_tolerance"] = tol
             row["loss_ok"] = bool(row["loss_max_rel_err"] <= tol)
+        dx_rows, dw_rows = grads.get((head, classes, impl), (None, None))
+        dx_err = _block_rel_err(dx_rows, reference.get("dx_rows"))
+        dw_err = _block_rel_err(dw_rows, reference.get("dw_rows"))
+        if dx_err is not None and dw_err is not None:
+            row["dx_rel_err"], row["dw_rel_err"] = dx_err, dw_err
+            row["grad_max_rel_err"] = max(dx_err, dw_err)
+            row["grad_check"] = (f"dX rows {len(ref_rows)}, dW rows {len(reference['w_rows'])} "
+                                 "(targets of those rows and rows spread over W)")
+            row["grad_tolerance"] = GRAD_TOLERANCE[args.dtype]
+            row["grad_ok"] = bool(row["grad_max_rel_err"] <= row["grad_tolerance"])
         total = row["total_ms"]["median"]
         row["useful_tflops"] = row["useful_flops"] / (total * 1e-3) / 1e12
         eager = by_key.get((head, classes, "eager"))
@@ -816,7 +897,19 @@ def finish_rows(rows: list[dict[str, Any]], losses: dict[tuple[str, int, str], l
             row["time_vs_floor"] = total / floor["total_ms"]["median"]
 
 
-def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+class Interrupted(Exception):
+    """SIGTERM (or SIGINT) while sweeping: the rows measured so far are kept and written."""
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole sweep. ``save`` receives the result as it stands after every row (rows
+    not yet measured are absent, ``complete`` is False), so that a run killed at any
+    point leaves what it measured; SIGINT/SIGTERM end the sweep early, and the result
+    then says so (``interrupted``)."""
     from tqdm import tqdm
 
     script = Path(__file__).resolve()
@@ -824,8 +917,20 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     load_start = load_average()
     base = {"device": args.device, "dtype": args.dtype, "batch": args.batch, "dim": args.dim, "seed": args.seed,
             "flush_denormal": args.flush_denormal, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
-            "warmup": args.warmup, "repeat": args.repeat, "min_time": args.min_time, "max_repeat": args.max_repeat}
-    probe = run_job(script, {**base, "kind": "probe", "heads": args.heads}, args.worker_timeout)
+            "warmup": args.warmup, "repeat": args.repeat, "min_time": args.min_time, "max_repeat": args.max_repeat,
+            "check_grads": args.check_grads}
+    # --time-budget: no job starts once it is spent (the reference job stops between
+    # class counts); what is left is reported as skipped
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    over_budget = f"time budget spent (--time-budget {args.time_budget} s)"
+
+    def child_timeout() -> float:
+        # a child started near the end of the budget may not outlive it by much
+        if deadline is None:
+            return args.worker_timeout
+        return max(1.0, min(args.worker_timeout, deadline - time.monotonic() + BUDGET_GRACE_S))
+
+    probe = run_job(script, {**base, "kind": "probe", "heads": args.heads}, child_timeout())
     if probe.get("status") != "ok":
         raise SystemExit(f"probe failed: {probe.get('reason')}")
     impls = select_impls(args.backends, probe)
@@ -836,61 +941,104 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     losses: dict[tuple[str, int, str], list[float] | None] = {}
+    grads: dict[tuple[str, int, str], tuple[list | None, list | None]] = {}
     references: dict[tuple[str, int], dict[str, Any]] = {}
     planned = [(h, c, i) for h in args.heads for c in args.classes for i in impls if i != "floor"]
-    # --time-budget: no job starts once it is spent; what is left is reported as skipped
-    deadline = time.monotonic() + args.time_budget if args.time_budget else None
-    over_budget = f"time budget spent (--time-budget {args.time_budget} s)"
+    interrupted: str | None = None
+
+    def snapshot(complete: bool) -> dict[str, Any]:
+        done = copy.deepcopy(rows)
+        order = {impl: i for i, impl in enumerate(impls)}
+        done.sort(key=lambda r: (args.heads.index(r["head"]), r["classes"], order.get(r["impl"], len(order))))
+        finish_rows(done, losses, references, args, grads)
+        return _result(args, started, load_start, probe, impls, check_rows, done, complete, interrupted)
+
+    def checkpoint() -> None:
+        if save is not None:
+            save(snapshot(complete=False))
+
     progress = tqdm(total=len(planned) + len(args.heads), desc="bench", unit="run", file=sys.stderr,
                     disable=args.no_progress, dynamic_ncols=True)
-    for head in args.heads:
-        progress.set_postfix_str(f"{head}: float64 reference + GEMM floor")
-        ref = run_job(script, {**base, "kind": "reference", "head": head, "classes_list": args.classes,
-                                 "floor": "floor" in impls, "check_rows": check_rows}, args.worker_timeout)
-        progress.update()
-        num_k = head_spec(head).num_subcenters
-        for classes in args.classes:
-            entry = ref.get("classes", {}).get(str(classes), {})
-            references[(head, classes)] = entry
-            if "floor" in impls:
-                floor = entry.get("floor") or {"status": ref.get("status", "error"), "reason": ref.get("reason")}
-                row = assemble_row(head, classes, "floor", args, floor)
-                if row["status"] == "ok":
-                    # Memory floor above the inputs: their gradients, nothing of size B x C.
-                    row["peak_extra_bytes"] = (args.batch * args.dim + classes * num_k * args.dim) * itemsize
-                    row["memory_method"] = "analytic: (B*D + C*D) * itemsize"
-                rows.append(row)
-        failed_at: dict[str, int] = {}
-        for classes in args.classes:
-            for impl in impls:
-                if impl == "floor":
-                    continue
-                reason = applicability(impl, head, classes, args, probe)
-                if reason is None and deadline is not None and time.monotonic() > deadline:
-                    reason = over_budget
-                if reason is None and impl in failed_at:
-                    reason = f"OOM at C={failed_at[impl]}"
-                if reason is not None:
-                    rows.append(assemble_row(head, classes, impl, args, {"status": "skipped", "reason": reason}))
-                    progress.update()
-                    continue
-                progress.set_postfix_str(f"{head} C={classes} {impl}")
-                result = run_child(script, {**base, "kind": "measure", "head": head, "classes": classes,
-                                            "impl": impl}, args.worker_timeout)
-                if result.get("status") == "OOM":
-                    failed_at[impl] = classes
-                losses[(head, classes, impl)] = result.pop("losses", None)
-                rows.append(assemble_row(head, classes, impl, args, result))
-                progress.update()
+    try:
+        for head in args.heads:
+            _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
+                        child_timeout, rows, losses, grads, references, progress, checkpoint)
+    except (Interrupted, KeyboardInterrupt) as error:
+        interrupted = f"stopped by {str(error) or 'SIGINT'} after {len(rows)} row(s)"
+        print(f"bench_loss: {interrupted}; writing the rows measured so far", file=sys.stderr, flush=True)
     progress.close()
-    order = {impl: i for i, impl in enumerate(impls)}
-    rows.sort(key=lambda r: (args.heads.index(r["head"]), r["classes"], order.get(r["impl"], len(order))))
-    finish_rows(rows, losses, references, args)
+    return snapshot(complete=interrupted is None)
+
+
+#: seconds a child started inside --time-budget may run past it
+BUDGET_GRACE_S = 30.0
+
+
+def _sweep_head(head, args, script, base, impls, probe, check_rows, itemsize, deadline, over_budget,
+                child_timeout, rows, losses, grads, references, progress, checkpoint) -> None:
+    progress.set_postfix_str(f"{head}: float64 reference + GEMM floor")
+    ref_job = {**base, "kind": "reference", "head": head, "classes_list": args.classes, "floor": "floor" in impls,
+               "check_rows": check_rows}
+    if deadline is not None:
+        ref_job["deadline_unix"] = time.time() + (deadline - time.monotonic())
+    ref = run_job(script, ref_job, child_timeout())
+    progress.update()
+    num_k = head_spec(head).num_subcenters
+    for classes in args.classes:
+        entry = ref.get("classes", {}).get(str(classes), {})
+        references[(head, classes)] = entry
+        if "floor" in impls:
+            floor = entry.get("floor") or {"status": ref.get("status", "error"), "reason": ref.get("reason")}
+            row = assemble_row(head, classes, "floor", args, floor)
+            if row["status"] == "ok":
+                # Memory floor above the inputs: their gradients, nothing of size B x C.
+                row["peak_extra_bytes"] = (args.batch * args.dim + classes * num_k * args.dim) * itemsize
+                row["memory_method"] = "analytic: (B*D + C*D) * itemsize"
+            rows.append(row)
+    checkpoint()
+    failed_at: dict[str, int] = {}
+    for classes in args.classes:
+        for impl in impls:
+            if impl == "floor":
+                continue
+            reason = applicability(impl, head, classes, args, probe)
+            if reason is None and deadline is not None and time.monotonic() > deadline:
+                reason = over_budget
+            if reason is None and impl in failed_at:
+                reason = f"OOM at C={failed_at[impl]}"
+            if reason is not None:
+                rows.append(assemble_row(head, classes, impl, args, {"status": "skipped", "reason": reason}))
+                progress.update()
+                continue
+            progress.set_postfix_str(f"{head} C={classes} {impl}")
+            result = run_child(script, {**base, "kind": "measure", "head": head, "classes": classes,
+                                        "impl": impl, "check_rows": check_rows}, child_timeout())
+            if result.get("status") == "OOM":
+                failed_at[impl] = classes
+            losses[(head, classes, impl)] = result.pop("losses", None)
+            grads[(head, classes, impl)] = (result.pop("dx_rows", None), result.pop("dw_rows", None))
+            row = assemble_row(head, classes, impl, args, result)
+            rows.append(row)
+            progress.update()
+            _print_row(row)
+            checkpoint()
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    """One line per measured row on stdout as it is measured (logs of a killed run keep them)."""
+    total = (row.get("total_ms") or {}).get("median")
+    what = f"{total:.3f} ms" if total is not None else f"{row['status']}: {row.get('reason')}"
+    print(f"row {row['head']} C={row['classes']} {row['impl']}: {what}", flush=True)
+
+
+def _result(args, started, load_start, probe, impls, check_rows, rows, complete, interrupted) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "kind": "bench_loss",
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "complete": complete,
+        "interrupted": interrupted,
         "device": probe["device"],
         "versions": probe["versions"],
         "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
@@ -905,8 +1053,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "heads": args.heads, "classes": args.classes, "batch": args.batch, "dim": args.dim,
             "dtype": args.dtype, "impls": impls, "warmup": args.warmup, "repeat": args.repeat,
             "min_time_s": args.min_time, "max_repeat": args.max_repeat, "check_rows": check_rows, "seed": args.seed,
-            "time_budget_s": args.time_budget,
-            "flush_denormal": args.flush_denormal, "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "time_budget_s": args.time_budget, "worker_timeout_s": args.worker_timeout,
+            "check_grads": args.check_grads,
+            "flush_denormal": args.flush_denormal, "float32_matmul_precision": _fp32_matmul_precision(),
             "compile_max_classes": args.compile_max_classes, "peer_max_classes": args.peer_max_classes,
             "eager_max_classes": args.eager_max_classes, "cpu_memory_limit_bytes": args.cpu_memory_limit_bytes,
         },
@@ -922,6 +1071,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "backend_support": probe["backends"],
         "rows": rows,
     }
+
+
+def _fp32_matmul_precision() -> str:
+    from fused_margin.backends.triton import torch_fp32_matmul_precision
+
+    return torch_fp32_matmul_precision()
 
 
 def _triton_options() -> dict:
@@ -958,6 +1113,10 @@ def _fmt_ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}×"
 
 
+def _fmt_err(value: float | None, ok: bool) -> str:
+    return "" if value is None else f"{value:.1e}" + ("" if ok else " ✗")
+
+
 def markdown_tables(result: dict[str, Any]) -> str:
     """One markdown table per head, from a result dict (what report.py also uses)."""
     cfg = result["config"]
@@ -974,16 +1133,19 @@ def markdown_tables(result: dict[str, Any]) -> str:
             mine = [r for r in rows if r["impl"] == impl]
             if all(r["status"] == "skipped" for r in mine) and len({r.get("reason") for r in mine}) == 1:
                 not_run[impl] = f"{mine[0]['label']}: {mine[0].get('reason')}"
+        # the gradient check's column where the run made one (older results have none)
+        with_grads = any("grad_max_rel_err" in r for r in rows)
         lines.append("| C | implementation | fwd ms | bwd ms | total ms | speed-up vs eager | × floor | useful TFLOP/s "
-                     "| peak MiB | memory vs eager | loss rel. err |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| peak MiB | memory vs eager | loss rel. err |" + (" grad rel. err |" if with_grads else ""))
+        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_grads else ""))
+        blank = " |" if with_grads else ""
         for row in rows:
             if row["impl"] in not_run:
                 continue
             if row["status"] != "ok":
                 status = row["status"] if row["status"] != "skipped" else "skipped"
                 reason = f" ({row['reason']})" if row.get("reason") else ""
-                lines.append(f"| {row['classes']} | {row['label']} | {status}{reason} | | | | | | | | |")
+                lines.append(f"| {row['classes']} | {row['label']} | {status}{reason} | | | | | | | | |{blank}")
                 continue
             err = row.get("loss_max_rel_err")
             err_text = "" if err is None else f"{err:.1e}" + ("" if row.get("loss_ok", True) else " ✗")
@@ -995,6 +1157,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
                 f"| {_fmt_ms(row.get('total_ms'))} | {_fmt_ratio(row.get('speedup_vs_eager'))} "
                 f"| {_fmt_ratio(row.get('time_vs_floor'))} | {row.get('useful_tflops', 0):.3g} | {mem} "
                 f"| {_fmt_ratio(row.get('memory_vs_eager'))} | {err_text} |"
+                + (f" {_fmt_err(row.get('grad_max_rel_err'), row.get('grad_ok', True))} |" if with_grads else "")
             )
         lines.append("")
         if not_run:
@@ -1035,12 +1198,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["classes"])
             cs = [r["classes"] for r in mine]
             style = {"linestyle": "--", "color": "black"} if impl == "floor" else {"marker": "o"}
-            (line,) = ax_t.plot(cs, [r["total_ms"]["median"] for r in mine], label=impl_label(impl), **style)
+            (line,) = ax_t.plot(cs, [r["total_ms"]["median"] for r in mine], label=mine[0].get("label", impl_label(impl)), **style)
             ax_t.fill_between(cs, [r["total_ms"]["min"] for r in mine], [r["total_ms"]["max"] for r in mine],
                               color=line.get_color(), alpha=0.15, linewidth=0)
             mem = [(r["classes"], r["peak_extra_bytes"] / 2**20) for r in mine if r.get("peak_extra_bytes")]
             if mem:
-                ax_m.plot(*zip(*mem, strict=True), label=impl_label(impl), **style)
+                ax_m.plot(*zip(*mem, strict=True), label=mine[0].get("label", impl_label(impl)), **style)
         for ax, ylabel in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory above inputs (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -1087,6 +1250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-repeat", type=int, default=50, help="at most this many timed iterations")
     p.add_argument("--check-rows", type=int, default=32,
                    help="rows whose loss is checked against the float64 reference (spread over the batch)")
+    p.add_argument("--no-check-grads", dest="check_grads", action="store_false",
+                   help="skip the gradient check (dX on the checked rows, dW on their target rows and rows spread "
+                        "over W, against float64: the reference then runs the whole batch)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default CPU 1, GPU 3)")
     p.add_argument("--compile-max-classes", type=int, default=None,
                    help="skip torch.compile above this C (default CPU 2^14: compiling costs ~10 s per shape "
@@ -1099,7 +1265,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.set_flush_denormal(True) in the measuring processes (docs/design.md section 5)")
     p.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                    help="per-process allocation limit on the CPU, reported as OOM (default 70%% of MemAvailable)")
-    p.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds per child process (default CPU 900, GPU 180: one measurement with its JIT "
+                        "compilations; a hung compile must not eat a whole --time-budget)")
+    p.add_argument("--live-json", type=Path, default=None,
+                   help="also write the result as it stands to this file after every measured row (a run "
+                        "killed at any point leaves the rows measured so far)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which no further measurement starts (the rest is reported as skipped "
                         "and the results are written as usual); default: none")
@@ -1124,6 +1295,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.repeat = args.repeat or (10 if gpu else 3)
     args.min_time = args.min_time if args.min_time is not None else (1.0 if gpu else 2.0)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    if args.worker_timeout is None:
+        args.worker_timeout = 180.0 if gpu else 900.0
     if args.compile_max_classes is None and not gpu:
         args.compile_max_classes = 2**14
     if args.peer_max_classes is None and not gpu:
@@ -1136,29 +1309,53 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    # write-then-rename: a reader (or a kill) never sees half a file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         worker_main({"measure": worker_measure, "reference": worker_reference, "probe": worker_probe})
         return 0
     args = resolve_defaults(args)
-    result = run_sweep(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    paths: dict[str, Path] = {}
+
+    def save(result: dict[str, Any]) -> None:
+        if "json" not in paths:
+            stem = f"bench_loss_{device_slug(result['device'])}_{stamp}"
+            paths["json"], paths["png"] = args.out / f"{stem}.json", args.out / f"{stem}.png"
+        result["plot"] = paths["png"].name
+        _write_json(paths["json"], result)
+        if args.live_json is not None:
+            args.live_json.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(args.live_json, result)
+
+    # SIGTERM ends the sweep as SIGINT does: with the rows measured so far written out
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    result = run_sweep(args, save)
+    save(result)
     print(header_text(result))
     print()
     print(markdown_tables(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.fromisoformat(result["date"]).strftime("%Y%m%d-%H%M%S")
-    stem = f"bench_loss_{device_slug(result['device'])}_{stamp}"
-    result["plot"] = f"{stem}.png"
-    json_path = args.out / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out / result["plot"])
-    bad = [r for r in result["rows"] if r.get("loss_ok") is False]
-    print(f"wrote {json_path} and {result['plot']} ({result['duration_s']} s)")
+    try:
+        plot(result, paths["png"])
+    except Exception as error:  # noqa: BLE001 - the JSON is the result; the plot is drawn from it
+        print(f"plot failed: {type(error).__name__}: {_first_line(error)}", file=sys.stderr)
+    bad = [r for r in result["rows"] if r.get("loss_ok") is False or r.get("grad_ok") is False]
+    print(f"wrote {paths['json']} and {result['plot']} ({result['duration_s']} s)")
     if bad:
         names = ", ".join(f"{r['head']}/{r['classes']}/{r['impl']}" for r in bad)
-        print(f"LOSS MISMATCH in {len(bad)} row(s): {names}")
+        print(f"MISMATCH against the float64 reference in {len(bad)} row(s): {names}")
         return 1
+    if result["interrupted"]:
+        print(f"INCOMPLETE: {result['interrupted']}")
+        return 130
     return 0
 
 

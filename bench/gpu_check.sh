@@ -1,103 +1,246 @@
 #!/usr/bin/env bash
-# The GPU checks of this project, prepared for a lent GPU machine (the device tool:
-# one H100/H200, python 3.12, torch 2.11, triton 3.6, nvcc, no network). A session has
-# 15 device-minutes in all (the machine's start included), so the main stage is one
-# call of about 8 minutes, each step under its own time cap:
+# The GPU checks of this project, prepared for a lent GPU machine (one H100/H200,
+# python 3.12, torch 2.11, triton 3.6, nvcc, no network, maybe no pytest plugins). Such
+# a machine is lent for about 15 minutes, its start included, and one call runs at most
+# 600 s and is then killed (SIGKILL): so the script holds one deadline (GPU_CHECK_DEADLINE,
+# 580 s from its start), runs its stages in the order of their value, each under
+# min(its own cap, the time left), and writes every result into $OUT as it is produced:
+# a run cut off at any point leaves its logs and what it measured.
 #
-#   bash bench/gpu_check.sh all      # build, the GPU tests, the issue-3 benchmarks
+#   bash bench/gpu_check.sh            # run through the device tool with timeout_s=600
 #
-# run through the device tool with timeout_s=600. The separate stages, for a rerun of
-# one part: `tests` (every test, ~9 min) and `bench` (the benchmarks, ~8 min).
+# Stages, in this order (the cap in seconds):
+#    1 install    the package without the extension (no compiler)                     60
+#    2 smoke      bench/gpu_smoke.py: every backward mode's values in bf16/fp16/fp32
+#                 (ieee, tf32), their times against the floor at C=262144, and
+#                 torch.compile(fullgraph=True) of a training step                    150
+#    3 gpu-triton the GPU-marked Triton tests                                          90
+#    4 build      the CUDA extension, for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0)        150
+#    5 bench-triton  CosFace bf16 B=1024 D=512, Triton against the floor, C=262144,1048576   75
+#    6 bench-modes   the three Triton backward modes side by side, C=262144             60
+#    7 gpu-cuda   the CUDA backend's tests                                              60
+#    8 bench-cs   CS-Softmax: Triton, CUDA and the floor, C=262144,1048576              60
+#    9 values     the remaining Triton value tests on compiled kernels (every core)     150
+#   10 bench-eager   the eager baseline (bf16 GEMMs, fp32 softmax), C=262144            45
+#   11 bench-compile torch.compile of the eager baseline, C=262144                      60
 #
-# Results: $OUT/gpu_check_<stage>.tar.gz (all logs, JSON and PNG) and the logs beside
-# it ($OUT defaults to bench/results/gpu-check). Commit the JSON/PNG results under
-# bench/results/ with the env file's device and version lines.
+# Files in $OUT (default bench/results/gpu-check), at most 8, all written as they grow:
+#   env.txt          device and versions
+#   stages.jsonl     one line per stage: cap, limit, exit status, seconds
+#   smoke.jsonl      one line per smoke result
+#   tests.log        the pytest stages (-v -rfE), their summaries included
+#   build.log        the CUDA build
+#   bench.log        the benchmark stages
+#   bench_live.json  the running benchmark's result, rewritten after every measured row
+#   bench.tar.gz     every finished benchmark's JSON and PNG (re-packed after each)
+#
+# GPU_CHECK_STUB=1 replaces the GPU stages by short stand-ins on the CPU (the bench
+# stages run the real bench_loss.py at tiny sizes): tests/test_gpu_check.py rehearses the
+# deadline and the cut-off with it. GPU_CHECK_STAGES=a,b,... runs only those stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_check.sh all|tests|bench}
-# Everything is written to $work; on exit it is packed into one archive in $OUT (the
-# device tool brings back at most 8 files), with the env file and the logs beside it.
-final=${OUT:-bench/results/gpu-check}
-work=$(mktemp -d)
-out=$work
-mkdir -p "$final"
-pack() {
-  tar -czf "$final/gpu_check_$stage.tar.gz" -C "$work" .
-  cp "$work"/env.txt "$work"/*.log "$final"/ 2>/dev/null
-  ls -la "$final"
-}
-trap pack EXIT
+script=bench/gpu_check.sh
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 py=${PYTHON:-python3}
-par=(); "$py" -c "import xdist" 2>/dev/null && par=(-n 8)  # spreads Triton's JIT compilations
+stub=${GPU_CHECK_STUB:-}
+out=${OUT:-bench/results/gpu-check}
+
+# ---- stage commands (each runs as `bash gpu_check.sh __run NAME ARGS...` under timeout) ----
+
+# pytest, verbose (a cut-off run still names every test it finished) with its summary
+# of failures and errors; FUSED_MARGIN_TEST_TIMEOUT fails a single test past its limit
+# (tests/conftest.py: no plugin needed).
+pytest_cmd() {
+  FUSED_MARGIN_TEST_TIMEOUT=${TEST_TIMEOUT:-60} "$py" -m pytest -v -rfE -p no:cacheprovider --durations=10 "$@"
+}
+
+# The same pytest selection over every core: pytest-xdist when installed, else one pytest
+# per shard (FUSED_MARGIN_TEST_SHARD, tests/conftest.py), lines prefixed by the shard.
+# SIGINT reaches every shard (timeout signals its process group); the prefixing sed
+# ignores it so that the shards' summaries still reach the log.
+pytest_parallel() {
+  local n=$1; shift
+  if "$py" -c "import xdist" 2>/dev/null; then
+    pytest_cmd -n "$n" "$@"
+    return
+  fi
+  local i pid rc=0 pids=()
+  trap ':' INT  # this shell waits for the shards' summaries; its children keep default INT
+  for (( i = 0; i < n; i++ )); do
+    FUSED_MARGIN_TEST_SHARD="$i/$n" pytest_cmd "$@" 2>&1 | (trap '' INT; exec sed -u "s/^/[$i] /") &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do
+    while true; do
+      wait "$pid"
+      local r=$?
+      # > 128 with the shard still alive: the wait was interrupted by the signal
+      if [ "$r" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+      [ "$r" -ne 0 ] && rc=$r
+      break
+    done
+  done
+  return $rc
+}
+
+bench_args() {
+  if [ -n "$stub" ]; then
+    echo --device cpu --batch 8 --dim 16 --repeat 2 --warmup 1 --min-time 0 --no-progress
+  else
+    # B=1024, D=512, bf16: the benchmark's targets, against the three-GEMM floor
+    echo --device cuda --batch 1024 --dim 512 --dtype bfloat16 --no-progress --repeat 10 --warmup 2 \
+      --min-time 0.5 --worker-timeout 120
+  fi
+}
+
+# bench_loss.py with a time budget of 3/4 of the stage's limit (it then starts no new
+# measurement and writes its results); its rows live in $out/bench_live.json.
+bench() {
+  local note=$1; shift
+  # shellcheck disable=SC2046
+  "$py" bench/bench_loss.py $(bench_args) --time-budget "$(( STAGE_LIMIT * 3 / 4 ))" --out "$GPU_CHECK_WORK/bench" \
+    --live-json "$out/bench_live.json" --note "bench/gpu_check.sh: $note" "$@"
+}
+
+smoke() {  # JSON lines to smoke.jsonl as they come; messages to the stage's log
+  if [ -n "$stub" ]; then
+    "$py" -c "import json, time
+for i in range(3):
+    print(json.dumps({'check': 'stub', 'i': i}), flush=True)
+    time.sleep(0.1)" >> "$out/smoke.jsonl"
+  else
+    "$py" bench/gpu_smoke.py >> "$out/smoke.jsonl"
+  fi
+}
+
+stub_pytest() {  # a stand-in for a pytest stage: prints $1 lines (0.2 s apart), then ends
+  "$py" -c "
+import sys, time
+for i in range(int(sys.argv[1])):
+    print('stub test', i, 'PASSED', flush=True)
+    time.sleep(0.2)
+print('stub stage done', flush=True)" "$@"
+}
+
+if [ "${1:-}" = __run ]; then
+  shift
+  "$@"
+  exit $?
+fi
+
+# ---- the run ------------------------------------------------------------------------
+
+t0=$SECONDS
+deadline=$(( t0 + ${GPU_CHECK_DEADLINE:-580} ))
+only=${GPU_CHECK_STAGES:-}
+cores=$(nproc 2>/dev/null || echo 4)
+mkdir -p "$out"
+rm -f "$out"/{env.txt,stages.jsonl,smoke.jsonl,tests.log,build.log,bench.log,bench_live.json,bench.tar.gz}
+GPU_CHECK_WORK=$(mktemp -d)  # complete benchmark results, packed into bench.tar.gz after each stage
+export GPU_CHECK_WORK OUT=$out
+mkdir -p "$GPU_CHECK_WORK/bench"
+for f in stages.jsonl smoke.jsonl tests.log build.log bench.log; do : > "$out/$f"; done
+
+pack_bench() {
+  # write-then-rename: a kill during the packing leaves the previous archive whole
+  tar -czf "$out/.bench.tar.gz.tmp" -C "$GPU_CHECK_WORK/bench" . 2>/dev/null \
+    && mv -f "$out/.bench.tar.gz.tmp" "$out/bench.tar.gz"
+}
+finish() {
+  pack_bench
+  rm -rf "$GPU_CHECK_WORK"
+  echo "gpu_check: $((SECONDS - t0)) s; files in $out:"
+  ls -la "$out"
+}
+trap finish EXIT
 
 {
   date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 4
   "$py" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  nvcc --version | tail -n 2
+  "$py" -c "import xdist" 2>/dev/null && echo "pytest-xdist: yes" || echo "pytest-xdist: no"
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "cores: $cores; deadline: ${GPU_CHECK_DEADLINE:-580} s${stub:+; STUB stages}"
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-# The extension with its CUDA kernels (in place: an editable install needs no network).
-# A failed or slow build is logged and the run goes on: the Triton checks need no build.
-if [ -z "${SKIP_BUILD:-}" ] && ! "$py" -c "import fused_margin._ext as e; assert e.has_cuda_kernels()" 2>/dev/null; then
-  start=$SECONDS
-  if ! FORCE_CUDA=1 timeout "${BUILD_TIMEOUT:-120}" "$py" -m pip install -q -e . --no-build-isolation --no-deps \
-      > "$out/build.log" 2>&1; then
-    # The package itself must be installed (fused_margin.triton_kernels is mapped by the
-    # install): without the extension, the cpu/cuda backends report themselves unavailable.
-    echo "BUILD FAILED, see build.log; installing without the extension (the cuda backend's tests will skip)"
-    FUSED_MARGIN_NO_EXT=1 "$py" -m pip install -q -e . --no-build-isolation --no-deps >> "$out/build.log" 2>&1
+# run_stage NAME CAP LOG CMD...: CMD under min(CAP, time left), stopped by SIGINT (pytest
+# and bench_loss.py then print their summaries and write what they have), SIGKILL 5 s
+# later; one line in stages.jsonl, the stage's last lines on the console.
+run_stage() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$(( deadline - SECONDS - 5 )) limit status rc start offset
+  if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then
+    return 0
   fi
-  echo "build: $((SECONDS - start)) s"
+  limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 5 ]; then
+    printf '{"stage": "%s", "cap_s": %d, "limit_s": 0, "status": "skipped", "reason": "deadline"}\n' \
+      "$name" "$cap" >> "$out/stages.jsonl"
+    echo "== $name: skipped (deadline)"
+    return 0
+  fi
+  echo "== $name (limit ${limit} s of cap ${cap} s, $(( deadline - SECONDS )) s left)"
+  offset=$(stat -c %s "$out/$log")
+  echo "===== stage $name: limit ${limit} s, $(date -u +%T)" >> "$out/$log"
+  start=$SECONDS
+  STAGE_LIMIT=$limit timeout -s INT -k 5 "$limit" bash "$script" __run "$@" >> "$out/$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  printf '{"stage": "%s", "cap_s": %d, "limit_s": %d, "rc": %d, "status": "%s", "wall_s": %d}\n' \
+    "$name" "$cap" "$limit" "$rc" "$status" "$(( SECONDS - start ))" >> "$out/stages.jsonl"
+  tail -c +"$(( offset + 1 ))" "$out/$log" | tail -n "${TAIL_LINES:-12}"
+  echo "== $name: $status (rc $rc, $(( SECONDS - start )) s)"
+}
+
+if [ -n "$stub" ]; then
+  export OMP_NUM_THREADS=1
+  run_stage install 60 build.log true
+  run_stage smoke 150 tests.log smoke
+  run_stage gpu-triton 90 tests.log stub_pytest 3
+  run_stage build 150 build.log stub_pytest 2
+  run_stage bench-triton 75 bench.log bench "stub bench" --heads cosface --classes 256,512,1024 --backends eager,floor
+  pack_bench
+  run_stage bench-modes 60 bench.log bench "stub modes" --heads cosface --classes 256 --backends eager,floor
+  pack_bench
+  run_stage gpu-cuda 60 tests.log stub_pytest 1000000
+  run_stage values 150 tests.log pytest_parallel 2 tests/test_validation.py tests/test_reference.py tests/test_heads.py
+  exit 0
 fi
 
-# B=1024, D=512, bf16, CosFace and CS-Softmax: issue 3's targets, against eager,
-# torch.compile and the three-GEMM floor.
-bench_args=(--device cuda --heads cosface,cs_softmax --batch 1024 --dim 512 --dtype bfloat16 --out "$out"
-            --no-progress)
-
-run_tests() {  # $1: log name; $2: time cap (s); $3...: pytest selection
-  local log=$1 cap=$2; shift 2
-  timeout "$cap" "$py" -m pytest "$@" -q -p no:cacheprovider --durations=10 "${par[@]}" 2>&1 \
-    | tee "$out/$log.log" | tail -n 40
-}
-
-# Each run stops starting measurements at 3/4 of its cap (--time-budget), so that it
-# still writes its results; the cap (timeout) only catches a hang.
-bench_default() {  # $1: time cap; $2: classes
-  timeout "$1" "$py" bench/bench_loss.py "${bench_args[@]}" --classes "$2" --time-budget $(( $1 * 3 / 4 )) \
-    --note "bench/gpu_check.sh $stage: default backward (gemm)" 2>&1 | tee "$out/bench-gpu.log" | tail -n 30
-}
-
-bench_modes() {  # $1: time cap; $2: classes. The three Triton backwards side by side, with the floor.
-  timeout "$1" "$py" bench/bench_loss.py "${bench_args[@]}" --classes "$2" --time-budget $(( $1 * 3 / 4 )) \
-    --backends triton,triton:recompute,triton:atomic,floor --note "bench/gpu_check.sh $stage: backward modes" \
-    2>&1 | tee "$out/bench-gpu-modes.log" | tail -n 16
-}
-
-case "$stage" in
-  all)
-    # The Triton and CUDA backends on the GPU: every value test (compiled kernels at the
-    # tests' odd shapes) and the GPU-only ones (bf16/fp16 at B=1024 C=131072 three-way,
-    # tf32 modes, peak memory at C=262144, bitwise reproducibility).
-    bench_args+=(--compile-max-classes 262144 --backends triton,cuda,eager,compile,floor)
-    # The GPU-only tests first (large shapes, memory, reproducibility), then the rest.
-    run_tests pytest-gpu-marked 100 -m gpu tests/test_triton.py tests/test_cuda.py
-    run_tests pytest-gpu-values 90 -m "not gpu" tests/test_triton.py tests/test_cuda.py tests/test_ops.py
-    bench_default 180 262144,1048576
-    bench_modes 80 262144
-    ;;
-  tests)
-    run_tests pytest-gpu 540 tests
-    ;;
-  bench)
-    bench_default 330 262144,1048576
-    bench_modes 200 262144,1048576
-    ;;
-  *)
-    echo "unknown stage $stage (all | tests | bench)" >&2
-    exit 2
-    ;;
-esac
+# 1. Installed without a compiler: everything but the cpu/cuda backends works at once.
+run_stage install 60 build.log env FUSED_MARGIN_NO_EXT=1 "$py" -m pip install -q -e . --no-build-isolation --no-deps
+# 2. Values of every mode and dtype, times, torch.compile: one process, JSON lines.
+run_stage smoke 150 tests.log smoke
+# 3. The GPU-only Triton tests: large shapes, bf16/fp16 three-way, tf32, memory, determinism.
+run_stage gpu-triton 90 tests.log pytest_cmd -m gpu tests/test_triton.py
+# 4. The CUDA extension for this GPU only (a preset list of architectures multiplies the
+#    compile time); a failed build leaves the package installed without it.
+run_stage build 150 build.log env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
+  "$py" -m pip install -q -e . --no-build-isolation --no-deps
+# 5.-6. The Triton benchmark against the floor, then its backward modes side by side.
+run_stage bench-triton 75 bench.log bench "Triton (default backward) against the floor" \
+  --heads cosface --classes 262144,1048576 --backends triton,floor
+pack_bench
+run_stage bench-modes 60 bench.log bench "Triton backward modes" \
+  --heads cosface --classes 262144 --backends triton,triton:recompute,triton:atomic,floor
+pack_bench
+# 7. The CUDA backend's tests (they skip where the build failed).
+run_stage gpu-cuda 60 tests.log pytest_cmd tests/test_cuda.py tests/test_cuda_build.py
+# 8. CS-Softmax, the Triton and CUDA backends against the floor.
+run_stage bench-cs 60 bench.log bench "CS-Softmax" \
+  --heads cs_softmax --classes 262144,1048576 --backends triton,cuda,floor
+pack_bench
+# 9. The interpreter-equivalent value tests on compiled kernels (~230 Triton
+#    compilations: spread over every core). CPU-only test files are not run here.
+run_stage values 150 tests.log pytest_parallel "$cores" -m "not gpu" tests/test_triton.py
+# 10.-11. The baselines, last: eager PyTorch as a user writes it, then torch.compile of it.
+run_stage bench-eager 45 bench.log bench "eager baseline" --heads cosface --classes 262144 --backends eager,floor
+pack_bench
+run_stage bench-compile 60 bench.log bench "torch.compile baseline" \
+  --heads cosface --classes 262144 --backends compile,floor --compile-max-classes 262144
+pack_bench

@@ -135,7 +135,9 @@ def fused_terms(
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
         row_threshold = spec.non_target.row_terms(target_cos)
     if backend == "eager":
-        outputs = margin_lse_terms(embeddings, weight, labels, bias, class_index, row_threshold, params)
+        # as a user writes it: 16-bit GEMMs in the input dtype, the softmax in fp32
+        outputs = margin_lse_terms(embeddings, weight, labels, bias, class_index, row_threshold, params,
+                                   native_gemm=True)
     else:
         name = resolve_backend(backend, embeddings, weight, params)
         outputs = margin_lse(
@@ -196,7 +198,9 @@ def margin_cross_entropy(
             the rows not ignored (computed in the same pass).
         backend: 'auto' | 'reference' | 'eager' | 'triton' | 'cuda' | 'cpu'. 'eager' is
             the reference with plain autograd through the materialized logits (no
-            custom op); 'reference' runs the same math through the custom op.
+            custom op), as a user would write it: with bf16/fp16 inputs the (B, C) GEMM
+            runs in that dtype, the softmax in fp32; 'reference' runs the math through
+            the custom op with every GEMM in fp32 (fp64 for fp64 inputs).
         step: training step, passed to the target transform (annealed margins).
 
     Returns the loss in float32 (float64 for float64 inputs), and the accuracy if asked.

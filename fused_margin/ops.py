@@ -8,6 +8,8 @@ the compiler: ``fullgraph=True`` sees no graph break).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -15,7 +17,7 @@ from .backends import get_backend
 from .kernel_params import KernelParams
 from .spec import NonTargetKind
 
-__all__ = ["margin_lse", "prepare_labels", "snapshot"]
+__all__ = ["label_checks", "margin_lse", "prepare_labels", "set_label_checks", "snapshot"]
 
 _OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -43,6 +45,31 @@ def _acc(x: Tensor, weight: Tensor) -> torch.dtype:
 _HOST_SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
+#: How ``prepare_labels`` checks labels and ``class_index``: 'host' (the default) reads
+#: the verdict on the host and raises a ValueError naming the bad value and its position,
+#: a host synchronization per step; 'device' checks on the device without a sync
+#: (``torch._assert_async``: a bad label stops the CUDA stream with a device-side
+#: assertion, whose message names no value), so that a training loop can queue its next
+#: step. Set with :func:`set_label_checks` or ``FUSED_MARGIN_LABEL_CHECKS=device``.
+_LABEL_CHECK_MODES = ("host", "device")
+_label_checks: str | None = None
+
+
+def set_label_checks(mode: str) -> None:
+    """'host' (default: a clear error, one host sync per call) or 'device' (no sync)."""
+    global _label_checks
+    if mode not in _LABEL_CHECK_MODES:
+        raise ValueError(f"label checks must be one of {_LABEL_CHECK_MODES}, got {mode!r}")
+    _label_checks = mode
+
+
+def label_checks() -> str:
+    mode = _label_checks or os.environ.get("FUSED_MARGIN_LABEL_CHECKS") or "host"
+    if mode not in _LABEL_CHECK_MODES:
+        raise ValueError(f"FUSED_MARGIN_LABEL_CHECKS must be one of {_LABEL_CHECK_MODES}, got {mode!r}")
+    return mode
+
+
 @torch.library.custom_op("fused_margin::prepare_labels", mutates_args=(), tags=_HOST_SYNC_TAGS)
 def prepare_labels(
     labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None, num_weight_classes: int = 0
@@ -54,9 +81,12 @@ def prepare_labels(
 
     A custom op so that the data-dependent checks stay out of ``torch.compile`` graphs.
     """
+    on_device = label_checks() == "device"
     if class_index is not None and class_index.numel() > 0:
         bad_index = (class_index < 0) | (class_index >= num_weight_classes)
-        if bool(bad_index.any()):
+        if on_device:
+            torch._assert_async(~bad_index.any(), f"class_index entries must lie in [0, {num_weight_classes})")
+        elif bool(bad_index.any()):
             position = int(bad_index.nonzero()[0, 0])
             raise ValueError(
                 f"class_index entries must lie in [0, {num_weight_classes}) (the classes of weight); "
@@ -65,7 +95,9 @@ def prepare_labels(
     labels64 = labels.to(torch.int64)
     ignored = labels64 == ignore_index
     bad = ~ignored & ((labels64 < 0) | (labels64 >= num_classes))
-    if bool(bad.any()):
+    if on_device:
+        torch._assert_async(~bad.any(), f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+    elif bool(bad.any()):
         position = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "

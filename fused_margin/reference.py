@@ -40,19 +40,28 @@ def used_rows(class_index: Tensor | None, num_rows: int, k: int, device: torch.d
 
 
 def cosine_matrix(
-    x: Tensor, weight: Tensor, class_index: Tensor | None, params: KernelParams
+    x: Tensor, weight: Tensor, class_index: Tensor | None, params: KernelParams, native_gemm: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``u`` (B, C) (after the sub-center max), ``row_scale`` (B,), ``col_scale`` (C*K,)."""
+    """``u`` (B, C) (after the sub-center max), ``row_scale`` (B,), ``col_scale`` (C*K,).
+
+    ``native_gemm``: with 16-bit x and W of one dtype, the (B, C) product runs in that
+    dtype (tensor cores, as a user's ``F.linear`` does, under autocast too) and only the
+    softmax side in fp32; else the product runs in fp32 (fp64 for fp64 inputs) on the
+    upcast inputs, more accurate than any 16-bit GEMM (the reference)."""
     dtype = acc_dtype(x, weight)
+    native = native_gemm and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
     xf, wf = x.to(dtype), weight.to(dtype)
+    w_gemm = weight if native else wf
     rows = used_rows(class_index, weight.shape[0], params.num_subcenters, x.device)
     if rows is not None:
         wf = wf.index_select(0, rows)
+        w_gemm = w_gemm.index_select(0, rows) if native else wf
     ones_b = torch.ones(x.shape[0], dtype=dtype, device=x.device)
     ones_c = torch.ones(wf.shape[0], dtype=dtype, device=x.device)
     r = 1.0 / torch.linalg.vector_norm(xf, dim=1).clamp_min(_NORM_EPS) if params.normalize_x else ones_b
     q = 1.0 / torch.linalg.vector_norm(wf, dim=1).clamp_min(_NORM_EPS) if params.normalize_w else ones_c
-    u = (xf @ wf.T) * r[:, None] * q[None, :]
+    dots = (x @ w_gemm.T).to(dtype) if native else xf @ wf.T
+    u = dots * r[:, None] * q[None, :]
     k = params.num_subcenters
     if k > 1:
         u = u.view(u.shape[0], u.shape[1] // k, k).amax(dim=2)
@@ -67,9 +76,11 @@ def margin_lse_terms(
     class_index: Tensor | None,
     row_threshold: Tensor | None,
     params: KernelParams,
+    native_gemm: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The fused operation's forward, eagerly (see :mod:`fused_margin.kernel_params`)."""
-    u, r, q = cosine_matrix(x, weight, class_index, params)
+    """The fused operation's forward, eagerly (see :mod:`fused_margin.kernel_params`;
+    ``native_gemm``: see :func:`cosine_matrix`)."""
+    u, r, q = cosine_matrix(x, weight, class_index, params, native_gemm)
     num_rows, num_classes = u.shape
     has_target = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(has_target, labels, torch.zeros_like(labels))

@@ -151,6 +151,35 @@ class NonTarget:
         return torch.stack([threshold, t.expand_as(threshold)])
 
 
+#: below this many elements of W a dense gradient costs little, and tools that expect
+#: one (torch.autograd.gradcheck) get it
+_SPARSE_GRAD_MIN_NUMEL = 1 << 20
+
+
+class _TargetRowNorm(torch.autograd.Function):
+    """``||w_{rows_b}||`` (B,) with a sparse gradient for W: B rows, not W's size.
+    ``index_select``'s backward would allocate a dense zero W and scatter into it, and
+    autograd would then add it to the kernel's dense dW (2 to 3 times W in extra memory
+    for L-Softmax); autograd adds a sparse gradient into the dense one in place."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        picked = weight.index_select(0, rows).to(dtype)
+        norm = torch.linalg.vector_norm(picked, dim=1)
+        ctx.save_for_backward(picked, norm, rows)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        picked, norm, rows = ctx.saved_tensors
+        # d||w||/dw = w / ||w|| (0 for a zero row, as vector_norm's own gradient)
+        values = torch.where(norm > 0, grad / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)[:, None] * picked
+        grad_w = torch.sparse_coo_tensor(rows[None, :], values.to(ctx.weight_dtype), ctx.weight_shape,
+                                         check_invariants=False)
+        return grad_w, None, None
+
+
 class TargetContext:
     """What a target transform may use, all as B-vectors with autograd.
 
@@ -193,8 +222,13 @@ class TargetContext:
     @property
     def weight_norm(self) -> Tensor:
         if self._weight_norm is None:
-            rows = self._weight.index_select(0, self._target_rows).to(self.u.dtype)
-            self._weight_norm = torch.linalg.vector_norm(rows, dim=1)
+            if (self._weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and self._weight.numel() >= _SPARSE_GRAD_MIN_NUMEL):
+                self._weight_norm = _TargetRowNorm.apply(self._weight, self._target_rows, self.u.dtype)
+            else:
+                # Under torch.compile the gather's dense gradient is traced and fused instead.
+                rows = self._weight.index_select(0, self._target_rows).to(self.u.dtype)
+                self._weight_norm = torch.linalg.vector_norm(rows, dim=1)
         return self._weight_norm
 
     @property

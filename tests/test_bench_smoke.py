@@ -86,22 +86,28 @@ def test_bench_loss(started):
         if row["impl"] != "floor":
             assert row["loss_ok"], row
             assert row["loss_max_rel_err"] <= row["loss_tolerance"]
+            # gradients too: dX rows and dW rows (targets and spread) against float64
+            assert row["grad_ok"], row
+            assert 0 <= row["grad_max_rel_err"] <= row["grad_tolerance"]
     assert rows["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert "| eager PyTorch |" in stdout
 
 
 def test_bench_loss_time_budget(tmp_path):
-    """With its time budget spent the sweep starts no more measurements, reports them as
-    skipped with the reason, and still writes its results."""
+    """With its time budget spent the sweep starts no more measurements (the float64
+    reference and the floor included), reports them as skipped with the reason, and
+    still writes its results."""
     cmd = [sys.executable, str(ROOT / "bench" / "bench_loss.py"), "--device", "cpu", "--out", str(tmp_path),
            "--no-progress", "--heads", "cosface", "--classes", "256", "--batch", "8", "--dim", "16",
            "--backends", "eager,floor", "--time-budget", "0.001", "--repeat", "2", "--warmup", "1", "--min-time", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [path] = tmp_path.glob("bench_loss_cpu_*.json")
-    rows = {row["impl"]: row for row in json.loads(path.read_text())["rows"]}
-    assert rows["eager"]["status"] == "skipped" and "time budget" in rows["eager"]["reason"]
-    assert rows["floor"]["status"] == "ok"
+    data = json.loads(path.read_text())
+    assert data["complete"] and data["interrupted"] is None
+    rows = {row["impl"]: row for row in data["rows"]}
+    for impl in ("eager", "floor"):
+        assert rows[impl]["status"] == "skipped" and "time budget" in rows[impl]["reason"], rows[impl]
 
 
 def test_train_facerec(started):

@@ -333,3 +333,48 @@ def test_strided_inputs():
     """Sliced embeddings, a transposed (column-major) or row-strided weight, strided
     labels and bias give what their contiguous copies give."""
     assert_strided_inputs_match("cpu", "cpu", torch.float32, 1e-6)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+@needs_ext
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_lsoftmax_weight_norm_adds_no_dense_gradient():
+    """L-Softmax's target needs ``||w_y||``: its gradient reaches W as B sparse rows added
+    into the kernel's dW, not as a dense W-sized buffer (a gathered ``index_select``
+    scatters into zeros of W's shape, and autograd then adds the two: twice W beyond the
+    gradient). Peak resident memory of forward + backward beyond the inputs, at a W of
+    49 MiB: at most 1.5 W (the gradient itself); the dense path measures 2.0 W."""
+    import ctypes
+    import gc
+
+    torch.manual_seed(0)
+    w = torch.randn(200_000, 64, requires_grad=True)
+    x = torch.randn(16, 64, requires_grad=True)
+    labels = torch.randint(0, 200_000, (16,))
+    spec = MarginSpec.lsoftmax(lam=2.0)
+    w_bytes = w.numel() * w.element_size()
+    fm.margin_cross_entropy(x, w, labels, spec, backend="cpu").backward()  # first-call allocations
+    w.grad = x.grad = None
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _rss_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    fm.margin_cross_entropy(x, w, labels, spec, backend="cpu").backward()
+    extra = _rss_kib("VmHWM") * 1024 - base
+    assert not w.grad.is_sparse
+    assert extra <= 1.5 * w_bytes, f"peak {extra / 2**20:.0f} MiB beyond the inputs, W {w_bytes / 2**20:.0f} MiB"
+    # the value: the same gradient as the dense gather's
+    w_dense = w.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        rows = w_dense.index_select(0, labels)
+        torch.linalg.vector_norm(rows, dim=1).sum().backward()
+    w_sparse = w.detach().clone().requires_grad_(True)
+    from fused_margin.spec import _TargetRowNorm
+
+    _TargetRowNorm.apply(w_sparse, labels, torch.float32).sum().backward()
+    assert torch.allclose(w_sparse.grad.to_dense(), w_dense.grad, atol=1e-6)

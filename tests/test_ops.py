@@ -107,3 +107,56 @@ def test_label_checks_stay_out_of_cuda_graphs():
     node = get_first_incompatible_cudagraph_node(graph)
     assert node is not None and node.target == torch.ops.fused_margin.prepare_labels.default, node
     assert torch.Tag.cudagraph_unsafe not in torch.ops.fused_margin.margin_lse.default.tags
+
+
+@pytest.fixture
+def device_label_checks():
+    from fused_margin import ops
+
+    ops.set_label_checks("device")
+    yield
+    ops._label_checks = None
+
+
+def test_device_label_checks_keep_the_values(device_label_checks):
+    """``set_label_checks('device')`` (no host sync: ``torch._assert_async``) gives the
+    labels and the loss of the default host checks, and still refuses a bad label or
+    class_index entry (on the CPU the device check raises at once; on a GPU it stops the
+    stream)."""
+    from fused_margin import ops
+
+    labels = torch.tensor([3, -100, 0, 12])
+    assert ops.label_checks() == "device"
+    assert prepare_labels(labels, 13, -100).tolist() == [3, -1, 0, 12]
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 13\)"):
+        prepare_labels(torch.tensor([3, 13]), 13, -100)
+    with pytest.raises(RuntimeError, match=r"class_index entries must lie in \[0, 20\)"):
+        prepare_labels(labels, 13, -100, torch.tensor([0, 20]), 20)
+    x, w = torch.randn(4, 5), torch.randn(13, 5)
+    on_device = fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["arcface"], backend="reference")
+    ops._label_checks = None
+    assert torch.equal(on_device, fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["arcface"], backend="reference"))
+
+
+def test_label_check_mode_is_validated(monkeypatch):
+    from fused_margin import ops
+
+    with pytest.raises(ValueError, match="'host', 'device'"):
+        ops.set_label_checks("never")
+    monkeypatch.setenv("FUSED_MARGIN_LABEL_CHECKS", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_MARGIN_LABEL_CHECKS"):
+        ops.label_checks()
+
+
+@pytest.mark.gpu
+def test_device_label_checks_do_not_synchronize(device_label_checks):
+    """With 'device' checks a CUDA training step makes no host synchronization."""
+    x = torch.randn(64, 32, device="cuda", requires_grad=True)
+    w = torch.randn(1000, 32, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 1000, (64,), device="cuda")
+    fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["arcface"]).backward()  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["arcface"]).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

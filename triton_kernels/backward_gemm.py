@@ -45,7 +45,16 @@ from .backward import (
     kernel_arguments,
     zero_gradients,
 )
-from .common import DX_WORKSPACE_BYTES, TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
+from .common import (
+    DX_WORKSPACE_BYTES,
+    MAX_GRID_YZ,
+    TileConfig,
+    _class_block,
+    _mma,
+    _subcenter_cosines,
+    default_tiles,
+    launch,
+)
 from .lse_forward import num_classes_in_use
 
 __all__ = ["GEMM_WORKSPACE_BYTES", "margin_lse_bwd_gemm"]
@@ -242,8 +251,10 @@ def _gemm_dw_kernel(
 
 def chunk_classes_for(batch: int, num_classes: int, k: int, element_size: int, block_c: int) -> int:
     """Classes per chunk: as many as the workspace holds, a multiple of ``block_c``
-    (at least one block), at most ``num_classes``."""
-    fit = GEMM_WORKSPACE_BYTES // max(1, batch * k * element_size)
+    (at least one block), at most ``num_classes``, and at most ``MAX_GRID_YZ`` class
+    blocks (the first kernel's grid y: a small batch would otherwise fit more classes,
+    e.g. B=4 bf16 holds 4.2M)."""
+    fit = min(GEMM_WORKSPACE_BYTES // max(1, batch * k * element_size), MAX_GRID_YZ * block_c)
     return max(1, min(num_classes, max(block_c, fit // block_c * block_c)))
 
 

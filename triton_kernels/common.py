@@ -174,10 +174,21 @@ def default_tiles(
     return TileConfig(block_b, block_c, block_d, block_do, splits, num_warps, num_stages)
 
 
+#: CUDA's limit on a grid's y and z extents (x may reach 2**31 - 1)
+MAX_GRID_YZ = 65535
+
+
+def check_grid(grid: tuple[int, ...]) -> None:
+    """Raises where CUDA would refuse the launch (the interpreter accepts any grid)."""
+    if any(extent > MAX_GRID_YZ for extent in grid[1:]):
+        raise ValueError(f"grid {grid}: CUDA allows at most {MAX_GRID_YZ} programs along y and z")
+
+
 def launch(kernel, grid: tuple[int, ...], tiles: TileConfig, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with the tiles' warps and stages; on a GPU with
     less shared memory than the tiles were chosen for (they were for an H100's 227
     KiB), retry once without software pipelining (num_stages=1), which needs less."""
+    check_grid(grid)
     try:
         kernel[grid](*args, **kwargs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     except OutOfResources:

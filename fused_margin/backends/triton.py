@@ -15,7 +15,8 @@ None):
   relative error in each logit), ``'tf32x3'`` (three tf32 products per multiply, close
   to fp32). When neither is set, PyTorch's own setting decides, as it does for
   ``torch.mm`` (and so for the 'cuda' backend's cuBLAS GEMMs):
-  ``torch.get_float32_matmul_precision()`` 'highest' (PyTorch's default) gives
+  ``torch.backends.cuda.matmul.fp32_precision`` (PyTorch >= 2.9) 'ieee'/'tf32' when
+  set, else ``torch.get_float32_matmul_precision()``: 'highest' (PyTorch's default) gives
   ``'ieee'``, 'high' and 'medium' (``torch.set_float32_matmul_precision``, or
   ``torch.backends.cuda.matmul.allow_tf32 = True``) give ``'tf32'``. bf16/fp16
   operands always use tensor cores with fp32 accumulation; mixed dtypes (e.g. bf16 x
@@ -37,7 +38,10 @@ None):
     run to run; with a bf16/fp16 W it keeps an fp32 buffer of W's shape.
 * ``grad_dot_fp32`` / ``FUSED_MARGIN_TRITON_GRAD_FP32=1``: the backward's two
   gradient GEMMs take ``dU`` in fp32 instead of rounding it to the bf16/fp16 input
-  dtype (fp32 GEMMs: on CUDA cores under 'ieee', as above). dW is accumulated in fp32
+  dtype (fp32 GEMMs: on CUDA cores under 'ieee', as above). Unset, it is on for fp16
+  inputs (fp16's range flushes ``dU`` to zero at large C), with the gradient GEMMs in
+  'tf32' (exact for fp16 operands, tensor cores) unless a precision is set; off for
+  bf16 (fp32's exponent range) and fp32. ``FUSED_MARGIN_TRITON_GRAD_FP32=0`` turns it off. dW is accumulated in fp32
   in every case (over the whole batch, in registers, rounded once to W's dtype), so
   this only removes the rounding of ``dU``.
 """
@@ -96,15 +100,30 @@ class TritonBackend(Backend):
     def precision(self) -> str:
         value = self.input_precision or os.environ.get("FUSED_MARGIN_TRITON_PRECISION")
         if not value:
-            value = _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+            value = torch_fp32_matmul_precision()
         if value not in _PRECISIONS:
             raise ValueError(f"the Triton input precision must be one of {_PRECISIONS}, got {value!r}")
         return value
 
-    def gradient_dot_fp32(self) -> bool:
+    def gradient_dot_fp32(self, x_dtype: torch.dtype | None = None, w_dtype: torch.dtype | None = None) -> bool:
+        """Whether the gradient GEMMs take ``dU`` in fp32. Unset (attribute and variable):
+        yes for fp16 embeddings and weights, whose exponent range flushes ``dU`` (about
+        ``s p / B``: ~1e-8 at B=1024, C=10^5) and ``dU r q`` to zero; no otherwise."""
         if self.grad_dot_fp32 is not None:
             return bool(self.grad_dot_fp32)
-        return os.environ.get("FUSED_MARGIN_TRITON_GRAD_FP32", "0") == "1"
+        env = os.environ.get("FUSED_MARGIN_TRITON_GRAD_FP32", "")
+        if env:
+            return env == "1"
+        return x_dtype == torch.float16 and w_dtype == torch.float16
+
+    def _fp16_range_safe(self, x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+        """fp16 inputs with neither option set: the gradient GEMMs multiply dU in fp32 and
+        fp16 operands as 'tf32', which holds fp16 values exactly and rounds dU to fp16's
+        10-bit mantissa with fp32's exponent range (tensor cores, no flush to zero). The
+        logit recomputation multiplies fp16 by fp16 and ignores the precision."""
+        unset = (self.grad_dot_fp32 is None and not os.environ.get("FUSED_MARGIN_TRITON_GRAD_FP32")
+                 and self.input_precision is None and not os.environ.get("FUSED_MARGIN_TRITON_PRECISION"))
+        return unset and x_dtype == torch.float16 and w_dtype == torch.float16
 
     def backward_implementation(self) -> str:
         value = self.backward_mode or os.environ.get("FUSED_MARGIN_TRITON_BACKWARD", "gemm")
@@ -144,7 +163,9 @@ class TritonBackend(Backend):
 
         inputs = BackwardInputs(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
                                 row_threshold, lse_neg, row_scale, col_scale, params)
-        options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32())
+        options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32(x.dtype, weight.dtype))
+        if self._fp16_range_safe(x.dtype, weight.dtype):
+            options["input_precision"] = "tf32"
         mode = self.backward_implementation()
         if mode == "gemm":
             from ..triton_kernels.backward_gemm import margin_lse_bwd_gemm
@@ -157,6 +178,22 @@ class TritonBackend(Backend):
         from ..triton_kernels.backward import margin_lse_bwd
 
         return margin_lse_bwd(inputs, **options, dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"))
+
+
+def torch_fp32_matmul_precision() -> str:
+    """'ieee' or 'tf32': what PyTorch's settings give ``torch.mm`` of fp32 CUDA tensors.
+    PyTorch >= 2.9's ``torch.backends.cuda.matmul.fp32_precision`` (or the global
+    ``torch.backends.fp32_precision``) first: once a user has set it,
+    ``torch.get_float32_matmul_precision()`` raises."""
+    matmul = getattr(torch.backends.cuda, "matmul", None)
+    for value in (getattr(matmul, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
+        if value in ("ieee", "tf32"):
+            return value
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # settings PyTorch itself calls inconsistent: its default
+        return "ieee"
+    return _TORCH_PRECISION.get(legacy, "ieee")
 
 
 def _check_unique(class_index: Tensor) -> None:
