@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .kernel_params import KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams
 from .spec import NonTargetKind
 
 __all__ = ["margin_lse", "prepare_labels", "snapshot"]
@@ -48,7 +48,8 @@ def prepare_labels(
     labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None, num_weight_classes: int = 0
 ) -> Tensor:
     """Checks every label is in ``[0, num_classes)`` or ``ignore_index`` and returns int64
-    labels with ignored rows as -1 (the kernels' "no target" value). With ``class_index``
+    labels with ignored rows as ``IGNORED_LABEL`` (the kernels' "not part of the
+    computation" value). With ``class_index``
     it also checks that every entry names a class of the weight, ``[0, num_weight_classes)``:
     the kernels read weight rows through it, so a bad entry would read out of bounds.
 
@@ -71,7 +72,7 @@ def prepare_labels(
             f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
             f"got {int(labels64[position])} at position {position}"
         )
-    return torch.where(ignored, torch.full_like(labels64, -1), labels64)
+    return torch.where(ignored, torch.full_like(labels64, IGNORED_LABEL), labels64)
 
 
 @prepare_labels.register_fake
