@@ -231,3 +231,75 @@ def test_gpu_non_finite_and_ignored_rows(backend, dtype):
                          upstream=upstream.cuda().to(dtype))
     assert not bool(torch.isfinite(got[0][keep]).any())
     assert not bool(torch.isfinite(got[2]).all())
+
+
+# ---- head state ---------------------------------------------------------------------------
+
+import fused_margin.heads as heads  # noqa: E402
+
+HEAD_CLASSES = sorted(name for name in heads.__all__ if name != "MarginHead")
+STATEFUL = {"CurricularFaceLoss": ("t",), "AdaFaceLoss": ("batch_mean", "batch_std")}
+
+
+def _state(head) -> dict[str, torch.Tensor]:
+    return {name: buf.clone() for name, buf in head.named_buffers() if buf.is_floating_point()}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_state_ignores_a_non_finite_batch(name):
+    head = getattr(heads, name)(11, 8, backend="cpu")
+    x, _, labels = make_inputs(9, 11, 8, dtype=torch.float32, ignore_rows=2)
+    x = x * 10.0  # norms around 28 (AdaFace's statistics start at 20, 100)
+    head(x, labels)
+    before = _state(head)
+    assert any(not torch.equal(before[key], torch.tensor(init, dtype=torch.float32))
+               for key, init in head._STATE_INIT.items() if key in before), "a finite batch moves the state"
+    for value in ("nan", "inf"):
+        bad = x.clone()
+        bad[3, 2] = BAD[value]  # a labelled row
+        loss = head(bad, labels)
+        assert not bool(torch.isfinite(loss))
+        after = _state(head)
+        for key in STATEFUL[name]:
+            assert torch.equal(after[key], before[key]), f"{key} moved on a {value} batch"
+            assert after[key].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_state_skips_ignored_rows_holding_garbage(name):
+    x, _, labels = make_inputs(9, 11, 8, dtype=torch.float32, ignore_rows=3)
+    x = x * 10.0
+    clean = getattr(heads, name)(11, 8, backend="cpu")
+    garbage = getattr(heads, name)(11, 8, backend="cpu")
+    garbage.load_state_dict(clean.state_dict())
+    clean(x[:6], labels[:6])
+    dirty = x.clone()
+    dirty[6:] = float("nan")
+    dirty[7] = float("inf")
+    loss = garbage(dirty, labels)
+    assert bool(torch.isfinite(loss))
+    for key in STATEFUL[name]:
+        # the same rows summed with zeros in between: rounding only
+        torch.testing.assert_close(getattr(garbage, key), getattr(clean, key), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to_float16"])
+@pytest.mark.parametrize("name", HEAD_CLASSES)
+def test_cast_head_keeps_fp32_state_and_trains(name, cast):
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64,
+             "to_float16": torch.float16}[cast]
+    head = getattr(heads, name)(7, 6, backend="cpu")
+    head = head.to(dtype) if cast.startswith("to_") else getattr(head, cast)()
+    built = getattr(heads, name)(7, 6, backend="cpu", dtype=dtype)
+    assert head.weight.dtype == dtype
+    state = {key: buf.dtype for key, buf in head.named_buffers()}
+    assert state == {key: buf.dtype for key, buf in built.named_buffers()}
+    assert all(d in (torch.float32, torch.int64) for d in state.values()), state
+    x, _, labels = make_inputs(5, 7, 6, dtype=dtype)
+    x = (x * 10.0).requires_grad_()
+    for _ in range(2):  # the state updated once is read by the second step
+        loss = head(x, labels)
+        loss.backward()
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(head.weight.grad).all())
+    assert all(bool(torch.isfinite(buf).all()) for buf in head.buffers())
+    assert {key: buf.dtype for key, buf in head.named_buffers()} == state

@@ -86,6 +86,20 @@ class MarginHead(nn.Module):
                 value = torch.full((), self._STATE_INIT[name], dtype=buffer.dtype, device=device)
                 self.register_buffer(name, value.expand(buffer.shape).clone())
 
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16(), .double(), .to(dtype) convert the weight (and bias) but not
+        # the running statistics: an EMA with momentum 0.01 stalls in 16-bit floats. The
+        # state follows the device only, so a head cast later holds the same state
+        # dtype (fp32) as one built with ``dtype=``.
+        state = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in state.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                kept = new.to(old.dtype) if old.is_meta or new.is_meta else old.to(new.device, copy=True)
+                self._buffers[name] = kept
+        return self
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
         if self.bias is not None:

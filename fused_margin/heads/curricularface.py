@@ -67,9 +67,11 @@ class CurricularFaceLoss(MarginHead):
     @torch.no_grad()
     def update_t(self, target_cos: Tensor, valid: Tensor) -> None:
         """``t <- momentum * mean(target_cos[valid]) + (1 - momentum) * t``; unchanged
-        when no row is valid. In place, with tensor ops only (no host sync)."""
+        when no row is valid or the batch's mean is not finite (a NaN or inf embedding
+        or weight row: the step that GradScaler skips must not corrupt ``t``; no warning,
+        so that compiled graphs stay whole). In place, with tensor ops only (no host sync)."""
         count = valid.sum()
         total = torch.where(valid, target_cos, torch.zeros_like(target_cos)).sum()
-        mean = (total / count.clamp_min(1)).to(self.t.dtype)
+        mean = (total.float() / count.clamp_min(1)).to(self.t.dtype)
         updated = self.momentum * mean + (1.0 - self.momentum) * self.t
-        self.t.copy_(torch.where(count > 0, updated, self.t))
+        self.t.copy_(torch.where((count > 0) & torch.isfinite(mean), updated, self.t))
