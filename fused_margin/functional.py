@@ -7,6 +7,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from . import _checks
 from .backends import resolve_backend
 from .kernel_params import IGNORED_LABEL, KernelParams
 from .ops import margin_lse, prepare_labels
@@ -76,11 +77,15 @@ def validate_inputs(
         if class_index.dim() != 1 or class_index.dtype != torch.int64:
             raise ValueError(f"class_index must be a 1-D int64 tensor, got shape {_shape(class_index)} {class_index.dtype}")
         num_classes = class_index.shape[0]
+        if num_classes < 1:
+            raise ValueError("class_index must name at least one class, got an empty tensor")
     if num_classes < 1:
         raise ValueError(f"there must be at least one class, got weight of shape {_shape(weight)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)  # numpy or 0-dim tensor: checked, then used
+    elif not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
     return num_classes
 
@@ -141,11 +146,23 @@ def fused_terms(
         outputs = margin_lse_terms(embeddings, weight, labels, bias, class_index, row_threshold, params)
     else:
         name = resolve_backend(backend, embeddings, weight, params)
-        outputs = margin_lse(
+        args = (
             embeddings, weight, labels, bias, class_index, row_threshold,
             params.normalize_x, params.normalize_w, params.scale, int(params.kind), params.alpha,
             params.delta, params.margin, params.num_subcenters, name,
         )
+        if torch.compiler.is_compiling():
+            outputs = margin_lse(*args)
+        else:
+            try:
+                outputs = margin_lse(*args)
+            except RuntimeError as e:
+                if "functorch" not in str(e):
+                    raise
+                raise RuntimeError(
+                    f"torch.func transforms (grad, jacrev, jvp, ...) are not supported through the fused "
+                    f"backend {name!r}; backend='eager' supports them (plain autograd through the logits)"
+                ) from e
     lse_neg, target_u, sum_neg, argmax, _, _ = outputs
     return lse_neg, target_u, sum_neg, argmax
 
@@ -205,8 +222,12 @@ def margin_cross_entropy(
     Returns the loss in float32 (float64 for float64 inputs), and the accuracy if asked.
     """
     num_classes = validate_inputs(embeddings, weight, labels, spec, bias, class_index, reduction, label_smoothing)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # 1.5 is refused, not truncated
+        ignore_index = _checks.integer("ignore_index", ignore_index)
+    if not isinstance(label_smoothing, (int, float)):
+        label_smoothing = _checks.real("label_smoothing", label_smoothing)
     internal_labels = prepare_labels(
-        labels, num_classes, int(ignore_index), class_index, weight.shape[0] // spec.num_subcenters
+        labels, num_classes, ignore_index, class_index, weight.shape[0] // spec.num_subcenters
     )
     lse_neg, target_u, sum_neg, argmax = fused_terms(
         embeddings, weight, internal_labels, spec, bias=bias, class_index=class_index, backend=backend

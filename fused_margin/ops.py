@@ -206,6 +206,21 @@ def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _gr
 margin_lse.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        f"double backward (create_graph=True, then a backward through the gradient) is not supported by the "
+        f"fused backend {ctx.backend!r}; backend='eager' supports it (plain autograd through the logits)"
+    )
+
+
+def _backward_setup_context(ctx, inputs, output) -> None:
+    ctx.backend = inputs[-1]
+
+
+# Without a formula, PyTorch's own error would ask for register_autograd.
+margin_lse_backward.register_autograd(_no_double_backward, setup_context=_backward_setup_context)
+
+
 @torch.library.custom_op("fused_margin::snapshot", mutates_args=())
 def snapshot(value: Tensor) -> Tensor:
     """A copy of ``value`` that a compiled graph keeps as a saved tensor.

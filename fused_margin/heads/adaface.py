@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..ops import prepare_labels
-from ..spec import AdaptiveMarginTarget, MarginSpec, _finite, _positive
+from ..spec import AdaptiveMarginTarget, MarginSpec, _positive, _unit_interval
 from .base import MarginHead
 
 
@@ -30,11 +31,10 @@ class AdaFaceLoss(MarginHead):
         t_alpha: float = 0.01,
         **kwargs,
     ) -> None:
-        _positive("scale", scale)
-        _finite("margin", margin)
-        _positive("h", h)
-        if not 0.0 < t_alpha <= 1.0:
-            raise ValueError(f"t_alpha must lie in (0, 1], got {t_alpha!r}")
+        scale = _positive("scale", scale)
+        margin = _unit_interval("margin", margin)
+        h = _positive("h", h)
+        t_alpha = _checks.in_range("t_alpha", t_alpha, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.h, self.t_alpha = scale, margin, h, t_alpha
         device = self.weight.device

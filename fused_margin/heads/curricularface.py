@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..functional import detached_target_cos
 from ..ops import prepare_labels
 from ..spec import MarginSpec
@@ -30,8 +31,7 @@ class CurricularFaceLoss(MarginHead):
         **kwargs,
     ) -> None:
         MarginSpec.curricularface(scale, margin)  # validates
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
+        momentum = _checks.in_range("momentum", momentum, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.momentum = scale, margin, momentum
         self.register_buffer("t", torch.zeros((), dtype=torch.float32, device=self.weight.device))
