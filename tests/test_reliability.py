@@ -1,6 +1,6 @@
 """Bad values: NaN and inf propagate identically on every backend, ignored rows are not
 part of the computation whatever they hold, rows of W outside ``class_index`` get
-exactly zero gradient (DESIGN section 6)."""
+exactly zero gradient, running statistics stay fp32 and finite (README: "Bad values")."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fused_margin.heads as heads
 from fused_margin.functional import fused_terms
-
-from .utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs
 
 #: every backend CI can run (Triton under its interpreter), with the dtype each runs in
 BACKENDS = {"cpu": torch.float64, "reference": torch.float64, "eager": torch.float64, "triton": torch.float32}
@@ -235,7 +235,6 @@ def test_gpu_non_finite_and_ignored_rows(backend, dtype):
 
 # ---- head state ---------------------------------------------------------------------------
 
-import fused_margin.heads as heads  # noqa: E402
 
 HEAD_CLASSES = sorted(name for name in heads.__all__ if name != "MarginHead")
 STATEFUL = {"CurricularFaceLoss": ("t",), "AdaFaceLoss": ("batch_mean", "batch_std")}
