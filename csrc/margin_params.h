@@ -28,6 +28,10 @@ struct MarginParams {
   int64_t num_subcenters;  // K
 };
 
+// The label of a row that is not part of the computation (fused_margin.kernel_params.IGNORED_LABEL):
+// no softmax term, no gradient from its logits. -1 (no target here) still has negatives.
+constexpr int64_t kIgnoredLabel = -2;
+
 // 1/||v|| is taken as 1/max(||v||, kNormEps), as in the reference.
 constexpr double kNormEps = 1e-12;
 

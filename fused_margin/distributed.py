@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from .functional import BackendName, Reduction, detached_target_cos, fused_terms, loss_from_terms
 from .heads.base import MarginHead
 from .heads.curricularface import CurricularFaceLoss
+from .kernel_params import IGNORED_LABEL
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = [
@@ -653,7 +654,11 @@ class ShardedMarginLoss(nn.Module):
         x_all = _GatherRows.apply(F.pad(embeddings, (0, 0, 0, b_max - batch)), group, grad_scale)
         valid = labels_all >= 0
         owned = (labels_all >= self.class_start) & (labels_all < self.class_end)
-        local_labels = torch.where(owned, labels_all - self.class_start, torch.full_like(labels_all, -1))
+        # -1: the target lives on another rank (the row's negatives here still count);
+        # ignored and padding rows are not part of the computation, whatever they hold
+        elsewhere = torch.where(valid, torch.full_like(labels_all, -1), torch.full_like(labels_all, IGNORED_LABEL))
+        local_labels = torch.where(owned, labels_all - self.class_start, elsewhere)
+        x_used = torch.where(valid[:, None], x_all, torch.zeros_like(x_all))
 
         curricular = self.spec().non_target.kind == NonTargetKind.CURRICULAR
         target_cos = self._global_target_cos(x_all.detach(), local_labels, self.spec()) if curricular else None
@@ -675,7 +680,7 @@ class ShardedMarginLoss(nn.Module):
 
         # CurricularFace's threshold comes from the *global* target cosine (row_threshold)
         lse_shard, target_u, sum_neg, argmax = fused_terms(
-            x_all, self.weight, local_labels, spec, class_index=class_index, row_threshold=row_threshold,
+            x_used, self.weight, local_labels, spec, class_index=class_index, row_threshold=row_threshold,
             backend=self.backend,
         )
         k = self.num_subcenters
@@ -683,7 +688,7 @@ class ShardedMarginLoss(nn.Module):
         target_rows = (safe if class_index is None else class_index.index_select(0, safe)) * k
         step = self.step.clone()
         ctx = TargetContext(
-            target_u, x_all, self.weight, target_rows, spec.normalize_embeddings, spec.normalize_weight, step
+            target_u, x_used, self.weight, target_rows, spec.normalize_embeddings, spec.normalize_weight, step
         )
         mine = local_labels >= 0
         zero = torch.zeros_like(target_u)

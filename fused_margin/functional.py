@@ -7,8 +7,9 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from . import _checks
 from .backends import resolve_backend
-from .kernel_params import KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams
 from .ops import margin_lse, prepare_labels
 from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
@@ -76,11 +77,15 @@ def validate_inputs(
         if class_index.dim() != 1 or class_index.dtype != torch.int64:
             raise ValueError(f"class_index must be a 1-D int64 tensor, got shape {_shape(class_index)} {class_index.dtype}")
         num_classes = class_index.shape[0]
+        if num_classes < 1:
+            raise ValueError("class_index must name at least one class, got an empty tensor")
     if num_classes < 1:
         raise ValueError(f"there must be at least one class, got weight of shape {_shape(weight)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)  # numpy or 0-dim tensor: checked, then used
+    elif not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
     return num_classes
 
@@ -131,6 +136,9 @@ def fused_terms(
     rank); else they are computed here from the rows' target cosines.
     """
     params = KernelParams.from_spec(spec)
+    # Ignored rows are not part of the computation; zeros (a select: no gradient reaches
+    # them, and NaN or inf in padding rows reaches no GEMM).
+    embeddings = torch.where((labels <= IGNORED_LABEL)[:, None], torch.zeros_like(embeddings), embeddings)
     if row_threshold is None and params.kind == NonTargetKind.CURRICULAR:
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
         row_threshold = spec.non_target.row_terms(target_cos)
@@ -140,11 +148,23 @@ def fused_terms(
                                    native_gemm=True)
     else:
         name = resolve_backend(backend, embeddings, weight, params)
-        outputs = margin_lse(
+        args = (
             embeddings, weight, labels, bias, class_index, row_threshold,
             params.normalize_x, params.normalize_w, params.scale, int(params.kind), params.alpha,
             params.delta, params.margin, params.num_subcenters, name,
         )
+        if torch.compiler.is_compiling():
+            outputs = margin_lse(*args)
+        else:
+            try:
+                outputs = margin_lse(*args)
+            except RuntimeError as e:
+                if "functorch" not in str(e):
+                    raise
+                raise RuntimeError(
+                    f"torch.func transforms (grad, jacrev, jvp, ...) are not supported through the fused "
+                    f"backend {name!r}; backend='eager' supports them (plain autograd through the logits)"
+                ) from e
     lse_neg, target_u, sum_neg, argmax, _, _ = outputs
     return lse_neg, target_u, sum_neg, argmax
 
@@ -206,25 +226,37 @@ def margin_cross_entropy(
     Returns the loss in float32 (float64 for float64 inputs), and the accuracy if asked.
     """
     num_classes = validate_inputs(embeddings, weight, labels, spec, bias, class_index, reduction, label_smoothing)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # 1.5 is refused, not truncated
+        ignore_index = _checks.integer("ignore_index", ignore_index)
+    if not isinstance(label_smoothing, (int, float)):
+        label_smoothing = _checks.real("label_smoothing", label_smoothing)
     internal_labels = prepare_labels(
-        labels, num_classes, int(ignore_index), class_index, weight.shape[0] // spec.num_subcenters
+        labels, num_classes, ignore_index, class_index, weight.shape[0] // spec.num_subcenters
     )
     lse_neg, target_u, sum_neg, argmax = fused_terms(
         embeddings, weight, internal_labels, spec, bias=bias, class_index=class_index, backend=backend
     )
+    # Ignored rows add nothing to the loss or to any gradient, whatever they hold: every
+    # per-row term is selected away (where, not a product: 0 * NaN is NaN), so the
+    # gradients that reach the fused op and the embeddings there are exact zeros.
+    valid = internal_labels >= 0
+    used_embeddings = torch.where(valid[:, None], embeddings, torch.zeros_like(embeddings))
+    zeros = torch.zeros_like(lse_neg)
+    lse_neg, sum_neg = torch.where(valid, lse_neg, zeros), torch.where(valid, sum_neg, zeros)
     k = spec.num_subcenters
     ctx = TargetContext(
-        target_u, embeddings, weight, _target_rows(internal_labels, class_index, k),
+        target_u, used_embeddings, weight, _target_rows(internal_labels, class_index, k),
         spec.normalize_embeddings, spec.normalize_weight, step,
     )
-    target_logit = spec.target(ctx)
+    target_logit = _checked_row_term(spec.target(ctx), "target", spec.target, target_u)
+    target_logit = torch.where(valid, target_logit, torch.zeros_like(target_logit))
     if bias is not None:
         b = bias if class_index is None else bias.index_select(0, class_index)
         target_logit = target_logit + b.index_select(0, internal_labels.clamp_min(0)).to(target_logit.dtype)
     loss = loss_from_terms(target_logit, lse_neg, sum_neg, num_classes, label_smoothing)
     if spec.regularizer is not None:
-        loss = loss + spec.regularizer(ctx)
-    valid = internal_labels >= 0
+        term = _checked_row_term(spec.regularizer(ctx), "regularizer", spec.regularizer, target_u)
+        loss = loss + torch.where(valid, term, torch.zeros_like(term))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "mean":
         loss = loss.sum() / valid.sum().clamp_min(1).to(loss.dtype)
@@ -235,6 +267,21 @@ def margin_cross_entropy(
     correct = ((argmax == internal_labels) & valid).sum().to(loss.dtype)
     accuracy = correct / valid.sum().clamp_min(1).to(loss.dtype)
     return loss, accuracy
+
+
+def _checked_row_term(value: object, role: str, function: object, like: Tensor) -> Tensor:
+    """A spec's target (or regularizer) output, checked: a floating tensor of shape (B,).
+    A (B, 1) result would otherwise broadcast the loss to (B, B) without an error."""
+    name = getattr(function, "__qualname__", None) or type(function).__name__
+    if not isinstance(value, Tensor):
+        raise TypeError(f"the spec's {role} {name} must return a torch.Tensor of shape {_shape(like)}, "
+                        f"got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"the spec's {role} {name} must return a floating-point tensor, got dtype {value.dtype}")
+    if value.shape != like.shape:
+        raise ValueError(f"the spec's {role} {name} must return a tensor of shape {_shape(like)} (one value per "
+                         f"row), got shape {_shape(value)}")
+    return value
 
 
 def loss_from_terms(

@@ -7,8 +7,14 @@ Inputs
     weight       (R, D) float, R = C_all * K (K = ``num_subcenters``); the rows
                  ``j*K .. j*K+K-1`` are class ``j``'s sub-centers
     labels       (B,) int64; a value in ``[0, C)`` is the row's target class (an index into
-                 the classes in use, see ``class_index``); any other value (the public
-                 API passes -1 for ignored rows) means the row has no target column here
+                 the classes in use, see ``class_index``); -1 means the row has no target
+                 column here (its negatives still count: the class-sharded head, whose
+                 target lives on another rank); ``IGNORED_LABEL`` (-2, what the public API
+                 passes for ``ignore_index``) means the row is not part of the
+                 computation: ``lse_neg = -inf``, ``target_u = sum_neg = 0``, and its
+                 logits add nothing to any gradient whatever its upstream gradients
+                 (the public API also passes zeros for its embedding, so that the GEMMs
+                 see no NaN or inf from it)
     bias         (C_all,) or None, added to every logit (the linear head)
     class_index  (C,) int64 or None: the classes in use are ``class_index[0..C)`` (rows of
                  ``weight`` read through the index; no gathered copy); None means all
@@ -22,7 +28,9 @@ Math (``acc`` = fp64 if x or weight is fp64, else fp32; all math in ``acc``)
     q_i  = 1/max(||w_i||, 1e-12) if normalize_w else 1  for the R' = C*K rows in use
     u_bj = max_k r_b * q_{jk} * <x_b, w_{jk}>                                (sub-centers)
     z_bj = scale * T(u_bj) + bias_j          (T: see ``NonTargetKind``)
-    lse_neg_b  = logsumexp_{j != y_b} z_bj   (-inf when no such j)
+    lse_neg_b  = logsumexp_{j != y_b} z_bj   (-inf when no such j; NaN when a z_bj is
+                 NaN, +inf or NaN when one is +inf: non-finite values propagate, as in
+                 ``torch.logsumexp``; sub-center maxima propagate NaN too)
     sum_neg_b  = sum_{j != y_b} z_bj         (for label smoothing)
     target_u_b = u_{b, y_b}                  (0 when the row has no target)
     argmax_b   = argmax_j (scale * u_bj + bias_j) over all j, ties to the lowest j
@@ -48,7 +56,10 @@ from dataclasses import dataclass
 
 from .spec import MarginSpec, NonTargetKind
 
-__all__ = ["KernelParams"]
+__all__ = ["IGNORED_LABEL", "KernelParams"]
+
+#: the kernels' label of a row that is not part of the computation (``ignore_index``)
+IGNORED_LABEL = -2
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .kernel_params import KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams
 from .spec import NonTargetKind
 
 __all__ = ["label_checks", "margin_lse", "prepare_labels", "set_label_checks", "snapshot"]
@@ -75,7 +75,8 @@ def prepare_labels(
     labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None, num_weight_classes: int = 0
 ) -> Tensor:
     """Checks every label is in ``[0, num_classes)`` or ``ignore_index`` and returns int64
-    labels with ignored rows as -1 (the kernels' "no target" value). With ``class_index``
+    labels with ignored rows as ``IGNORED_LABEL`` (the kernels' "not part of the
+    computation" value). With ``class_index``
     it also checks that every entry names a class of the weight, ``[0, num_weight_classes)``:
     the kernels read weight rows through it, so a bad entry would read out of bounds.
 
@@ -103,7 +104,7 @@ def prepare_labels(
             f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
             f"got {int(labels64[position])} at position {position}"
         )
-    return torch.where(ignored, torch.full_like(labels64, -1), labels64)
+    return torch.where(ignored, torch.full_like(labels64, IGNORED_LABEL), labels64)
 
 
 @prepare_labels.register_fake
@@ -234,6 +235,21 @@ def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _gr
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        f"double backward (create_graph=True, then a backward through the gradient) is not supported by the "
+        f"fused backend {ctx.backend!r}; backend='eager' supports it (plain autograd through the logits)"
+    )
+
+
+def _backward_setup_context(ctx, inputs, output) -> None:
+    ctx.backend = inputs[-1]
+
+
+# Without a formula, PyTorch's own error would ask for register_autograd.
+margin_lse_backward.register_autograd(_no_double_backward, setup_context=_backward_setup_context)
 
 
 @torch.library.custom_op("fused_margin::snapshot", mutates_args=())

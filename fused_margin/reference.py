@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernel_params import KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams
 from .spec import MarginSpec, NonTarget, NonTargetKind
 
 __all__ = [
@@ -80,12 +80,19 @@ def margin_lse_terms(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused operation's forward, eagerly (see :mod:`fused_margin.kernel_params`;
     ``native_gemm``: see :func:`cosine_matrix`)."""
+    ignored = labels <= IGNORED_LABEL
+    # Ignored rows are not part of the computation: zeros (a select, not a product, so
+    # NaN or inf there reaches neither the outputs nor any gradient).
+    x = torch.where(ignored[:, None], torch.zeros_like(x), x)
     u, r, q = cosine_matrix(x, weight, class_index, params, native_gemm)
     num_rows, num_classes = u.shape
+    u = torch.where(ignored[:, None], torch.zeros_like(u), u)
     has_target = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(has_target, labels, torch.zeros_like(labels))
     target_mask = torch.zeros_like(u, dtype=torch.bool)
     target_mask[torch.arange(num_rows, device=u.device), safe_labels] = has_target
+    # the columns that are not negatives: the target, and every column of an ignored row
+    not_negative = target_mask | ignored[:, None]
     target_u = torch.where(has_target, u.gather(1, safe_labels[:, None]).squeeze(1), torch.zeros_like(u[:, 0]))
 
     nt = NonTarget(params.kind, params.alpha, params.delta, params.margin)
@@ -99,8 +106,8 @@ def margin_lse_terms(
         z = z + b
         plain = plain + b
 
-    lse_neg = _lse_neg_forward(z, target_mask)
-    sum_neg = z.masked_fill(target_mask, 0.0).sum(dim=1)
+    lse_neg = _lse_neg_forward(z, not_negative)
+    sum_neg = torch.where(not_negative, torch.zeros_like(z), z).sum(dim=1)
     argmax = plain.argmax(dim=1)
     return lse_neg, target_u, sum_neg, argmax, r, q
 
@@ -140,7 +147,8 @@ def reference_backward(
     :mod:`fused_margin.kernel_params` (the same steps a kernel takes, on whole matrices)."""
     dtype = acc_dtype(x, weight)
     k = params.num_subcenters
-    xf = x.to(dtype)
+    ignored = labels <= IGNORED_LABEL
+    xf = torch.where(ignored[:, None], torch.zeros((), dtype=dtype, device=x.device), x.to(dtype))
     rows = used_rows(class_index, weight.shape[0], k, x.device)
     wf = weight.to(dtype) if rows is None else weight.to(dtype).index_select(0, rows)
     r = 1.0 / torch.linalg.vector_norm(xf, dim=1).clamp_min(_NORM_EPS) if params.normalize_x else None
@@ -150,6 +158,7 @@ def reference_backward(
         u_full = u_full * r[:, None]
     if q is not None:
         u_full = u_full * q[None, :]
+    u_full = torch.where(ignored[:, None], torch.zeros_like(u_full), u_full)
     num_rows = u_full.shape[0]
     # explicit sizes: a -1 is ambiguous for an empty batch
     u, best = u_full.view(num_rows, u_full.shape[1] // k, k).max(dim=2)
@@ -159,6 +168,7 @@ def reference_backward(
     safe_labels = torch.where(has_target, labels, torch.zeros_like(labels))
     target_mask = torch.zeros_like(u, dtype=torch.bool)
     target_mask[torch.arange(num_rows, device=u.device), safe_labels] = has_target
+    not_negative = target_mask | ignored[:, None]
 
     nt = NonTarget(params.kind, params.alpha, params.delta, params.margin)
     thresholds = None if row_threshold is None else row_threshold.to(dtype)
@@ -166,14 +176,16 @@ def reference_backward(
     if bias is not None:
         b = bias.to(dtype) if class_index is None else bias.to(dtype).index_select(0, class_index)
         z = z + b
-    lse = _lse_neg_forward(z, target_mask)
-    finite = torch.isfinite(lse)
-    lse_safe = torch.where(finite, lse, torch.zeros_like(lse))
-    prob = torch.exp(z - lse_safe[:, None]) * finite[:, None]
+    lse = _lse_neg_forward(z, not_negative)
+    # -inf: no negative class, no softmax term. A NaN lse is not that: it propagates.
+    has_negative = lse != float("-inf")
+    lse_safe = torch.where(has_negative, lse, torch.zeros_like(lse))
+    prob = torch.where(has_negative[:, None], torch.exp(z - lse_safe[:, None]), torch.zeros_like(z))
     dz = grad_lse.to(dtype)[:, None] * prob + grad_sum.to(dtype)[:, None]
-    dz = dz.masked_fill(target_mask, 0.0)
+    dz = torch.where(not_negative, torch.zeros_like(dz), dz)
     d_u = dz * (params.scale * non_target_derivative(u, params, thresholds))
-    d_u = d_u + target_mask * grad_target_u.to(dtype)[:, None]
+    d_u = torch.where(not_negative, torch.zeros_like(d_u), d_u)
+    d_u = d_u + torch.where(target_mask, grad_target_u.to(dtype)[:, None], torch.zeros_like(d_u))
 
     # Route each class's gradient to the sub-center that attained the max.
     d_full = torch.zeros_like(u_full).view(num_rows, num_classes, k)
@@ -186,6 +198,7 @@ def reference_backward(
     if r is not None:
         rho = (d_full * u_full).sum(dim=1)
         grad_x = r[:, None] * grad_x - (rho * r * r)[:, None] * xf
+    grad_x = torch.where(ignored[:, None], torch.zeros_like(grad_x), grad_x)
     grad_w_used = d_full.T @ x_scaled
     if q is not None:
         kappa = (d_full * u_full).sum(dim=0)
@@ -203,11 +216,11 @@ def reference_backward(
     return grad_x.to(x.dtype), grad_w, grad_b
 
 
-def _lse_neg_forward(z: Tensor, target_mask: Tensor) -> Tensor:
-    # A row whose only class is its target has an empty negative set: lse_neg = -inf.
-    # The double `where` keeps its gradient finite (zero) instead of NaN.
-    has_negative = (~target_mask).any(dim=1)
-    z_neg = z.masked_fill(target_mask, float("-inf"))
+def _lse_neg_forward(z: Tensor, not_negative: Tensor) -> Tensor:
+    # A row whose only class is its target (or an ignored row) has an empty negative set:
+    # lse_neg = -inf. The double `where` keeps its gradient finite (zero) instead of NaN.
+    has_negative = (~not_negative).any(dim=1)
+    z_neg = z.masked_fill(not_negative, float("-inf"))
     z_neg = torch.where(has_negative[:, None], z_neg, torch.zeros_like(z_neg))
     lse_neg = torch.logsumexp(z_neg, dim=1)
     return torch.where(has_negative, lse_neg, torch.full_like(lse_neg, float("-inf")))

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import _checks
+
 __all__ = [
     "SIN2_EPS",
     "safe_acos",
@@ -105,8 +107,10 @@ class NonTarget:
                 if value.dim() != 0 or not value.is_floating_point():
                     raise ValueError(f"NonTarget.t must be a number or a 0-dim float tensor, got {value!r}")
                 continue
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"NonTarget.{name} must be a finite number, got {value!r}")
+            try:
+                object.__setattr__(self, name, _checks.real(f"NonTarget.{name}", value))
+            except TypeError as e:
+                raise ValueError(str(e)) from None
 
     @classmethod
     def filtered(cls, threshold: float) -> NonTarget:
@@ -279,17 +283,11 @@ def lambda_schedule(step: int, base: float, gamma: float, power: float, lambda_m
 
 
 def _positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return float(value)
+    return _checks.positive(name, value)
 
 
 def _finite(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return _checks.real(name, value)
 
 
 def _unit_interval(name: str, value: float, *, upper: float = math.pi) -> float:
@@ -521,17 +519,15 @@ class MarginSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        _positive("scale", self.scale)
+        object.__setattr__(self, "scale", _positive("scale", self.scale))
         if not callable(self.target):
             raise TypeError(f"target must be callable (TargetContext -> Tensor), got {self.target!r}")
         if not isinstance(self.non_target, NonTarget):
             raise TypeError(f"non_target must be a NonTarget, got {self.non_target!r}")
-        if (
-            not isinstance(self.num_subcenters, int)
-            or isinstance(self.num_subcenters, bool)
-            or self.num_subcenters < 1
-        ):
-            raise ValueError(f"num_subcenters must be a positive integer, got {self.num_subcenters!r}")
+        try:
+            object.__setattr__(self, "num_subcenters", _checks.positive_integer("num_subcenters", self.num_subcenters))
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
     # ---- the heads of the README's table, as stateless specs -------------------
 
@@ -685,13 +681,11 @@ def _filtering(threshold: float) -> NonTarget:
 
 def _lambda_schedule_args(lam: float, gamma: float, power: float, lam_min: float) -> tuple[float, ...]:
     values = (lam, gamma, power, lam_min)
-    for name, value in zip(("lam", "gamma", "power", "lam_min"), values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-    return tuple(float(v) for v in values)
+    return tuple(_checks.non_negative(name, value) for name, value in zip(("lam", "gamma", "power", "lam_min"), values))
 
 
 def _integer_margin(margin: int) -> int:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != int(margin) or margin < 1:
-        raise ValueError(f"margin must be a positive integer (the angle multiplier m), got {margin!r}")
-    return int(margin)
+    try:
+        return _checks.positive_integer("margin", margin)
+    except (TypeError, ValueError):
+        raise ValueError(f"margin must be a positive integer (the angle multiplier m), got {margin!r}") from None

@@ -26,6 +26,7 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
+    assert_exact_zeros,
     assert_far_weight_rows_match,
     assert_forward_terms_match,
     assert_rel_close,
@@ -71,6 +72,7 @@ def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="
         expected = dtype if name != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32)
         assert o.dtype == expected, name
         assert_rel_close(o, r, tol, f"{what} {name}", atol=atol)
+    assert_exact_zeros(out, labels, what=what, num_subcenters=spec.num_subcenters, **kwargs)
     return out
 
 

@@ -14,6 +14,7 @@ from fused_margin.backends.cuda import BACKEND
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
+    assert_exact_zeros,
     assert_far_weight_rows_match,
     assert_forward_terms_match,
     assert_rel_close,
@@ -61,6 +62,7 @@ def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="
             assert o is None
             continue
         assert_rel_close(o.cpu(), r, tol, f"{what} {name}")
+    assert_exact_zeros(out, labels, what=what, num_subcenters=spec.num_subcenters, **kwargs)
     return out
 
 

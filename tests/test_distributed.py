@@ -62,6 +62,7 @@ def _case(
     dtype: torch.dtype = torch.float64,
     x_scale: float = 1.0,
     seed: int = 0,
+    garbage: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
@@ -73,6 +74,8 @@ def _case(
         labels.append(torch.randint(low, high, (b,), generator=gen))
     for i in range(ignore):  # ignored rows, on the first ranks
         labels[i % world_size][-1] = -100
+        if garbage:  # padding rows often hold garbage: they must stay out of everything
+            xs[i % world_size][-1] = float("nan") if i % 2 == 0 else float("inf")
     weight = torch.randn(num_classes * k, dim, generator=gen, dtype=torch.float64).to(dtype)
     upstream = [torch.randn(b, generator=gen, dtype=torch.float64) for b in sizes]
     return {
@@ -111,6 +114,9 @@ def _world2_cases() -> list[dict[str, Any]]:
         _case("curricularface_head", "curricularface_head", steps=2, seed=30, **common),
         _case("sphereface_head", "sphereface_head", steps=2, seed=31, **common),
         _case("adaface_head", "adaface_head", steps=2, x_scale=15.0, seed=32, **common),
+        _case("arcface_garbage_in_ignored_rows", "arcface", ignore=2, garbage=True, seed=34, **common),
+        _case("curricularface_head_garbage_in_ignored_rows", "curricularface_head", steps=2, ignore=2, garbage=True,
+              seed=35, **common),
     ]
     return cases
 

@@ -265,8 +265,10 @@ def test_curricular_spec_follows_the_t_buffer():
     replaces it, and sees the in-place updates of training."""
     head = fm.CurricularFaceLoss(6, 4, ignore_index=-1)
     assert head.spec().non_target.t is head.t
-    head.to(torch.float64)
-    assert head.t.dtype == torch.float64 and head.spec().non_target.t is head.t
+    before = head.t
+    head.to(torch.float64)  # the weight only: the running statistic stays fp32 (a new buffer all the same)
+    assert head.weight.dtype == torch.float64 and head.t.dtype == torch.float32
+    assert head.t is not before and head.spec().non_target.t is head.t
     x, _, labels = make_inputs(8, 6, 4, ignore_rows=2, ignore_index=-1)
     head(x, labels)
     assert float(head.spec().non_target.t) == float(head.t) != 0.0

@@ -23,6 +23,7 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
+    assert_exact_zeros,
     assert_far_weight_rows_match,
     assert_rel_close,
     assert_strided_inputs_match,
@@ -86,6 +87,7 @@ def _check_fp32(name, x, w, labels, spec, tol=FP32_TOL, atol=0.0, bias_atol=0.0,
         if b is not None:
             floor = max(atol, FP32_UNDERFLOW, bias_atol if what == "dbias" else 0.0)
             assert_rel_close(a, b, tol, f"{name} {what}", atol=floor)
+    assert_exact_zeros(out, labels, what=name, num_subcenters=spec.num_subcenters, **kwargs)
     return out
 
 
@@ -123,6 +125,7 @@ def _check_three_way(name, x, w, labels, spec, dtype, w_dtype, tol, **kwargs):
         assert a.dtype == e.dtype, f"{name} {what}: dtype {a.dtype}, eager gives {e.dtype}"
         err, err_eager = rel_err(a, r), rel_err(e, r)
         assert err <= err_eager + tol, f"{name} {what}: error {err:.3e} > eager's {err_eager:.3e} + {tol:.0e}"
+    assert_exact_zeros(out, labels, what=name, num_subcenters=spec.num_subcenters, **kwargs)
 
 
 def _bias_for(name, num_classes):

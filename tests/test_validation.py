@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,11 +12,11 @@ from fused_margin import MarginSpec
 SPEC = MarginSpec.cosface()
 
 
-def _call(x=None, w=None, y=None, **kwargs):
+def _call(x=None, w=None, y=None, spec=SPEC, **kwargs):
     x = torch.randn(4, 3) if x is None else x
     w = torch.randn(5, 3) if w is None else w
     y = torch.tensor([0, 1, 4, 2]) if y is None else y
-    return fm.margin_cross_entropy(x, w, y, SPEC, **kwargs)
+    return fm.margin_cross_entropy(x, w, y, spec, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -111,3 +112,136 @@ def test_inputs_are_not_modified():
         loss.backward()
         for t, c in zip((x, w, y), copies):
             assert torch.equal(t.detach(), c)
+
+
+# ---- custom specs: the target and regularizer outputs are checked -----------------------
+
+
+def _column_target(ctx):
+    return ctx.cos[:, None] * 30.0
+
+
+def _scalar_target(ctx):
+    return ctx.cos.sum()
+
+
+def _integer_target(ctx):
+    return (ctx.cos * 30.0).long()
+
+
+def _list_target(ctx):
+    return [0.0] * ctx.cos.shape[0]
+
+
+@pytest.mark.parametrize("target, error, pattern", [
+    (_column_target, ValueError, r"target _column_target must return a tensor of shape \(4\).*got shape \(4, 1\)"),
+    (_scalar_target, ValueError, r"target _scalar_target must return a tensor of shape \(4\).*got shape \(\)"),
+    (_integer_target, TypeError, r"target _integer_target must return a floating-point tensor.*int64"),
+    (_list_target, TypeError, r"target _list_target must return a torch.Tensor.*got list"),
+])
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_custom_target_output_is_checked(target, error, pattern, backend):
+    with pytest.raises(error, match=pattern):
+        _call(spec=MarginSpec(30.0, target), backend=backend)
+
+
+def test_custom_regularizer_output_is_checked():
+    spec = MarginSpec(30.0, lambda ctx: 30.0 * ctx.cos, regularizer=_column_target)
+    with pytest.raises(ValueError, match=r"regularizer _column_target .*shape \(4\).*got shape \(4, 1\)"):
+        _call(spec=spec)
+
+
+# ---- double backward and torch.func through a fused backend -------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_double_backward_says_use_eager(backend):
+    x = torch.randn(4, 3, requires_grad=True)
+    loss = _call(x=x, backend=backend)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match=rf"double backward .*not supported by the fused backend '{backend}'.*"
+                                           r"backend='eager' supports it"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_func_says_use_eager(backend):
+    w, y = torch.randn(5, 3), torch.tensor([0, 1, 4, 2])
+    with pytest.raises(RuntimeError, match=rf"torch.func transforms .*fused backend '{backend}'.*backend='eager'"):
+        torch.func.grad(lambda x: _call(x=x, w=w, y=y, backend=backend))(torch.randn(4, 3))
+
+
+def test_eager_backend_supports_double_backward_and_torch_func():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 4, 2])
+    loss = _call(x=x, w=w, y=y, backend="eager")
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    grad.square().sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    via_func = torch.func.grad(lambda v: _call(x=v, w=w, y=y, backend="eager"))(x.detach())
+    torch.testing.assert_close(via_func, grad.detach())
+
+
+# ---- constructor arguments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory, error, pattern", [
+    (lambda: fm.ArcFaceLoss(10, 4, ignore_index=1.5), TypeError, r"ignore_index must be an integer, got 1.5"),
+    (lambda: fm.ArcFaceLoss(10, 4, ignore_index=True), TypeError, r"ignore_index must be an integer, got True"),
+    (lambda: fm.ArcFaceLoss(10, 4, backend="tpu"), ValueError, r"backend must be one of .*'tpu'"),
+    (lambda: fm.ArcFaceLoss(10, 4, label_smoothing=float("nan")), ValueError, r"label_smoothing must be a finite"),
+    (lambda: fm.ArcFaceLoss(10.5, 4), ValueError, r"num_classes must be an integer, got 10.5"),
+    (lambda: fm.MagFaceLoss(10, 4, regularizer_weight=float("nan")), ValueError,
+     r"regularizer_weight must be a finite number, got nan"),
+    (lambda: fm.MagFaceLoss(10, 4, regularizer_weight=-1.0), ValueError, r"regularizer_weight must be non-negative"),
+    (lambda: fm.MagFaceLoss(10, 4, upper_margin=4.0), ValueError, r"upper_margin must lie in \(0, 3.14159\)"),
+    (lambda: fm.AdaFaceLoss(10, 4, margin=float("inf")), ValueError, r"margin must be a finite number, got inf"),
+    (lambda: fm.AdaFaceLoss(10, 4, margin=-0.1), ValueError, r"margin must lie in \[0, 3.14159\)"),
+    (lambda: fm.AdaFaceLoss(10, 4, t_alpha=float("nan")), ValueError, r"t_alpha must be a finite number"),
+    (lambda: fm.CurricularFaceLoss(10, 4, momentum=np.float64(2.0)), ValueError, r"momentum must lie in \(0, 1\]"),
+    (lambda: fm.CosFaceLoss(10, 4, margin=float("nan")), ValueError, r"margin must be a finite number"),
+    (lambda: fm.CosFaceLoss(10, 4, scale="30"), TypeError, r"scale must be a real number, got '30'"),
+])
+def test_constructor_arguments_are_validated(factory, error, pattern):
+    with pytest.raises(error, match=pattern):
+        factory()
+
+
+def test_numpy_and_zero_dim_scalars_are_accepted():
+    x, y = torch.randn(6, 4), torch.tensor([0, 3, -1, 9, 2, 5])
+    plain = fm.CosFaceLoss(10, 4, scale=30.0, margin=0.2, ignore_index=-1, label_smoothing=0.1)
+    exotic = fm.CosFaceLoss(np.int64(10), torch.tensor(4), scale=np.float32(30.0), margin=torch.tensor(0.2),
+                            ignore_index=np.int64(-1), label_smoothing=np.float64(0.1))
+    exotic.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(exotic(x, y), plain(x, y))
+    w = torch.randn(10, 4)
+    spec = MarginSpec.cosface(scale=np.float64(30.0), margin=torch.tensor(0.2, dtype=torch.float64))
+    got = fm.margin_cross_entropy(x, w, y, spec, ignore_index=torch.tensor(-1), label_smoothing=np.float32(0.1))
+    want = fm.margin_cross_entropy(x, w, y, MarginSpec.cosface(30.0, 0.2), ignore_index=-1, label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+    assert isinstance(exotic.ignore_index, int) and isinstance(spec.scale, float)
+    with pytest.raises(TypeError, match=r"ignore_index must be an integer, got 1.5"):
+        fm.margin_cross_entropy(x, w, y, spec, ignore_index=1.5)
+
+
+# ---- messages name the argument the user passed --------------------------------------------
+
+
+def test_head_input_errors_name_the_users_argument():
+    head = fm.ArcFaceLoss(10, 4)
+    y = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(batch, embedding_size=4\), got \(2, 5\)"):
+        head(torch.randn(2, 5), y)
+    with pytest.raises(ValueError, match=r"embeddings .*embedding_size=4"):
+        head.get_logits(torch.randn(2, 5))
+    with pytest.raises(TypeError, match=r"embeddings must be a torch.Tensor, got ndarray"):
+        head(np.zeros((2, 4), dtype=np.float32), y)
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor, got list"):
+        head(torch.randn(2, 4), [0, 1])
+    with pytest.raises(TypeError, match=r"embeddings must be a torch.Tensor, got ndarray"):
+        fm.margin_cross_entropy(np.zeros((2, 4)), torch.randn(10, 4), y, SPEC)
+
+
+def test_empty_class_index_is_named():
+    with pytest.raises(ValueError, match=r"class_index must name at least one class"):
+        _call(class_index=torch.empty(0, dtype=torch.int64))

@@ -91,6 +91,25 @@ def assert_rel_close(out: Tensor, ref: Tensor, tol: float, what: str = "", atol:
     )
 
 
+def assert_exact_zeros(out: tuple, labels: Tensor, *, what: str = "", ignore_index: int = -100,
+                       class_index: Tensor | None = None, num_subcenters: int = 1, **_ignored) -> None:
+    """Elementwise, beside the relative-norm checks: where the answer is exactly zero it
+    is zero. ``out`` is :func:`loss_and_grads`'s (loss, dx, dW, dbias); an ignored row's
+    loss (per row) and dx row, and the rows of W (and bias) outside ``class_index``."""
+    loss, dx, dw, db = out
+    ignored = (labels == ignore_index).to(dx.device)
+    assert torch.equal(dx[ignored], torch.zeros_like(dx[ignored])), f"{what}: dx of ignored rows is not exactly 0"
+    if loss.dim():
+        assert torch.equal(loss[ignored], torch.zeros_like(loss[ignored])), f"{what}: loss of ignored rows"
+    if class_index is not None:
+        unused = torch.ones(dw.shape[0] // num_subcenters, dtype=torch.bool, device=dw.device)
+        unused[class_index.to(dw.device)] = False
+        rows = dw.view(unused.shape[0], num_subcenters, -1)[unused]
+        assert torch.equal(rows, torch.zeros_like(rows)), f"{what}: rows of W outside class_index moved"
+        if db is not None:
+            assert torch.equal(db[unused], torch.zeros_like(db[unused])), f"{what}: bias outside class_index moved"
+
+
 def curricular_row_terms(batch: int) -> Tensor:
     """Random CurricularFace per-row constants as the kernels take them: (2, B),
     thresholds then ``t`` (a different t per row, to catch a kernel reading one for all)."""

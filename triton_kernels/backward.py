@@ -30,6 +30,7 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.spec import NonTargetKind
 
 from .common import (
+    IGNORED,
     KIND_CURRICULAR,
     TileConfig,
     _class_block,
@@ -83,14 +84,16 @@ def _logit_grads(
     z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t[:, None], KIND) + bias[None, :]
     valid = mask_b[:, None] & mask_c[None, :]
     is_target = valid & (offs_c[None, :] == labels[:, None])
-    negative = valid & (offs_c[None, :] != labels[:, None])
+    # an ignored row has no negatives (and no target): dU = 0, whatever its logits hold
+    negative = valid & (offs_c[None, :] != labels[:, None]) & (labels > IGNORED)[:, None]
     # lse_neg = -inf: the row has no negative. Shift by 0 there (never -inf - -inf), and
     # exponentiate only negatives (the target's z may exceed lse_neg by far: exp = inf).
-    has_negative = lse > float("-inf")
+    # A NaN lse_neg is not "no negative": it propagates.
+    has_negative = lse != float("-inf")
     shift = tl.where(has_negative, lse, 0.0)
     prob = tl.exp(tl.where(negative & has_negative[:, None], z - shift[:, None], float("-inf")))
     dz = tl.where(negative, grad_lse[:, None] * prob + grad_sum[:, None], 0.0)
-    du = dz * scale * _non_target_grad(u, threshold[:, None], alpha, margin, t[:, None], KIND)
+    du = tl.where(negative, dz * scale * _non_target_grad(u, threshold[:, None], alpha, margin, t[:, None], KIND), 0.0)
     du += tl.where(is_target, grad_target[:, None], 0.0)
     return dz, du
 

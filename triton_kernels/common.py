@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from fused_margin.kernel_params import IGNORED_LABEL
 from fused_margin.spec import NonTargetKind
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 NORM_EPS = tl.constexpr(1e-12)
+#: labels at or below this are rows not part of the computation (see kernel_params)
+IGNORED = tl.constexpr(IGNORED_LABEL)
 
 # tl.constexpr copies of NonTargetKind (a jit function can't read a Python enum)
 KIND_IDENTITY = tl.constexpr(int(NonTargetKind.IDENTITY))
@@ -327,7 +330,7 @@ def _subcenter_cosines(
         if NORMALIZE_W:
             q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=1.0)
             uk = uk * q[None, :]
-        better = uk > u
+        better = (uk > u) | (uk != uk)  # a NaN sub-center makes the class NaN, as torch.amax does
         u = tl.where(better, uk, u)
         best = tl.where(better, k, best)
     return u, best

@@ -20,6 +20,7 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.spec import NonTargetKind
 
 from .common import (
+    IGNORED,
     KIND_CURRICULAR,
     NORM_EPS,
     TileConfig,
@@ -119,7 +120,7 @@ def _margin_lse_fwd_kernel(
                 if pid_b == 0:
                     tl.store(col_scale_ptr + offs_c.to(tl.int64) * K + k, col_scale, mask=mask_c)
                 uk = uk * col_scale[None, :]
-            u = tl.maximum(u, uk)
+            u = tl.where((uk > u) | (uk != uk), uk, u)  # NaN propagates (tl.maximum drops it on GPUs)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
@@ -128,7 +129,8 @@ def _margin_lse_fwd_kernel(
         z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t[:, None], KIND) + bias[None, :]
 
         is_target = (offs_c[None, :] == labels[:, None]) & mask_c[None, :]
-        negative = mask_c[None, :] & (offs_c[None, :] != labels[:, None])
+        # an ignored row has no negatives: no softmax term, lse_neg = -inf
+        negative = mask_c[None, :] & (offs_c[None, :] != labels[:, None]) & (labels > IGNORED)[:, None]
         target_u += tl.sum(tl.where(is_target, u, 0.0), axis=1)
         run_sum += tl.sum(tl.where(negative, z, 0.0), axis=1)
 
@@ -139,6 +141,10 @@ def _margin_lse_fwd_kernel(
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sumexp = run_sumexp * tl.exp(run_max - shift) + tl.sum(tl.exp(z_neg - shift[:, None]), axis=1)
         run_max = new_max
+        # A NaN negative must make lse_neg NaN; max reductions on a GPU skip NaN, so it is
+        # carried in the sum of exponentials (NaN stays NaN through the rescaling above).
+        has_nan = tl.max(tl.where(negative & (z != z), 1, 0), axis=1) > 0
+        run_sumexp = tl.where(has_nan, float("nan"), run_sumexp)
 
         # argmax of the margin-free logits over all classes, ties to the lowest index
         plain = tl.where(mask_c[None, :], scale * u + bias[None, :], float("-inf"))
@@ -246,7 +252,8 @@ def margin_lse_fwd(
     no_negative = top == float("-inf")
     shift = torch.where(no_negative, torch.zeros_like(top), top)
     total = (run_sumexp * torch.exp(run_max - shift)).sum(dim=0)
-    lse_neg = torch.where(no_negative, top, shift + torch.log(total))
+    # -inf only for a row without negatives; a NaN negative (a NaN sum) gives NaN
+    lse_neg = torch.where(no_negative & ~total.isnan(), top, shift + torch.log(total))
     # torch.argmax returns the first maximal split: the lowest class on ties
     best_split = best_parts.argmax(dim=0, keepdim=True)
     argmax = partial_idx.gather(0, best_split).squeeze(0).to(torch.int64)

@@ -223,7 +223,7 @@ FM_INLINE const T* class_cosines(T* row, const T* q, T r, int64_t n, int64_t k, 
     int32_t arg = 0;
     for (int64_t s = 1; s < k; ++s) {
       const T v = row[j * k + s] * (r * q[j * k + s]);
-      const bool gt = v > top;  // strict: the lowest sub-center on ties
+      const bool gt = v > top || v != v;  // strict: the lowest sub-center on ties; NaN propagates
       top = select(gt, v, top);
       arg = select(gt, static_cast<int32_t>(s), arg);
     }
@@ -247,6 +247,7 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
   T* u_sub = c.scratch + n;
 
   for (int64_t b = 0; b < c.num_rows; ++b) {
+    if (c.labels[b] <= kIgnoredLabel) continue;  // not part of the computation: the state stays empty
     const T* u = class_cosines(c.tile + b * n * k, c.col_scale, c.row_scale[b], n, k, u_sub, c.best_sub);
     const int64_t y = c.labels[b] - c.first_class;
     const int32_t target = (y >= 0 && y < n) ? static_cast<int32_t>(y) : -1;
@@ -320,7 +321,14 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
       }
     }
     st.sum += sum;
-    if (!(m > neg_inf)) continue;  // the chunk holds no negative class of this row
+    if (!(m > neg_inf)) {
+      // No negative of this row in the chunk compares above -inf. A NaN one (it never
+      // wins a comparison) still takes part: the row's lse becomes NaN, as in torch.
+      for (int32_t j = 0; j < n; ++j) {
+        if (z[j] != z[j]) st.sumexp = std::numeric_limits<double>::quiet_NaN();
+      }
+      continue;
+    }
 
     // Pass 3: sum exp(z - m), merged into the row's running (max, sumexp) in double.
     V e = V{};
@@ -349,6 +357,10 @@ FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const
 
   for (int64_t b = 0; b < c.num_rows; ++b) {
     T* row = c.tile + b * n * k;
+    if (c.labels[b] <= kIgnoredLabel) {  // not part of the computation: G = 0, whatever the logits hold
+      std::fill(row, row + n * k, T(0));
+      continue;
+    }
     const T r = c.row_scale[b];
     const T* u = class_cosines(row, c.col_scale, r, n, k, u_sub, c.best_sub);
     const int64_t y = c.labels[b] - c.first_class;
@@ -358,7 +370,7 @@ FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const
                                 c.row_threshold != nullptr ? c.row_threshold[c.num_rows + b] : T(0)};
     T lse = g.lse_neg[b];
     T grad_lse = g.grad_lse[b];
-    if (!std::isfinite(lse)) {  // no negative class in this row: no softmax term
+    if (lse == -std::numeric_limits<T>::infinity()) {  // no negative class: no softmax term (NaN propagates)
       lse = T(0);
       grad_lse = T(0);
     }

@@ -261,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
       if (s.max > total.max) {
         total.sumexp = total.sumexp * std::exp(total.max - s.max) + s.sumexp;
         total.max = s.max;
-      } else if (s.max > -std::numeric_limits<double>::infinity()) {
+      } else if (s.max > -std::numeric_limits<double>::infinity() || std::isnan(s.sumexp)) {
         total.sumexp += s.sumexp * std::exp(s.max - total.max);
       }
       total.sum += s.sum;
@@ -270,8 +270,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
         total.best_index = s.best_index;
       }
     }
-    // No negative class (C = 1 with a target): lse_neg = -inf, never NaN.
-    lse_p[b] = total.sumexp > 0.0 ? T(total.max + std::log(total.sumexp)) : -std::numeric_limits<T>::infinity();
+    // No negative class (C = 1 with a target, an ignored row): lse_neg = -inf. A NaN or
+    // +inf logit gives a NaN sum of exponentials: NaN, never the -inf of an empty row.
+    const bool has_terms = total.sumexp > 0.0 || std::isnan(total.sumexp);
+    lse_p[b] = has_terms ? T(total.max + std::log(total.sumexp)) : -std::numeric_limits<T>::infinity();
     sum_p[b] = T(total.sum);
     arg_p[b] = std::max<int64_t>(total.best_index, 0);
   }

@@ -136,7 +136,7 @@ __device__ __forceinline__ A class_cosine(const A* row, const A* q, A r, int64_t
   int64_t arg = 0;
   for (int64_t s = 1; s < k; ++s) {
     const A v = row[j * k + s] * (r * q[j * k + s]);
-    if (v > top) {
+    if (v > top || v != v) {  // a NaN sub-center makes the class NaN, as torch.amax does
       top = v;
       arg = s;
     }
@@ -161,7 +161,7 @@ __device__ __forceinline__ Partial<A> combine(const Partial<A>& a, const Partial
   Partial<A> out;
   out.max = fmax(a.max, b.max);
   if (out.max == neg_inf<A>()) {
-    out.sumexp = A(0);
+    out.sumexp = a.sumexp + b.sumexp;  // 0, or NaN from a NaN negative (fmax skips NaN)
   } else {
     out.sumexp = a.sumexp * exp(a.max - out.max) + b.sumexp * exp(b.max - out.max);
   }
@@ -207,17 +207,19 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
   const A* row = a.tile + b * n * a.k;
   const A r = a.row_scale[b];
   const int64_t target = a.labels[b] - a.first_class;  // in [0, n) iff the target is in this chunk
+  const bool ignored = a.labels[b] <= kIgnoredLabel;  // not part of the computation: an empty partial
   A threshold, t;
   curricular_terms(a.row_threshold, a.num_rows, b, &threshold, &t);
 
   A z[kItems];
   Partial<A> p{neg_inf<A>(), A(0), A(0), neg_inf<A>(), INT64_MAX};
+  bool has_nan = false;
   const int64_t base = int64_t(blockIdx.y) * kSegment + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int64_t j = base + int64_t(i) * kThreads;  // coalesced across the warp
     z[i] = neg_inf<A>();
-    if (j < n) {
+    if (j < n && !ignored) {
       int64_t sub;
       const A u = a.k == 1 ? row[j] * (r * a.col_scale[j]) : class_cosine(row, a.col_scale, r, j, a.k, &sub);
       const A bj = a.bias != nullptr ? a.bias[j] : A(0);
@@ -232,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
         z[i] = tr.scale * transform_value<KIND>(tr, u, threshold, t) + bj;
         p.sum += z[i];
         p.max = fmax(p.max, z[i]);
+        has_nan = has_nan || z[i] != z[i];
       }
     }
   }
@@ -239,6 +242,9 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
 #pragma unroll
     for (int i = 0; i < kItems; ++i) p.sumexp += exp(z[i] - p.max);  // exp(-inf) = 0
   }
+  // fmax skips NaN: a NaN negative is carried in the sum of exponentials instead, so
+  // that lse_neg is NaN (as in torch), never the -inf of a row without negatives.
+  if (has_nan) p.sumexp = A(NAN);
 
   // warp tree, then the warps' results in order
   for (int offset = 16; offset > 0; offset >>= 1) p = combine(p, shuffle_down(p, offset));
@@ -267,7 +273,7 @@ __global__ void merge_segments_kernel(const Partial<A>* partials, int64_t segmen
     if (pm > mx) {
       se = se * exp(mx - pm) + double(p.sumexp);
       mx = pm;
-    } else if (pm > -double(INFINITY)) {
+    } else if (pm > -double(INFINITY) || isnan(p.sumexp)) {
       se += double(p.sumexp) * exp(pm - mx);
     }
     sum += double(p.sum);
@@ -297,8 +303,10 @@ template <typename A>
 __global__ void finalize_kernel(RowStates st, int64_t num_rows, A* lse_neg, A* sum_neg, int64_t* argmax) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= num_rows) return;
-  // No negative class (C = 1 with a target): lse_neg = -inf, never NaN.
-  lse_neg[b] = st.sumexp[b] > 0.0 ? A(st.max[b] + log(st.sumexp[b])) : neg_inf<A>();
+  // No negative class (C = 1 with a target, an ignored row): lse_neg = -inf. A NaN or
+  // +inf logit gives a NaN sum of exponentials: NaN, never the -inf of an empty row.
+  const bool has_terms = st.sumexp[b] > 0.0 || isnan(st.sumexp[b]);
+  lse_neg[b] = has_terms ? A(st.max[b] + log(st.sumexp[b])) : neg_inf<A>();
   sum_neg[b] = A(st.sum[b]);
   argmax[b] = st.best_index[b] < 0 ? 0 : st.best_index[b];
 }
@@ -340,9 +348,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardKernelArgs<A
     const A r = a.row_scale[b];
     A lse = a.lse_neg[b];
     A grad_lse = a.grad_lse[b];
-    if (!isfinite(lse)) {  // no negative class in this row: no softmax term
+    if (lse == neg_inf<A>()) {  // no negative class in this row: no softmax term (NaN propagates)
       lse = A(0);
       grad_lse = A(0);
+    }
+    if (a.labels[b] <= kIgnoredLabel) {  // not part of the computation: G = 0, whatever the logits hold
+      for (int64_t s = 0; s < k; ++s) grad_row[j * k + s] = store_as<G>(A(0));
+      continue;
     }
     A threshold, t;
     curricular_terms(a.row_threshold, a.num_rows, b, &threshold, &t);

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..ops import prepare_labels
-from ..spec import AdaptiveMarginTarget, MarginSpec, StraightThroughTarget, _filtering, _finite, _flag, _positive
+from ..spec import AdaptiveMarginTarget, MarginSpec, StraightThroughTarget, _filtering, _flag, _positive, _unit_interval
 from .base import MarginHead
 
 
@@ -32,17 +33,17 @@ class AdaFaceLoss(MarginHead):
         straight_through: bool = False,
         **kwargs,
     ) -> None:
-        _positive("scale", scale)
-        _finite("margin", margin)
-        _positive("h", h)
-        if not 0.0 < t_alpha <= 1.0:
-            raise ValueError(f"t_alpha must lie in (0, 1], got {t_alpha!r}")
+        scale = _positive("scale", scale)
+        margin = _unit_interval("margin", margin)
+        h = _positive("h", h)
+        t_alpha = _checks.in_range("t_alpha", t_alpha, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.h, self.t_alpha = scale, margin, h, t_alpha
         device = self.weight.device
         # The authors' initial statistics.
-        self.register_buffer("batch_mean", torch.full((), self._STATE_INIT["batch_mean"], device=device))
-        self.register_buffer("batch_std", torch.full((), self._STATE_INIT["batch_std"], device=device))
+        f32 = torch.float32  # running statistics stay fp32 whatever the weight's dtype
+        self.register_buffer("batch_mean", torch.full((), self._STATE_INIT["batch_mean"], dtype=f32, device=device))
+        self.register_buffer("batch_std", torch.full((), self._STATE_INIT["batch_std"], dtype=f32, device=device))
         # The target reads the statistics through this bound method, so the spec stays
         # one constant object (and follows the buffers across .to(device)).
         target = AdaptiveMarginTarget(scale, margin, self.norm_scaler)
@@ -52,16 +53,23 @@ class AdaFaceLoss(MarginHead):
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)
-        norms = torch.linalg.vector_norm(embeddings.float(), dim=1).clamp(0.001, 100.0)
+        raw_norms = torch.linalg.vector_norm(embeddings.float(), dim=1)
+        norms = raw_norms.clamp(0.001, 100.0)
         # Masked statistics (no boolean indexing: data-dependent shapes would break
-        # torch.compile); a batch with fewer than two labelled rows leaves them as they are.
-        valid = (internal >= 0).float()
-        count = valid.sum()
-        mean = (norms * valid).sum() / count.clamp_min(1.0)
-        std = torch.sqrt(((norms - mean) ** 2 * valid).sum() / (count - 1.0).clamp_min(1.0))
-        rate = torch.where(count > 1, self.t_alpha, 0.0)
-        self.batch_mean.lerp_(mean, rate)
-        self.batch_std.lerp_(std, rate)
+        # torch.compile; selects, not products: an ignored row may hold NaN). A batch with
+        # fewer than two labelled rows, or with a labelled row that is not finite (its norm,
+        # before the clamp that would hide an inf), leaves them as they are (no warning:
+        # compiled graphs stay whole).
+        valid = internal >= 0
+        count = valid.sum().float()
+        mean = torch.where(valid, norms, 0.0).sum() / count.clamp_min(1.0)
+        std = torch.sqrt(torch.where(valid, (norms - mean) ** 2, 0.0).sum() / (count - 1.0).clamp_min(1.0))
+        finite = torch.where(valid, torch.isfinite(raw_norms), True).all()
+        update = (count > 1) & finite & torch.isfinite(mean) & torch.isfinite(std)
+        mean_ema = self.batch_mean + self.t_alpha * (mean - self.batch_mean)
+        std_ema = self.batch_std + self.t_alpha * (std - self.batch_std)
+        self.batch_mean.copy_(torch.where(update, mean_ema, self.batch_mean))
+        self.batch_std.copy_(torch.where(update, std_ema, self.batch_std))
 
     def norm_scaler(self, norms: Tensor) -> Tensor:
         """``g = clip((||x|| - mu) / (sigma + eps) * h, -1, 1)`` for detached norms (B,)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import _checks
+from ..backends import available_backends
 from ..functional import BackendName, Reduction, margin_cross_entropy
 from ..ops import snapshot
 from ..reference import logits_reference
@@ -14,9 +16,10 @@ __all__ = ["MarginHead"]
 
 
 def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    try:
+        return _checks.positive_integer(name, value)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 class MarginHead(nn.Module):
@@ -55,13 +58,11 @@ class MarginHead(nn.Module):
         self.num_subcenters = _positive_int("num_subcenters", num_subcenters)
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
         self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.return_accuracy = return_accuracy
-        self.backend = backend
+        self.ignore_index = _checks.integer("ignore_index", ignore_index)
+        self.label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+        self.return_accuracy = bool(return_accuracy)
+        self.backend = _checks.choice("backend", backend, ["auto", "eager", *available_backends()])
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.weight = nn.Parameter(torch.empty(num_classes * num_subcenters, embedding_size, **factory))
         if bias:
@@ -86,6 +87,20 @@ class MarginHead(nn.Module):
                 value = torch.full((), self._STATE_INIT[name], dtype=buffer.dtype, device=device)
                 self.register_buffer(name, value.expand(buffer.shape).clone())
 
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16(), .double(), .to(dtype) convert the weight (and bias) but not
+        # the running statistics: an EMA with momentum 0.01 stalls in 16-bit floats. The
+        # state follows the device only, so a head cast later holds the same state
+        # dtype (fp32) as one built with ``dtype=``.
+        state = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in state.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                kept = new.to(old.dtype) if old.is_meta or new.is_meta else old.to(new.device, copy=True)
+                self._buffers[name] = kept
+        return self
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
         if self.bias is not None:
@@ -100,6 +115,7 @@ class MarginHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Loss for (B, D) embeddings and (B,) integer labels (and the top-1 accuracy
         when ``return_accuracy``)."""
+        self._check_inputs(embeddings, labels)
         if self.training:
             with torch.no_grad():
                 self.update_state(embeddings.detach(), labels)
@@ -123,8 +139,22 @@ class MarginHead(nn.Module):
                 self.step.add_(1)
         return result
 
+    def _check_inputs(self, embeddings: Tensor, labels: Tensor | None = None) -> None:
+        # Before anything reads them (the state update runs first): the errors name the
+        # arguments the user passed, not the weight they are multiplied with.
+        if not isinstance(embeddings, Tensor):
+            raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        if labels is not None and not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            shape = "(" + ", ".join(str(s) for s in embeddings.shape) + ")"
+            raise ValueError(
+                f"embeddings must have shape (batch, embedding_size={self.embedding_size}), got {shape}"
+            )
+
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """Margin-free logits (B, num_classes) for inference. Materializes B x C."""
+        self._check_inputs(embeddings)
         return logits_reference(embeddings, self.weight, self.spec(), self.bias)
 
     def extra_repr(self) -> str:

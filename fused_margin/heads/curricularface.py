@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..functional import detached_target_cos
 from ..ops import prepare_labels
 from ..spec import MarginSpec
@@ -31,8 +32,7 @@ class CurricularFaceLoss(MarginHead):
         **kwargs,
     ) -> None:
         MarginSpec.curricularface(scale, margin, straight_through=straight_through)  # validates
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
+        momentum = _checks.in_range("momentum", momentum, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.momentum = scale, margin, momentum
         self.straight_through = straight_through
@@ -69,9 +69,11 @@ class CurricularFaceLoss(MarginHead):
     @torch.no_grad()
     def update_t(self, target_cos: Tensor, valid: Tensor) -> None:
         """``t <- momentum * mean(target_cos[valid]) + (1 - momentum) * t``; unchanged
-        when no row is valid. In place, with tensor ops only (no host sync)."""
+        when no row is valid or the batch's mean is not finite (a NaN or inf embedding
+        or weight row: the step that GradScaler skips must not corrupt ``t``; no warning,
+        so that compiled graphs stay whole). In place, with tensor ops only (no host sync)."""
         count = valid.sum()
         total = torch.where(valid, target_cos, torch.zeros_like(target_cos)).sum()
-        mean = (total / count.clamp_min(1)).to(self.t.dtype)
+        mean = (total.float() / count.clamp_min(1)).to(self.t.dtype)
         updated = self.momentum * mean + (1.0 - self.momentum) * self.t
-        self.t.copy_(torch.where(count > 0, updated, self.t))
+        self.t.copy_(torch.where((count > 0) & torch.isfinite(mean), updated, self.t))

@@ -4,6 +4,9 @@ plus the regularizer ``lambda_g * (a / u_a^2 + 1 / a)`` added to every row's los
 
 from __future__ import annotations
 
+import math
+
+from .. import _checks
 from ..spec import (
     MagFaceRegularizer,
     MagnitudeAwareTarget,
@@ -32,13 +35,13 @@ class MagFaceLoss(MarginHead):
         straight_through: bool = False,
         **kwargs,
     ) -> None:
-        for name, value in (("scale", scale), ("lower_norm", lower_norm), ("upper_norm", upper_norm),
-                            ("lower_margin", lower_margin), ("upper_margin", upper_margin)):
-            _positive(name, value)
-        if upper_norm <= lower_norm:
+        if _positive("upper_norm", upper_norm) <= _positive("lower_norm", lower_norm):
             raise ValueError(f"upper_norm ({upper_norm!r}) must exceed lower_norm ({lower_norm!r})")
-        if regularizer_weight < 0:
-            raise ValueError(f"regularizer_weight must be non-negative, got {regularizer_weight!r}")
+        scale, lower_norm, upper_norm = _positive("scale", scale), float(lower_norm), float(upper_norm)
+        # margins are angles: (0, pi)
+        lower_margin = _checks.in_range("lower_margin", lower_margin, 0.0, math.pi, low_open=True)
+        upper_margin = _checks.in_range("upper_margin", upper_margin, 0.0, math.pi, low_open=True)
+        regularizer_weight = _checks.non_negative("regularizer_weight", regularizer_weight)
         super().__init__(num_classes, embedding_size, **kwargs)
         target = MagnitudeAwareTarget(scale, lower_norm, upper_norm, lower_margin, upper_margin)
         if _flag("straight_through", straight_through):
