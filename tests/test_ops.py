@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fused_margin as fm
-from fused_margin.kernel_params import KernelParams
+from fused_margin.kernel_params import IGNORED_LABEL, KernelParams
 from fused_margin.ops import margin_lse, prepare_labels
 from tests.utils import HEAD_SPECS, assert_rel_close, op_samples
 
@@ -127,7 +127,7 @@ def test_device_label_checks_keep_the_values(device_label_checks):
 
     labels = torch.tensor([3, -100, 0, 12])
     assert ops.label_checks() == "device"
-    assert prepare_labels(labels, 13, -100).tolist() == [3, -1, 0, 12]
+    assert prepare_labels(labels, 13, -100).tolist() == [3, IGNORED_LABEL, 0, 12]
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 13\)"):
         prepare_labels(torch.tensor([3, 13]), 13, -100)
     with pytest.raises(RuntimeError, match=r"class_index entries must lie in \[0, 20\)"):
