@@ -21,7 +21,9 @@ class ChunkRows {
   ChunkRows(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index, int64_t k, at::ScalarType dtype,
             int64_t max_rows)
       : weight_(weight), index_(class_index), k_(k), dtype_(dtype) {
-    direct_ = !index_.has_value() && weight.scalar_type() == dtype;
+    // A strided weight (e.g. the transposed view of a (D, C) parameter) is copied chunk by
+    // chunk into the bounded buffer, never as a whole.
+    direct_ = !index_.has_value() && weight.scalar_type() == dtype && weight.is_contiguous();
     if (!direct_) buffer_ = at::empty({max_rows, weight.size(1)}, weight.options().dtype(dtype));
     if (index_.has_value() && weight.scalar_type() != dtype) {
       native_ = at::empty({max_rows, weight.size(1)}, weight.options());

@@ -356,7 +356,8 @@ class ShardedMarginLoss(nn.Module):
         sample_rate: fraction of each shard's classes used per training step (Partial FC
             sampling; 1.0 = all).
         reduction, ignore_index, label_smoothing: as in
-            :func:`fused_margin.margin_cross_entropy`, over the global batch.
+            :func:`fused_margin.margin_cross_entropy`, over the global batch;
+            ``ignore_index=None``: no label value marks an ignored row.
         return_accuracy: also return the top-1 accuracy of the margin-free logits over
             the global batch (two more B-vector all-reduces).
         embedding_grad: 'ddp' (default: dL/dx times world_size, what a backbone wrapped in
@@ -383,7 +384,7 @@ class ShardedMarginLoss(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         sample_rate: float = 1.0,
         reduction: Reduction = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         label_smoothing: float = 0.0,
         return_accuracy: bool = False,
         embedding_grad: EmbeddingGrad = "ddp",
@@ -432,7 +433,8 @@ class ShardedMarginLoss(nn.Module):
         self.rank = dist.get_rank(process_group)
         self.class_start, self.class_end = shard_range(num_classes, self.rank, self.world_size)
         self.num_classes, self.embedding_size, self.num_subcenters = num_classes, embedding_size, num_subcenters
-        self.sample_rate, self.reduction, self.ignore_index = float(sample_rate), reduction, int(ignore_index)
+        self.sample_rate, self.reduction = float(sample_rate), reduction
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.label_smoothing, self.return_accuracy = float(label_smoothing), return_accuracy
         self.embedding_grad, self.backend, self.timeout = embedding_grad, backend, float(timeout)
         # not registered as a submodule: its weight must not reach state_dict() or optimizers
@@ -541,7 +543,9 @@ class ShardedMarginLoss(nn.Module):
         bad_label = torch.full((2,), -1, dtype=torch.int64, device=embeddings.device)
         if labels_ok and labels.shape[0] == batch and batch > 0:
             labels64 = labels.to(device=embeddings.device, dtype=torch.int64)
-            bad = (labels64 != self.ignore_index) & ((labels64 < 0) | (labels64 >= self.num_classes))
+            bad = (labels64 < 0) | (labels64 >= self.num_classes)
+            if self.ignore_index is not None:
+                bad = bad & (labels64 != self.ignore_index)
             positions = torch.arange(batch, device=labels64.device)
             first = torch.where(bad, positions, torch.full_like(positions, batch)).min()
             found = first < batch
@@ -605,11 +609,11 @@ class ShardedMarginLoss(nn.Module):
                 f"embeddings have embedding_size {columns[3][0]} on every rank, but this ShardedMarginLoss was "
                 f"built with embedding_size={self.embedding_size}"
             )
+        ignored = "" if self.ignore_index is None else f" or equal ignore_index={self.ignore_index}"
         for r, row in enumerate(rows):
             if row[13] >= 0:
                 raise ValueError(
-                    f"rank {r}: labels must lie in [0, {self.num_classes}) or equal ignore_index={self.ignore_index}; "
-                    f"got {row[14]} at position {row[13]}"
+                    f"rank {r}: labels must lie in [0, {self.num_classes}){ignored}; got {row[14]} at position {row[13]}"
                 )
         return list(columns[2])
 
@@ -647,7 +651,9 @@ class ShardedMarginLoss(nn.Module):
 
         # Gather the global batch; ranks with fewer rows pad (with rows that have no label).
         labels64 = labels.to(device=device, dtype=torch.int64)
-        internal = torch.where(labels64 == self.ignore_index, torch.full_like(labels64, -1), labels64)
+        internal = labels64
+        if self.ignore_index is not None:
+            internal = torch.where(labels64 == self.ignore_index, torch.full_like(labels64, -1), labels64)
         labels_all = torch.empty(world_size * b_max, dtype=torch.int64, device=device)
         _all_gather_single(labels_all, F.pad(internal, (0, b_max - batch), value=-1), group=group)
         grad_scale = float(world_size) if self.embedding_grad == "ddp" else 1.0

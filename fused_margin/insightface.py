@@ -71,10 +71,6 @@ __all__ = ["CombinedMarginLoss", "PartialFC_V2", "ROW_LOSS_CAP"]
 #: arcface_torch clamps each row's probability of its label at 1e-30 before the log.
 ROW_LOSS_CAP: float = -math.log(1e-30)
 
-# No label is ignored: every label must lie in [0, num_classes) (checked on every rank).
-_NO_IGNORE = -(2**63)
-
-
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -241,7 +237,7 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
         self.margin_softmax = margin_loss
         shards = _PartialFCShards(
             spec, num_classes, embedding_size, process_group=process_group, sample_rate=sample_rate,
-            reduction="mean", ignore_index=_NO_IGNORE, embedding_grad="ddp", backend=backend, seed=0,
+            reduction="mean", ignore_index=None, embedding_grad="ddp", backend=backend, seed=0,
         )
         shards.train()  # arcface_torch samples whatever the mode
         self.__dict__["_shards"] = shards  # not a submodule: the state_dict is {'weight'} alone

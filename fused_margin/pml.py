@@ -14,8 +14,9 @@ where it uses degrees: ``ArcFaceLoss``, ``SubCenterArcFaceLoss``) and owns its p
 ``W`` of shape ``(embedding_size, num_classes)`` (``num_classes * sub_centers`` columns
 for the sub-center loss), so its ``state_dict()`` is pytorch-metric-learning's and loads
 both ways, strictly. The kernels are handed ``W.t()``, a view: the Triton kernels read
-it in place (no copy); the CPU and CUDA C++ backends copy it to row-major inside each
-call (forward and backward), a transient ``C x D`` buffer. The loss is the mean over the
+it in place, and the CPU backend copies one bounded chunk of classes at a time (never all
+of ``W``); the CUDA C++ backend still makes a row-major copy inside each call (forward and
+backward), a transient ``C x D`` buffer. The loss is the mean over the
 batch, as its default ``MeanReducer`` gives.
 
 The loss equals pytorch-metric-learning's (its definitions, not this library's core

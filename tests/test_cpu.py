@@ -342,6 +342,25 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
+def _peak_rss_growth(step, *leaves: torch.Tensor) -> int:
+    """Bytes of peak resident memory beyond the current one while ``step()`` runs (after a
+    first, unmeasured call that makes the one-time allocations); the gradients of
+    ``leaves`` are dropped before measuring, so the growth includes them."""
+    import ctypes
+    import gc
+
+    step()
+    for leaf in leaves:
+        leaf.grad = None
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _rss_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    step()
+    return _rss_kib("VmHWM") * 1024 - base
+
+
 @needs_ext
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
 def test_lsoftmax_weight_norm_adds_no_dense_gradient():
@@ -350,24 +369,17 @@ def test_lsoftmax_weight_norm_adds_no_dense_gradient():
     scatters into zeros of W's shape, and autograd then adds the two: twice W beyond the
     gradient). Peak resident memory of forward + backward beyond the inputs, at a W of
     49 MiB: at most 1.5 W (the gradient itself); the dense path measures 2.0 W."""
-    import ctypes
-    import gc
-
     torch.manual_seed(0)
     w = torch.randn(200_000, 64, requires_grad=True)
     x = torch.randn(16, 64, requires_grad=True)
     labels = torch.randint(0, 200_000, (16,))
     spec = MarginSpec.lsoftmax(lam=2.0)
     w_bytes = w.numel() * w.element_size()
-    fm.margin_cross_entropy(x, w, labels, spec, backend="cpu").backward()  # first-call allocations
-    w.grad = x.grad = None
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _rss_kib("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    fm.margin_cross_entropy(x, w, labels, spec, backend="cpu").backward()
-    extra = _rss_kib("VmHWM") * 1024 - base
+
+    def step():
+        fm.margin_cross_entropy(x, w, labels, spec, backend="cpu").backward()
+
+    extra = _peak_rss_growth(step, w, x)
     assert not w.grad.is_sparse
     assert extra <= 1.5 * w_bytes, f"peak {extra / 2**20:.0f} MiB beyond the inputs, W {w_bytes / 2**20:.0f} MiB"
     # the value: the same gradient as the dense gather's
@@ -380,3 +392,34 @@ def test_lsoftmax_weight_norm_adds_no_dense_gradient():
 
     _TargetRowNorm.apply(w_sparse, labels, torch.float32).sum().backward()
     assert torch.allclose(w_sparse.grad.to_dense(), w_dense.grad, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_transposed_weight_is_not_copied():
+    """A (D, C) parameter passed as its transposed view (pytorch-metric-learning's layout)
+    is read chunk by chunk, never copied whole: peak resident memory of forward + backward
+    beyond the inputs stays near the gradient (1 W), where a row-major copy of W in each
+    pass measures 2 W. The values equal those of a contiguous copy."""
+    torch.manual_seed(0)
+    w_dc = torch.randn(64, 200_000, requires_grad=True)
+    x = torch.randn(16, 64, requires_grad=True)
+    labels = torch.randint(0, 200_000, (16,))
+    spec = MarginSpec.cosface()
+    w_bytes = w_dc.numel() * w_dc.element_size()
+    losses = []
+
+    def step():
+        loss = fm.margin_cross_entropy(x, w_dc.t(), labels, spec, backend="cpu")
+        loss.backward()
+        losses.append(loss.detach())
+
+    extra = _peak_rss_growth(step, w_dc, x)
+    assert extra <= 1.5 * w_bytes, f"peak {extra / 2**20:.0f} MiB beyond the inputs, W {w_bytes / 2**20:.0f} MiB"
+    w_rows = w_dc.detach().t().contiguous().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    loss = fm.margin_cross_entropy(x2, w_rows, labels, spec, backend="cpu")
+    loss.backward()
+    assert torch.allclose(losses[-1], loss.detach(), rtol=1e-6)
+    assert torch.allclose(w_dc.grad.t(), w_rows.grad, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-9)

@@ -320,9 +320,10 @@ def test_bad_arguments(world_of_one):
     module = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), 8, 11)
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\) or \(4, 1\)"):
         module(torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
+    # no label value is ignored here, and the message says nothing of one
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\); got 11 at position 2"):
         module(torch.randn(4, 8), torch.tensor([0, 1, 11, 2]))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\); got -1 at position 1"):
         module(torch.randn(4, 8), torch.tensor([0, -1, 3, 2]))
 
 

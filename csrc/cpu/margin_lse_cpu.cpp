@@ -187,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
   // Detached: the GEMMs below run on worker threads, where no autograd state is set up.
   const Tensor x = x_in.detach().to(acc).contiguous();
-  const Tensor weight = weight_in.detach().contiguous();
+  const Tensor weight = weight_in.detach();  // any strides: ChunkRows copies a strided chunk, not all of W
   const Tensor labels = labels_in.contiguous();
   c10::optional<Tensor> class_index;
   if (class_index_in.has_value()) {
@@ -295,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
   const int64_t classes_all = weight_in.size(0) / k;
   const Tensor x = x_in.detach().to(acc).contiguous();
-  const Tensor weight = weight_in.detach().contiguous();
+  const Tensor weight = weight_in.detach();
   const Tensor labels = labels_in.contiguous();
   auto as_acc = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
   const Tensor grad_lse = as_acc(grad_lse_in), grad_target_u = as_acc(grad_target_u_in);
@@ -329,8 +329,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   Tensor grad_x_acc = at::empty({batch, dim}, x.options());
   Tensor partials;
   if (plan.num_groups > 1) partials = at::empty({plan.num_groups - 1, batch, dim}, x.options());
-  // In-place GEMM output: the weight gradient rows of a chunk are contiguous in grad_weight.
-  const bool write_in_place = !class_index.has_value() && weight.scalar_type() == acc;
+  // In-place GEMM output: the weight gradient rows of a chunk are contiguous in grad_weight
+  // (grad_weight has weight's strides, as the op's fake kernel says).
+  const bool write_in_place = !class_index.has_value() && weight.scalar_type() == acc && grad_weight.is_contiguous();
 
   std::atomic<int64_t> next_group{0};
   at::parallel_for(0, plan.num_groups, 1, [&](int64_t /*g0*/, int64_t /*g1*/) {
