@@ -257,6 +257,15 @@ def gather_full_weight(module: ShardedMarginLoss, dst: int | None = None) -> Ten
     return torch.cat([block[:n] for block, n in zip(blocks, rows)])
 
 
+def require_process_group(owner: str, hint: str) -> None:
+    """Raises unless a torch.distributed process group is initialized (``owner`` needs one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{owner} needs an initialized torch.distributed process group: call "
+            f"torch.distributed.init_process_group(...) first {hint}"
+        )
+
+
 def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
@@ -395,11 +404,7 @@ class ShardedMarginLoss(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "ShardedMarginLoss needs an initialized torch.distributed process group: call "
-                "torch.distributed.init_process_group(...) first (torchrun sets the environment it reads)"
-            )
+        require_process_group("ShardedMarginLoss", "(torchrun sets the environment it reads)")
         if isinstance(head_or_spec, MarginHead):
             head: MarginHead | None = head_or_spec
             if head.bias is not None:

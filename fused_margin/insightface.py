@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distributed import ShardedMarginLoss, full_weight_from_state_dicts, shard_weight
+from .distributed import ShardedMarginLoss, full_weight_from_state_dicts, require_process_group, shard_weight
 from .functional import BackendName
 from .spec import MarginSpec
 
@@ -218,11 +218,7 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "PartialFC_V2 needs an initialized torch.distributed process group: call "
-                "torch.distributed.init_process_group(...) first, as for arcface_torch's"
-            )
+        require_process_group("PartialFC_V2", "(as for arcface_torch's)")
         if isinstance(margin_loss, MarginSpec):
             spec = margin_loss
         elif callable(getattr(margin_loss, "spec", None)) and isinstance(margin_loss.spec(), MarginSpec):
