@@ -622,6 +622,11 @@ class ShardedMarginLoss(nn.Module):
                 )
         return list(columns[2])
 
+    def _draw_scores(self, num_local: int) -> Tensor:
+        """Uniform scores for the shard's classes; the ``num_sample`` highest are kept."""
+        # drawn on the generator's device (the one given at construction), used on the labels'
+        return torch.rand(num_local, generator=self.generator, device=self.generator.device)
+
     @torch.no_grad()
     def _sample(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Kept classes (sorted shard indices) and the labels remapped into them."""
@@ -630,9 +635,7 @@ class ShardedMarginLoss(nn.Module):
         owned = local_labels >= 0
         positive[local_labels[owned]] = True
         num_keep = max(self.num_sample, int(positive.sum()))
-        # drawn on the generator's device (the one given at construction), used on the labels'
-        scores = torch.rand(num_local, generator=self.generator, device=self.generator.device)
-        scores = scores.to(local_labels.device)
+        scores = self._draw_scores(num_local).to(local_labels.device)
         scores = torch.where(positive, torch.full_like(scores, 2.0), scores)
         index = scores.topk(num_keep).indices.sort().values
         position = torch.full((num_local,), -1, dtype=torch.int64, device=local_labels.device)

@@ -171,22 +171,10 @@ class _PartialFCShards(ShardedMarginLoss):
 
     _row_loss_cap = ROW_LOSS_CAP
 
-    @torch.no_grad()
-    def _sample(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
-        num_local = self.class_end - self.class_start
-        owned = local_labels >= 0
-        positive = torch.zeros(num_local, dtype=torch.bool, device=local_labels.device)
-        positive[local_labels[owned]] = True
-        num_keep = max(self.num_sample, int(positive.sum()))
-        # arcface_torch: torch.rand(num_local) from the default generator, positives set to
-        # 2.0, top-k, sorted (all positives when they are more than num_sample)
-        scores = torch.rand(num_local, device=self.weight.device).to(local_labels.device)
-        scores = torch.where(positive, torch.full_like(scores, 2.0), scores)
-        index = scores.topk(num_keep).indices.sort().values
-        position = torch.full((num_local,), -1, dtype=torch.int64, device=local_labels.device)
-        position[index] = torch.arange(num_keep, device=local_labels.device)
-        remapped = torch.where(owned, position[local_labels.clamp_min(0)], local_labels)
-        return index, remapped
+    def _draw_scores(self, num_local: int) -> Tensor:
+        # arcface_torch: torch.rand(num_local) from the default generator; the positives then
+        # score 2.0 and the top-k are kept, sorted (all positives when they are more)
+        return torch.rand(num_local, device=self.weight.device)
 
 
 class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
