@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of this project, prepared for a lent GPU machine (one H100/H200,
+# The GPU checks of this project, prepared for a GPU machine (one H100/H200,
 # python 3.12, torch 2.11, triton 3.6, nvcc, no network, maybe no pytest plugins). Such
-# a machine is lent for about 15 minutes, its start included, and one call runs at most
-# 600 s and is then killed (SIGKILL): so the script holds one deadline (GPU_CHECK_DEADLINE,
+# a machine may be available for about 15 minutes, its start included, and one call runs
+# at most 600 s and is then killed (SIGKILL): so the script holds one deadline (GPU_CHECK_DEADLINE,
 # 580 s from its start), runs its stages in the order of their value, each under
 # min(its own cap, the time left), and writes every result into $OUT as it is produced:
 # a run cut off at any point leaves its logs and what it measured.
 #
-#   bash bench/gpu_check.sh            # run through the device tool with timeout_s=600
+#   bash bench/gpu_check.sh            # on the GPU machine, under a 600 s limit
 #
 # Stages, in this order (the cap in seconds):
 #    1 install    the package without the extension (no compiler)                     60
