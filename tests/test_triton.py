@@ -441,7 +441,7 @@ def test_gemm_backward_grid_within_cuda_limits(monkeypatch, batch, dtype):
     recorded instead of run (``check_grid`` as CUDA would refuse them), at C just past
     the boundary: every grid fits, and the chunks still cover every class once."""
     from fused_margin.triton_kernels import backward_gemm
-    from fused_margin.triton_kernels.backward import BackwardInputs
+    from fused_margin.triton_kernels.backward_common import BackwardInputs
     from fused_margin.triton_kernels.common import MAX_GRID_YZ, check_grid, default_tiles
 
     block_c = default_tiles("gemm_logits", batch, 1 << 22, 16, torch.device(DEVICE)).block_c

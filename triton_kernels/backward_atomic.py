@@ -12,8 +12,8 @@ does, through a workspace instead of atomics). Each program owns one (row block,
    atomics into ``grad_x`` (B, D) and ``grad_w`` (rows, D).
 
 The cost is order: fp32 atomics make the result depend on the order in which programs
-finish (last-bit differences from run to run), so ``backward.py`` stays the default
-(``deterministic=True``). ``grad_w`` accumulates in fp32: in place when W is fp32 (fp32
+finish (last-bit differences from run to run), so the reproducible ``backward_gemm.py``
+is the default (``backward_mode='atomic'`` picks this one). ``grad_w`` accumulates in fp32: in place when W is fp32 (fp32
 master weights, the usual mixed-precision set-up), else in an fp32 buffer of W's shape.
 Programs are ordered class block by class block, so the row blocks that share a W tile
 run side by side and read it from L2.
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import BackwardInputs, _load_row_terms, _logit_grads, kernel_arguments
+from .backward_common import BackwardInputs, _load_row_terms, _logit_grads, kernel_arguments
 from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
 from .lse_forward import num_classes_in_use
 

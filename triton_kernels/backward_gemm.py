@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import (
+from .backward_common import (
     BackwardInputs,
     _load_row_terms,
     _logit_grads,

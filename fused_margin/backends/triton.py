@@ -159,7 +159,7 @@ class TritonBackend(Backend):
         self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
         lse_neg, row_scale, col_scale, params,
     ):
-        from ..triton_kernels.backward import BackwardInputs
+        from ..triton_kernels.backward_common import BackwardInputs
 
         inputs = BackwardInputs(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
                                 row_threshold, lse_neg, row_scale, col_scale, params)
