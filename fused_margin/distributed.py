@@ -67,7 +67,6 @@ from torch import Tensor, nn
 
 from .functional import BackendName, Reduction, detached_target_cos, fused_terms, loss_from_terms
 from .heads.base import MarginHead
-from .heads.curricularface import CurricularFaceLoss
 from .kernel_params import IGNORED_LABEL
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
@@ -782,9 +781,9 @@ class ShardedMarginLoss(nn.Module):
     ) -> None:
         """The head's statistics from the global batch, identically on every rank."""
         head = self.head
-        if isinstance(head, CurricularFaceLoss):
-            # its own update_state would read its (unused) full weight
-            head.update_t(target_cos, valid)
+        # a head whose statistics need only the target cosines (CurricularFace) takes the
+        # global ones: its own update_state would read its (unused) full weight
+        if target_cos is not None and head.update_state_from_target_cos(target_cos, valid):
             return
         real = torch.cat([torch.arange(r * b_max, r * b_max + n, device=x_all.device) for r, n in enumerate(sizes)])
         labels = labels_all.index_select(0, real)

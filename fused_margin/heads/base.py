@@ -112,6 +112,13 @@ class MarginHead(nn.Module):
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         """Stateful heads update their statistics here (training only)."""
 
+    def update_state_from_target_cos(self, target_cos: Tensor, valid: Tensor) -> bool:
+        """For a head whose statistics need only the rows' target cosines (B,) (``valid``:
+        rows with a target), which a class-sharded head computes from the whole weight:
+        updates them and returns True. False (the default): the statistics need the
+        embeddings, through :meth:`update_state`."""
+        return False
+
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Loss for (B, D) embeddings and (B,) integer labels (and the top-1 accuracy
         when ``return_accuracy``)."""

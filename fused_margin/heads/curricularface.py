@@ -66,6 +66,10 @@ class CurricularFaceLoss(MarginHead):
         cos = detached_target_cos(embeddings, self.weight, internal, self.spec(), None)
         self.update_t(cos, internal >= 0)
 
+    def update_state_from_target_cos(self, target_cos: Tensor, valid: Tensor) -> bool:
+        self.update_t(target_cos, valid)
+        return True
+
     @torch.no_grad()
     def update_t(self, target_cos: Tensor, valid: Tensor) -> None:
         """``t <- momentum * mean(target_cos[valid]) + (1 - momentum) * t``; unchanged
