@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from .functional import BackendName, Reduction, detached_target_cos, fused_terms, loss_from_terms
 from .heads.base import MarginHead
-from .kernel_params import IGNORED_LABEL
+from .kernel_params import IGNORED_LABEL, acc_dtype
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = [
@@ -760,7 +760,7 @@ class ShardedMarginLoss(nn.Module):
         k = self.num_subcenters
         best = argmax if class_index is None else class_index.index_select(0, argmax)
         rows = (best[:, None] * k + torch.arange(k, device=best.device)).reshape(-1)
-        acc = torch.float64 if torch.float64 in (x_all.dtype, self.weight.dtype) else torch.float32
+        acc = acc_dtype(x_all, self.weight)
         w = self.weight.index_select(0, rows).to(acc).view(best.shape[0], k, self.weight.shape[1])
         x = x_all.to(acc)
         if spec.normalize_embeddings:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _checks
 from .backends import resolve_backend
-from .kernel_params import IGNORED_LABEL, KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
 from .ops import margin_lse, prepare_labels
 from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
@@ -100,7 +100,7 @@ def detached_target_cos(
     safe = labels.clamp_min(0)
     classes = safe if class_index is None else class_index.index_select(0, safe)
     rows = (classes[:, None] * k + torch.arange(k, device=labels.device)).reshape(-1)
-    dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
+    dtype = acc_dtype(embeddings, weight)
     w = weight.index_select(0, rows).to(dtype).view(labels.shape[0], k, weight.shape[1])
     x = torch.nn.functional.normalize(embeddings.to(dtype), dim=1)
     w = torch.nn.functional.normalize(w, dim=2)

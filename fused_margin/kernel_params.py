@@ -54,12 +54,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .spec import MarginSpec, NonTargetKind
 
-__all__ = ["IGNORED_LABEL", "KernelParams"]
+__all__ = ["IGNORED_LABEL", "KernelParams", "acc_dtype"]
 
 #: the kernels' label of a row that is not part of the computation (``ignore_index``)
 IGNORED_LABEL = -2
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The ``acc`` dtype above: fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 @dataclass(frozen=True)

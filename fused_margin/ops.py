@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .kernel_params import IGNORED_LABEL, KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
 from .spec import NonTargetKind
 
 __all__ = ["label_checks", "margin_lse", "prepare_labels", "set_label_checks", "snapshot"]
@@ -33,10 +33,6 @@ def _params(
     num_subcenters: int,
 ) -> KernelParams:
     return KernelParams(normalize_x, normalize_w, scale, NonTargetKind(kind), alpha, delta, margin, num_subcenters)
-
-
-def _acc(x: Tensor, weight: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
 
 
 # The label checks read values on the host (a sync): CUDA-graph capture cannot contain
@@ -142,7 +138,7 @@ def margin_lse(
 @margin_lse.register_fake
 def _(x, weight, labels, bias, class_index, row_threshold, normalize_x, normalize_w, scale, kind, alpha, delta,
       margin, num_subcenters, backend):
-    acc = _acc(x, weight)
+    acc = acc_dtype(x, weight)
     rows = x.shape[0]
     num_cols = weight.shape[0] if class_index is None else class_index.shape[0] * num_subcenters
     vec = x.new_empty(rows, dtype=acc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernel_params import IGNORED_LABEL, KernelParams
+from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
 from .spec import MarginSpec, NonTarget, NonTargetKind
 
 __all__ = [
@@ -25,11 +25,6 @@ __all__ = [
 ]
 
 _NORM_EPS = 1e-12
-
-
-def acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: the dtype all backends accumulate in."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def used_rows(class_index: Tensor | None, num_rows: int, k: int, device: torch.device) -> Tensor | None:
