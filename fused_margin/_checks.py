@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["integer", "positive_integer", "real", "positive", "non_negative", "in_range", "choice"]
+__all__ = ["flag", "integer", "positive_integer", "real", "positive", "non_negative", "in_range", "choice"]
 
 
 def _scalar(value: object) -> object:
@@ -25,6 +25,13 @@ def _scalar(value: object) -> object:
             dtype = value.dtype
             if dtype != torch.bool and str(dtype) != "bool":
                 return value.item()
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    """``True`` or ``False`` (not a number standing for one)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 

@@ -56,12 +56,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _checks
 from .distributed import ShardedMarginLoss, full_weight_from_state_dicts, require_process_group, shard_weight
 from .functional import BackendName
 from .spec import MarginSpec
@@ -70,12 +70,6 @@ __all__ = ["CombinedMarginLoss", "PartialFC_V2", "ROW_LOSS_CAP"]
 
 #: arcface_torch clamps each row's probability of its label at 1e-30 before the log.
 ROW_LOSS_CAP: float = -math.log(1e-30)
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
 
 class CombinedMarginLoss(nn.Module):
     """arcface_torch's ``CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold=0)``.
@@ -87,9 +81,9 @@ class CombinedMarginLoss(nn.Module):
 
     def __init__(self, s: float, m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0) -> None:
         super().__init__()
-        self.s = _number("s", s)
-        self.m1, self.m2, self.m3 = _number("m1", m1), _number("m2", m2), _number("m3", m3)
-        self.interclass_filtering_threshold = _number("interclass_filtering_threshold", interclass_filtering_threshold)
+        self.s = _checks.real("s", s)
+        self.m1, self.m2, self.m3 = _checks.real("m1", m1), _checks.real("m2", m2), _checks.real("m3", m3)
+        self.interclass_filtering_threshold = _checks.real("interclass_filtering_threshold", interclass_filtering_threshold)
         if self.s <= 0:
             raise ValueError(f"s must be positive, got {s!r}")
         # the attributes arcface_torch's module carries

@@ -115,7 +115,16 @@ class NonTarget:
     @classmethod
     def filtered(cls, threshold: float) -> NonTarget:
         """Inter-class filtering: ``T(u) = u * [u <= threshold]``, ``T'(u) = [u <= threshold]``."""
-        return cls(NonTargetKind.FILTERED, margin=_finite("interclass_filtering_threshold", threshold))
+        return cls(NonTargetKind.FILTERED, margin=_checks.real("interclass_filtering_threshold", threshold))
+
+    @classmethod
+    def interclass_filtering(cls, threshold: float) -> NonTarget:
+        """The non-target transform of a cosine head: identity, or with ``threshold > 0``
+        InsightFace's inter-class filtering (0 turns it off, as in arcface_torch)."""
+        t = _checks.real("interclass_filtering_threshold", threshold)
+        if t < 0:
+            raise ValueError(f"interclass_filtering_threshold must be >= 0 (0: off), got {threshold!r}")
+        return cls() if t == 0 else cls.filtered(t)
 
     def apply(self, u: Tensor, row_threshold: Tensor | None = None) -> Tensor:
         """``T_n(u)`` for a (B, C) tensor, with autograd (used by the reference).
@@ -282,21 +291,6 @@ def lambda_schedule(step: int, base: float, gamma: float, power: float, lambda_m
     return max(lambda_min, base * (1.0 + gamma * step) ** (-power))
 
 
-def _positive(name: str, value: float) -> float:
-    return _checks.positive(name, value)
-
-
-def _finite(name: str, value: float) -> float:
-    return _checks.real(name, value)
-
-
-def _unit_interval(name: str, value: float, *, upper: float = math.pi) -> float:
-    value = _finite(name, value)
-    if not 0.0 <= value < upper:
-        raise ValueError(f"{name} must lie in [0, {upper:g}), got {value!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------------
 # Built-in target transforms. Frozen dataclasses (not closures) so that a spec has a
 # readable repr, compares by value, and pickles.
@@ -362,11 +356,9 @@ class CosineMarginTarget:
             # cos(theta + m) = c cos m - sin(theta) sin m, with no acos (exact gradient).
             sin_theta = sin_from_cos(c)
             arc = c * math.cos(m2) - sin_theta * math.sin(m2)
-            if self.easy_margin:
+            if self.beyond_pi == "easy_margin":
                 arc = torch.where(c > 0, arc, c)
-            elif self.beyond_pi == "none":
-                pass
-            else:
+            elif self.beyond_pi == "fallback":
                 arc = torch.where(c > math.cos(math.pi - m2), arc, c - m2 * math.sin(m2))
             return arc - m3
         return torch.cos(m1 * safe_acos(c) + m2) - m3
@@ -519,7 +511,7 @@ class MarginSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _positive("scale", self.scale))
+        object.__setattr__(self, "scale", _checks.positive("scale", self.scale))
         if not callable(self.target):
             raise TypeError(f"target must be callable (TargetContext -> Tensor), got {self.target!r}")
         if not isinstance(self.non_target, NonTarget):
@@ -537,16 +529,17 @@ class MarginSpec:
 
     @classmethod
     def normface(cls, scale: float = 30.0, *, interclass_filtering_threshold: float = 0.0) -> MarginSpec:
-        s = _positive("scale", scale)
-        return cls(s, LinearTarget(s), _filtering(interclass_filtering_threshold), name="normface")
+        s = _checks.positive("scale", scale)
+        return cls(s, LinearTarget(s), NonTarget.interclass_filtering(interclass_filtering_threshold), name="normface")
 
     @classmethod
     def cosface(
         cls, scale: float = 64.0, margin: float = 0.35, *, interclass_filtering_threshold: float = 0.0
     ) -> MarginSpec:
-        s = _positive("scale", scale)
+        s = _checks.positive("scale", scale)
         return cls(
-            s, CosineMarginTarget(s, m3=_finite("margin", margin)), _filtering(interclass_filtering_threshold),
+            s, CosineMarginTarget(s, m3=_checks.real("margin", margin)),
+            NonTarget.interclass_filtering(interclass_filtering_threshold),
             name="cosface",
         )
 
@@ -565,17 +558,18 @@ class MarginSpec:
         """``beyond_pi``: the target logit where ``theta + m > pi`` (see
         :class:`CosineMarginTarget`); ``interclass_filtering_threshold`` > 0: non-target
         cosines above it count as 0 (:meth:`NonTarget.filtered`; 0 turns it off)."""
-        s = _positive("scale", scale)
+        s = _checks.positive("scale", scale)
         target = CosineMarginTarget(
             s,
-            m2=_unit_interval("margin", margin),
+            m2=_checks.in_range("margin", margin, 0.0, math.pi),
             easy_margin=easy_margin,
-            straight_through=_flag("straight_through", straight_through),
+            straight_through=_checks.flag("straight_through", straight_through),
             beyond_pi=beyond_pi,
         )
         name = "arcface" if num_subcenters == 1 else "subcenter_arcface"
         return cls(
-            s, target, _filtering(interclass_filtering_threshold), num_subcenters=num_subcenters, name=name
+            s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), num_subcenters=num_subcenters,
+            name=name,
         )
 
     @classmethod
@@ -590,16 +584,16 @@ class MarginSpec:
     ) -> MarginSpec:
         """``z_y = s * (cos(m1 * theta + m2) - m3)``; ``beyond_pi`` applies when ``m1 = 1``
         (:class:`CosineMarginTarget`), ``straight_through`` gives the gradient of ``s * c``."""
-        s = _positive("scale", scale)
+        s = _checks.positive("scale", scale)
         if not isinstance(margins, (tuple, list)) or len(margins) != 3:
             raise ValueError(f"margins must be (m1, m2, m3), got {margins!r}")
-        m1 = _positive("margins[0] (m1)", margins[0])
-        m2 = _unit_interval("margins[1] (m2)", margins[1])
-        m3 = _finite("margins[2] (m3)", margins[2])
+        m1 = _checks.positive("margins[0] (m1)", margins[0])
+        m2 = _checks.in_range("margins[1] (m2)", margins[1], 0.0, math.pi)
+        m3 = _checks.real("margins[2] (m3)", margins[2])
         target = CosineMarginTarget(
-            s, m1=m1, m2=m2, m3=m3, straight_through=_flag("straight_through", straight_through), beyond_pi=beyond_pi
+            s, m1=m1, m2=m2, m3=m3, straight_through=_checks.flag("straight_through", straight_through), beyond_pi=beyond_pi
         )
-        return cls(s, target, _filtering(interclass_filtering_threshold), name="combined")
+        return cls(s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="combined")
 
     @classmethod
     def sphereface(
@@ -624,25 +618,25 @@ class MarginSpec:
 
     @classmethod
     def cs_softmax(cls, scale: float = 30.0, margin: float = 0.35, weight_update_factor: float = 1.0) -> MarginSpec:
-        s = _positive("scale", scale)
-        alpha = _positive("weight_update_factor", weight_update_factor)
+        s = _checks.positive("scale", scale)
+        alpha = _checks.positive("weight_update_factor", weight_update_factor)
         return cls(
             s,
-            CosineMarginTarget(s, m3=_finite("margin", margin)),
+            CosineMarginTarget(s, m3=_checks.real("margin", margin)),
             NonTarget(NonTargetKind.AFFINE, alpha=alpha),
             name="cs_softmax",
         )
 
     @classmethod
     def so_softmax(cls, scale: float = 64.0, margin: float = 0.25) -> MarginSpec:
-        s = _positive("scale", scale)
-        m = _finite("margin", margin)
+        s = _checks.positive("scale", scale)
+        m = _checks.real("margin", margin)
         return cls(s, GoalOrientedTarget(s, m), NonTarget(NonTargetKind.QUADRATIC, margin=m), name="so_softmax")
 
     @classmethod
     def circle(cls, scale: float = 256.0, margin: float = 0.25) -> MarginSpec:
-        s = _positive("scale", scale)
-        m = _finite("margin", margin)
+        s = _checks.positive("scale", scale)
+        m = _checks.real("margin", margin)
         return cls(
             s,
             GoalOrientedTarget(s, m, detached=True),
@@ -654,29 +648,14 @@ class MarginSpec:
     def curricularface(
         cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0, *, straight_through: bool = False
     ) -> MarginSpec:
-        s = _positive("scale", scale)
-        m = _unit_interval("margin", margin)
+        s = _checks.positive("scale", scale)
+        m = _checks.in_range("margin", margin, 0.0, math.pi)
         return cls(
             s,
-            CosineMarginTarget(s, m2=m, straight_through=_flag("straight_through", straight_through)),
-            NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _finite("t", t)),
+            CosineMarginTarget(s, m2=m, straight_through=_checks.flag("straight_through", straight_through)),
+            NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _checks.real("t", t)),
             name="curricularface",
         )
-
-
-def _flag(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _filtering(threshold: float) -> NonTarget:
-    """The non-target transform of a cosine head: identity, or with ``threshold > 0``
-    InsightFace's inter-class filtering (0 turns it off, as in arcface_torch)."""
-    t = _finite("interclass_filtering_threshold", threshold)
-    if t < 0:
-        raise ValueError(f"interclass_filtering_threshold must be >= 0 (0: off), got {threshold!r}")
-    return NonTarget() if t == 0 else NonTarget.filtered(t)
 
 
 def _lambda_schedule_args(lam: float, gamma: float, power: float, lam_min: float) -> tuple[float, ...]:

@@ -5,12 +5,14 @@ of the batch's norm statistics, momentum ``t_alpha``), the target logit is
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _checks
 from ..ops import prepare_labels
-from ..spec import AdaptiveMarginTarget, MarginSpec, StraightThroughTarget, _filtering, _flag, _positive, _unit_interval
+from ..spec import AdaptiveMarginTarget, MarginSpec, NonTarget, StraightThroughTarget
 from .base import MarginHead
 
 
@@ -33,9 +35,9 @@ class AdaFaceLoss(MarginHead):
         straight_through: bool = False,
         **kwargs,
     ) -> None:
-        scale = _positive("scale", scale)
-        margin = _unit_interval("margin", margin)
-        h = _positive("h", h)
+        scale = _checks.positive("scale", scale)
+        margin = _checks.in_range("margin", margin, 0.0, math.pi)
+        h = _checks.positive("h", h)
         t_alpha = _checks.in_range("t_alpha", t_alpha, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.h, self.t_alpha = scale, margin, h, t_alpha
@@ -47,9 +49,9 @@ class AdaFaceLoss(MarginHead):
         # The target reads the statistics through this bound method, so the spec stays
         # one constant object (and follows the buffers across .to(device)).
         target = AdaptiveMarginTarget(scale, margin, self.norm_scaler)
-        if _flag("straight_through", straight_through):
+        if _checks.flag("straight_through", straight_through):
             target = StraightThroughTarget(target, scale)
-        self._spec = MarginSpec(scale, target, _filtering(interclass_filtering_threshold), name="adaface")
+        self._spec = MarginSpec(scale, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="adaface")
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)

@@ -7,15 +7,7 @@ from __future__ import annotations
 import math
 
 from .. import _checks
-from ..spec import (
-    MagFaceRegularizer,
-    MagnitudeAwareTarget,
-    MarginSpec,
-    StraightThroughTarget,
-    _filtering,
-    _flag,
-    _positive,
-)
+from ..spec import MagFaceRegularizer, MagnitudeAwareTarget, MarginSpec, NonTarget, StraightThroughTarget
 from .base import MarginHead
 
 
@@ -35,20 +27,20 @@ class MagFaceLoss(MarginHead):
         straight_through: bool = False,
         **kwargs,
     ) -> None:
-        if _positive("upper_norm", upper_norm) <= _positive("lower_norm", lower_norm):
+        if _checks.positive("upper_norm", upper_norm) <= _checks.positive("lower_norm", lower_norm):
             raise ValueError(f"upper_norm ({upper_norm!r}) must exceed lower_norm ({lower_norm!r})")
-        scale, lower_norm, upper_norm = _positive("scale", scale), float(lower_norm), float(upper_norm)
+        scale, lower_norm, upper_norm = _checks.positive("scale", scale), float(lower_norm), float(upper_norm)
         # margins are angles: (0, pi)
         lower_margin = _checks.in_range("lower_margin", lower_margin, 0.0, math.pi, low_open=True)
         upper_margin = _checks.in_range("upper_margin", upper_margin, 0.0, math.pi, low_open=True)
         regularizer_weight = _checks.non_negative("regularizer_weight", regularizer_weight)
         super().__init__(num_classes, embedding_size, **kwargs)
         target = MagnitudeAwareTarget(scale, lower_norm, upper_norm, lower_margin, upper_margin)
-        if _flag("straight_through", straight_through):
+        if _checks.flag("straight_through", straight_through):
             target = StraightThroughTarget(target, scale)
         reg = MagFaceRegularizer(regularizer_weight, lower_norm, upper_norm)
         self._spec = MarginSpec(
-            scale, target, _filtering(interclass_filtering_threshold), regularizer=reg, name="magface"
+            scale, target, NonTarget.interclass_filtering(interclass_filtering_threshold), regularizer=reg, name="magface"
         )
 
     def spec(self) -> MarginSpec:
