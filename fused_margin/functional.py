@@ -10,7 +10,8 @@ from torch import Tensor
 from . import _checks
 from .backends import resolve_backend
 from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
-from .ops import margin_lse, prepare_labels
+from .ops import OpOptions, forward_args, margin_lse, prepare_labels
+from .optim.registry import fused_optimizer_handle
 from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
@@ -148,11 +149,8 @@ def fused_terms(
                                    native_gemm=True)
     else:
         name = resolve_backend(backend, embeddings, weight, params)
-        args = (
-            embeddings, weight, labels, bias, class_index, row_threshold,
-            params.normalize_x, params.normalize_w, params.scale, int(params.kind), params.alpha,
-            params.delta, params.margin, params.num_subcenters, name,
-        )
+        args = forward_args(embeddings, weight, labels, bias, class_index, row_threshold, params,
+                            OpOptions(name, fused_optimizer_handle(weight)))
         if torch.compiler.is_compiling():
             outputs = margin_lse(*args)
         else:

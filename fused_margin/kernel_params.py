@@ -52,13 +52,14 @@ Outputs ``(grad_x, grad_weight, grad_bias)`` in the dtypes and shapes of x, weig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+from torch import Tensor
 
 from .spec import MarginSpec, NonTargetKind
 
-__all__ = ["IGNORED_LABEL", "KernelParams", "acc_dtype"]
+__all__ = ["IGNORED_LABEL", "KernelParams", "SavedTensors", "UpstreamGrads", "acc_dtype", "values"]
 
 #: the kernels' label of a row that is not part of the computation (``ignore_index``)
 IGNORED_LABEL = -2
@@ -69,8 +70,16 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def values(bundle) -> tuple:
+    """A bundle's fields in their declared order (``type(bundle)(*values(bundle))``
+    rebuilds it): what the flat custom-op schemas of :mod:`fused_margin.ops` carry."""
+    return tuple(getattr(bundle, f.name) for f in fields(bundle))
+
+
 @dataclass(frozen=True)
 class KernelParams:
+    """The operation's scalar parameters (the math above)."""
+
     normalize_x: bool
     normalize_w: bool
     scale: float
@@ -80,12 +89,13 @@ class KernelParams:
     margin: float = 0.0
     num_subcenters: int = 1
 
+    def __post_init__(self) -> None:
+        # a flat schema carries the kind as an int
+        object.__setattr__(self, "kind", NonTargetKind(self.kind))
+
     def as_tuple(self) -> tuple:
         """The fields in order, as plain Python values (``KernelParams(*t)`` rebuilds it)."""
-        return (
-            self.normalize_x, self.normalize_w, self.scale, self.kind, self.alpha, self.delta,
-            self.margin, self.num_subcenters,
-        )
+        return values(self)
 
     @classmethod
     def from_spec(cls, spec: MarginSpec) -> KernelParams:
@@ -100,3 +110,29 @@ class KernelParams:
             margin=float(nt.margin),
             num_subcenters=int(spec.num_subcenters),
         )
+
+
+@dataclass(frozen=True)
+class UpstreamGrads:
+    """The backward's upstream gradients: of the loss w.r.t. ``lse_neg``, ``target_u`` and
+    ``sum_neg``, (B,) each in the acc dtype (zeros for an output the loss did not use)."""
+
+    grad_lse: Tensor
+    grad_target_u: Tensor
+    grad_sum: Tensor
+
+
+@dataclass(frozen=True)
+class SavedTensors:
+    """What the backward reads of its forward: the forward's inputs and the saved outputs
+    ``lse_neg``, ``row_scale`` and ``col_scale``."""
+
+    x: Tensor
+    weight: Tensor
+    labels: Tensor
+    bias: Tensor | None
+    class_index: Tensor | None
+    row_threshold: Tensor | None
+    lse_neg: Tensor
+    row_scale: Tensor
+    col_scale: Tensor

@@ -9,30 +9,17 @@ the compiler: ``fullgraph=True`` sees no graph break).
 from __future__ import annotations
 
 import os
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
-from .spec import NonTargetKind
+from .kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype, values
 
-__all__ = ["label_checks", "margin_lse", "prepare_labels", "set_label_checks", "snapshot"]
+__all__ = ["OpOptions", "forward_args", "label_checks", "margin_lse", "prepare_labels", "set_label_checks", "snapshot"]
 
 _OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-def _params(
-    normalize_x: bool,
-    normalize_w: bool,
-    scale: float,
-    kind: int,
-    alpha: float,
-    delta: float,
-    margin: float,
-    num_subcenters: int,
-) -> KernelParams:
-    return KernelParams(normalize_x, normalize_w, scale, NonTargetKind(kind), alpha, delta, margin, num_subcenters)
 
 
 # The label checks read values on the host (a sync): CUDA-graph capture cannot contain
@@ -109,38 +96,84 @@ def _(labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor |
     return torch.empty_like(labels, dtype=torch.int64)
 
 
-@torch.library.custom_op("fused_margin::margin_lse", mutates_args=())
-def margin_lse(
-    x: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    class_index: Tensor | None,
-    row_threshold: Tensor | None,
-    normalize_x: bool,
-    normalize_w: bool,
-    scale: float,
-    kind: int,
-    alpha: float,
-    delta: float,
-    margin: float,
-    num_subcenters: int,
-    backend: str,
-) -> _OUT:
+# ---- the flat schemas, generated from the bundles' fields ------------------------------
+#
+# A custom op's schema must be flat (Tensors and scalars: what makes ``fullgraph=True``
+# see no graph break). Below it, everything travels as the bundles of
+# :mod:`fused_margin.kernel_params`; this is the one place that flattens and unflattens.
+
+
+@dataclass(frozen=True)
+class OpOptions:
+    """How the operation runs: the backend's name, and the fused optimizer that updates
+    the weight inside the backward (:mod:`fused_margin.optim`; 0: none, the backward
+    returns the weight's gradient)."""
+
+    backend: str
+    optimizer: int = 0
+
+
+_SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "bool": "bool", "float": "float", "int": "int",
+                 "str": "str", "NonTargetKind": "int"}
+_FORWARD_INPUTS = fields(SavedTensors)[:6]  # x, weight, labels, bias, class_index, row_threshold
+_FORWARD_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
+def _schema(groups, returns: str) -> str:
+    flat = [f for group in groups for f in group]
+    args = []
+    trailing_defaults = True  # a schema's defaults can only end it
+    for f in reversed(flat):
+        arg = f"{_SCHEMA_TYPES[str(f.type)]} {f.name}"
+        trailing_defaults = trailing_defaults and f.default is not MISSING
+        if trailing_defaults:
+            arg += f"={f.default!r}"
+        args.append(arg)
+    return f"({', '.join(reversed(args))}) -> {returns}"
+
+
+def _unflatten(flat: tuple, *classes) -> list:
+    """``flat`` cut into one instance of each class, in order (a class's fields)."""
+    out, at = [], 0
+    for cls in classes:
+        n = len(fields(cls))
+        out.append(cls(*flat[at:at + n]))
+        at += n
+    return out
+
+
+def _forward_inputs(flat: tuple) -> tuple[tuple, KernelParams, OpOptions]:
+    n = len(_FORWARD_INPUTS)
+    params, options = _unflatten(flat[n:], KernelParams, OpOptions)
+    return flat[:n], params, options
+
+
+@torch.library.custom_op(
+    "fused_margin::margin_lse", mutates_args=(),
+    schema=_schema((_FORWARD_INPUTS, fields(KernelParams), fields(OpOptions)), _FORWARD_OUTPUTS),
+)
+def margin_lse(*flat) -> _OUT:
     """``(lse_neg, target_u, sum_neg, argmax, row_scale, col_scale)``; see
-    :mod:`fused_margin.kernel_params` for the math."""
-    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters)
-    outputs = get_backend(backend).forward(x, weight, labels, bias, class_index, row_threshold, params)
+    :mod:`fused_margin.kernel_params` for the math. Arguments: the six forward inputs,
+    then the fields of :class:`KernelParams` and :class:`OpOptions` (:func:`forward_args`)."""
+    inputs, params, options = _forward_inputs(flat)
+    outputs = get_backend(options.backend).forward(*inputs, params)
     # custom ops may not return views of their inputs
     return tuple(o.clone() if o._base is not None else o for o in outputs)  # type: ignore[return-value]
 
 
+def forward_args(x, weight, labels, bias, class_index, row_threshold, params: KernelParams,
+                 options: OpOptions) -> tuple:
+    """``margin_lse``'s flat arguments."""
+    return (x, weight, labels, bias, class_index, row_threshold, *values(params), *values(options))
+
+
 @margin_lse.register_fake
-def _(x, weight, labels, bias, class_index, row_threshold, normalize_x, normalize_w, scale, kind, alpha, delta,
-      margin, num_subcenters, backend):
+def _(*flat):
+    (x, weight, _labels, _bias, class_index, _threshold), params, _options = _forward_inputs(flat)
     acc = acc_dtype(x, weight)
     rows = x.shape[0]
-    num_cols = weight.shape[0] if class_index is None else class_index.shape[0] * num_subcenters
+    num_cols = weight.shape[0] if class_index is None else class_index.shape[0] * params.num_subcenters
     vec = x.new_empty(rows, dtype=acc)
     return (
         vec,
@@ -152,60 +185,46 @@ def _(x, weight, labels, bias, class_index, row_threshold, normalize_x, normaliz
     )
 
 
-@torch.library.custom_op("fused_margin::margin_lse_backward", mutates_args=())
-def margin_lse_backward(
-    grad_lse: Tensor,
-    grad_target_u: Tensor,
-    grad_sum: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    class_index: Tensor | None,
-    row_threshold: Tensor | None,
-    lse_neg: Tensor,
-    row_scale: Tensor,
-    col_scale: Tensor,
-    normalize_x: bool,
-    normalize_w: bool,
-    scale: float,
-    kind: int,
-    alpha: float,
-    delta: float,
-    margin: float,
-    num_subcenters: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_weight, grad_bias)``; grad_bias is an empty tensor without bias."""
-    params = _params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters)
-    grad_x, grad_w, grad_b = get_backend(backend).backward(
-        grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params,
-    )
-    if grad_b is None:
-        grad_b = x.new_empty(0)
-    return grad_x, grad_w, grad_b
+_BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions)
+
+
+@torch.library.custom_op(
+    "fused_margin::margin_lse_backward", mutates_args=(),
+    schema=_schema([fields(c) for c in _BACKWARD_CLASSES], "(Tensor, Tensor, Tensor)"),
+)
+def margin_lse_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; grad_bias is an empty tensor without bias, and
+    so is grad_weight when a fused optimizer updated the weight instead. Arguments: the
+    fields of :class:`UpstreamGrads`, :class:`SavedTensors`, :class:`KernelParams` and
+    :class:`OpOptions`, in order."""
+    grads, saved, params, options = _unflatten(flat, *_BACKWARD_CLASSES)
+    backend = get_backend(options.backend)
+    if options.optimizer:
+        from .optim import run_fused_backward
+
+        grad_x, grad_b = run_fused_backward(backend, grads, saved, params, options.optimizer)
+        grad_w = None
+    else:
+        grad_x, grad_w, grad_b = backend.backward(grads, saved, params)
+    empty = saved.x.new_empty(0)
+    return grad_x, empty if grad_w is None else grad_w, empty if grad_b is None else grad_b
 
 
 @margin_lse_backward.register_fake
-def _(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold, lse_neg,
-      row_scale, col_scale, normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters,
-      backend):
+def _(*flat):
+    _grads, saved, _params, options = _unflatten(flat, *_BACKWARD_CLASSES)
+    x, weight, bias = saved.x, saved.weight, saved.bias
+    grad_w = x.new_empty(0) if options.optimizer else torch.empty_like(weight)
     grad_b = x.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(x), torch.empty_like(weight), grad_b
-
-
-_SCALAR_INPUTS = ("normalize_x", "normalize_w", "scale", "kind", "alpha", "delta", "margin", "num_subcenters",
-                  "backend")
+    return torch.empty_like(x), grad_w, grad_b
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, labels, bias, class_index, row_threshold, *scalars = inputs
+    tensors, params, options = _forward_inputs(tuple(inputs))
+    x, weight, labels, bias, class_index, row_threshold = tensors
     lse_neg, _target_u, _sum_neg, argmax, row_scale, col_scale = output
-    ctx.scalars = scalars
-    ctx.has_bias = bias is not None
-    ctx.has_index = class_index is not None
-    ctx.has_threshold = row_threshold is not None
+    ctx.params, ctx.options = params, options
+    ctx.optional = (bias is not None, class_index is not None, row_threshold is not None)
     saved = [x, weight, labels, lse_neg, row_scale, col_scale]
     saved += [t for t in (bias, class_index, row_threshold) if t is not None]
     ctx.save_for_backward(*saved)
@@ -215,19 +234,17 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _grad_q):
     x, weight, labels, lse_neg, row_scale, col_scale, *optional = ctx.saved_tensors
     it = iter(optional)
-    bias = next(it) if ctx.has_bias else None
-    class_index = next(it) if ctx.has_index else None
-    row_threshold = next(it) if ctx.has_threshold else None
+    bias, class_index, row_threshold = (next(it) if present else None for present in ctx.optional)
     zeros = torch.zeros_like(lse_neg)
     # An output the loss does not use arrives as None.
-    grad_lse = zeros if grad_lse is None else grad_lse
-    grad_target_u = zeros if grad_target_u is None else grad_target_u
-    grad_sum = zeros if grad_sum is None else grad_sum
+    grads = UpstreamGrads(*(zeros if g is None else g.contiguous() for g in (grad_lse, grad_target_u, grad_sum)))
+    saved = SavedTensors(x, weight, labels, bias, class_index, row_threshold, lse_neg, row_scale, col_scale)
     grad_x, grad_w, grad_b = margin_lse_backward(
-        grad_lse.contiguous(), grad_target_u.contiguous(), grad_sum.contiguous(), x, weight, labels, bias,
-        class_index, row_threshold, lse_neg, row_scale, col_scale, *ctx.scalars,
+        *values(grads), *values(saved), *values(ctx.params), *values(ctx.options)
     )
-    return (grad_x, grad_w, None, grad_b if ctx.has_bias else None) + (None,) * (2 + len(_SCALAR_INPUTS))
+    grad_w = None if ctx.options.optimizer else grad_w
+    num_inputs = len(_FORWARD_INPUTS) + len(fields(KernelParams)) + len(fields(OpOptions))
+    return (grad_x, grad_w, None, grad_b if bias is not None else None) + (None,) * (num_inputs - 4)
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -241,7 +258,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def _backward_setup_context(ctx, inputs, output) -> None:
-    ctx.backend = inputs[-1]
+    ctx.backend = _unflatten(tuple(inputs), *_BACKWARD_CLASSES)[-1].backend
 
 
 # Without a formula, PyTorch's own error would ask for register_autograd.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
+from .kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype
 from .spec import MarginSpec, NonTarget, NonTargetKind
 
 __all__ = [
@@ -127,19 +127,13 @@ def non_target_derivative(u: Tensor, params: KernelParams, row_threshold: Tensor
 
 @torch.no_grad()
 def reference_backward(
-    grad_lse: Tensor,
-    grad_target_u: Tensor,
-    grad_sum: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    class_index: Tensor | None,
-    row_threshold: Tensor | None,
-    params: KernelParams,
+    grads: UpstreamGrads, saved: SavedTensors, params: KernelParams
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The backward of :func:`margin_lse_terms`, written out with the formulas of
     :mod:`fused_margin.kernel_params` (the same steps a kernel takes, on whole matrices)."""
+    grad_lse, grad_target_u, grad_sum = grads.grad_lse, grads.grad_target_u, grads.grad_sum
+    x, weight, labels, bias = saved.x, saved.weight, saved.labels, saved.bias
+    class_index, row_threshold = saved.class_index, saved.row_threshold
     dtype = acc_dtype(x, weight)
     k = params.num_subcenters
     ignored = labels <= IGNORED_LABEL

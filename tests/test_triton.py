@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import fused_margin as fm
 from fused_margin import BackendUnavailableError, MarginSpec
 from fused_margin.backends.triton import BACKEND
-from fused_margin.kernel_params import KernelParams
+from fused_margin.kernel_params import KernelParams, SavedTensors, UpstreamGrads
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
@@ -458,9 +458,9 @@ def test_gemm_backward_grid_within_cuda_limits(monkeypatch, batch, dtype):
     w = torch.randn(8, dim).to(dtype)  # few rows: the classes in use come from class_index
     f32 = {"dtype": torch.float32}
     inputs = BackwardInputs(
-        torch.ones(batch, **f32), torch.zeros(batch, **f32), torch.zeros(batch, **f32), x, w,
-        torch.zeros(batch, dtype=torch.int64), None, torch.arange(num_classes) % 8, None,
-        torch.zeros(batch, **f32), torch.ones(batch, **f32), torch.ones(num_classes, **f32),
+        UpstreamGrads(torch.ones(batch, **f32), torch.zeros(batch, **f32), torch.zeros(batch, **f32)),
+        SavedTensors(x, w, torch.zeros(batch, dtype=torch.int64), None, torch.arange(num_classes) % 8, None,
+                     torch.zeros(batch, **f32), torch.ones(batch, **f32), torch.ones(num_classes, **f32)),
         KernelParams.from_spec(HEAD_SPECS["cosface"]),
     )
     backward_gemm.margin_lse_bwd_gemm(inputs)

@@ -6,13 +6,11 @@ and the kernels' common arguments. The variants: ``backward_gemm.py`` (the defau
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from fused_margin.kernel_params import KernelParams
+from fused_margin.kernel_params import KernelParams, SavedTensors, UpstreamGrads
 from fused_margin.spec import NonTargetKind
 
 from .common import IGNORED, KIND_CURRICULAR, _non_target, _non_target_grad, dot_in_fp32
@@ -71,23 +69,19 @@ def _logit_grads(
     return dz, du
 
 
-class BackwardInputs(NamedTuple):
-    """What every Triton backward takes: the backend contract's backward arguments (see
-    :mod:`fused_margin.kernel_params`), in its order."""
+class BackwardInputs:
+    """What every Triton backward takes: the backend contract's backward bundles (see
+    :mod:`fused_margin.kernel_params`), their fields readable by name."""
 
-    grad_lse: torch.Tensor
-    grad_target_u: torch.Tensor
-    grad_sum: torch.Tensor
-    x: torch.Tensor
-    weight: torch.Tensor
-    labels: torch.Tensor
-    bias: torch.Tensor | None
-    class_index: torch.Tensor | None
-    row_threshold: torch.Tensor | None
-    lse_neg: torch.Tensor
-    row_scale: torch.Tensor
-    col_scale: torch.Tensor
-    params: KernelParams
+    def __init__(self, grads: UpstreamGrads, saved: SavedTensors, params: KernelParams) -> None:
+        self.grads, self.saved, self.params = grads, saved, params
+
+    def __getattr__(self, name: str):
+        # only reached for names that are not attributes: a field of one of the bundles
+        for bundle in (self.__dict__.get("grads"), self.__dict__.get("saved")):
+            if bundle is not None and hasattr(bundle, name):
+                return getattr(bundle, name)
+        raise AttributeError(name)
 
 
 def zero_gradients(

@@ -13,11 +13,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..kernel_params import KernelParams
+from ..kernel_params import KernelParams, SavedTensors, UpstreamGrads
+
+if TYPE_CHECKING:
+    from ..optim.update import WeightUpdate
 
 __all__ = ["Backend", "BackendUnavailableError", "available_backends", "get_backend", "resolve_backend"]
 
@@ -50,22 +54,16 @@ class Backend:
         raise NotImplementedError
 
     def backward(
-        self,
-        grad_lse: Tensor,
-        grad_target_u: Tensor,
-        grad_sum: Tensor,
-        x: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        bias: Tensor | None,
-        class_index: Tensor | None,
-        row_threshold: Tensor | None,
-        lse_neg: Tensor,
-        row_scale: Tensor,
-        col_scale: Tensor,
-        params: KernelParams,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        self, grads: UpstreamGrads, saved: SavedTensors, params: KernelParams, update: WeightUpdate | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(grad_x, grad_weight, grad_bias)``. With ``update`` (a fused optimizer,
+        :mod:`fused_margin.optim`), the backend applies it to the weight rows in use chunk by
+        chunk as their gradients are formed, and returns None for the weight's gradient;
+        :attr:`fused_updates` says whether a backend can."""
         raise NotImplementedError
+
+    #: whether :meth:`backward` applies a fused optimizer's update itself
+    fused_updates: bool = False
 
 
 @cache

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _ext
-from ..kernel_params import KernelParams
+from ..kernel_params import KernelParams, values
 from . import Backend
 
 
@@ -26,19 +26,12 @@ class ExtensionBackend(Backend):
 
     def forward(self, x, weight, labels, bias, class_index, row_threshold, params: KernelParams):
         return _ext.ops().margin_lse_fwd(
-            x, weight, labels, bias, class_index, row_threshold, params.normalize_x, params.normalize_w,
-            params.scale, int(params.kind), params.alpha, params.delta, params.margin,
-            params.num_subcenters, self.chunk_size,
+            x, weight, labels, bias, class_index, row_threshold, *values(params), self.chunk_size,
         )
 
-    def backward(
-        self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params: KernelParams,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def backward(self, grads, saved, params: KernelParams, update=None) -> tuple[Tensor, Tensor, Tensor | None]:
+        # the extension's flat schema: the bundles' fields in order, then the chunk size
         grad_x, grad_w, grad_b = _ext.ops().margin_lse_bwd(
-            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-            lse_neg, row_scale, col_scale, params.normalize_x, params.normalize_w, params.scale,
-            int(params.kind), params.alpha, params.delta, params.margin, params.num_subcenters,
-            self.chunk_size,
+            *values(grads), *values(saved), *values(params), self.chunk_size
         )
-        return grad_x, grad_w, (grad_b if bias is not None else None)
+        return grad_x, grad_w, (grad_b if saved.bias is not None else None)

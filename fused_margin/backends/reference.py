@@ -15,13 +15,8 @@ class ReferenceBackend(Backend):
         outputs = margin_lse_terms(x, weight, labels, bias, class_index, row_threshold, params)
         return tuple(t.detach() for t in outputs)
 
-    def backward(
-        self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params,
-    ):
-        return reference_backward(
-            grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold, params
-        )
+    def backward(self, grads, saved, params, update=None):
+        return reference_backward(grads, saved, params)
 
 
 BACKEND = ReferenceBackend()

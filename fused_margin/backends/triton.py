@@ -155,14 +155,11 @@ class TritonBackend(Backend):
             input_precision=self.precision(), tiles=self.tiles.get("forward"),
         )
 
-    def backward(
-        self, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-        lse_neg, row_scale, col_scale, params,
-    ):
+    def backward(self, grads, saved, params, update=None):
         from ..triton_kernels.backward_common import BackwardInputs
 
-        inputs = BackwardInputs(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
-                                row_threshold, lse_neg, row_scale, col_scale, params)
+        inputs = BackwardInputs(grads, saved, params)
+        x, weight = saved.x, saved.weight
         options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32(x.dtype, weight.dtype))
         if self._fp16_range_safe(x.dtype, weight.dtype):
             options["input_precision"] = "tf32"

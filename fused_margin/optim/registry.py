@@ -1,0 +1,38 @@
+"""Which class weights have an optimizer fused into the backward, found from the weight
+itself (an attribute on the parameter: readable by ``torch.compile`` as a constant)."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+from torch import Tensor
+
+__all__ = ["ATTRIBUTE", "fused_optimizer_handle", "lookup", "register"]
+
+#: the parameter attribute that holds its handle (an int > 0)
+ATTRIBUTE = "_fused_margin_optimizer"
+
+_handles = itertools.count(1)
+_registry: dict[int, weakref.ref] = {}
+
+
+def fused_optimizer_handle(weight: Tensor) -> int:
+    """The handle of the fused optimizer that updates ``weight`` in the backward; 0: none."""
+    return getattr(weight, ATTRIBUTE, 0)
+
+
+def register(weight: Tensor, owner) -> int:
+    """Attaches ``owner`` (what applies the update) to ``weight``; returns the handle."""
+    handle = next(_handles)
+    _registry[handle] = weakref.ref(owner)
+    setattr(weight, ATTRIBUTE, handle)
+    return handle
+
+
+def lookup(handle: int):
+    owner = _registry.get(handle)
+    owner = None if owner is None else owner()
+    if owner is None:
+        raise RuntimeError(f"the fused optimizer (handle {handle}) of this weight no longer exists")
+    return owner

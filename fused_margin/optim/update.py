@@ -1,0 +1,109 @@
+"""One optimizer step on rows of the class weights: the contract every backend's fused
+update follows, and its PyTorch definition (the specification the kernels are tested
+against).
+
+For a row ``w`` with gradient ``g`` (computed in the acc dtype, fp32 or fp64; ``w`` and
+its state are read in their own dtype, the math is done in the acc dtype and the results
+are rounded once to the stored dtype), in this order, as ``torch.optim`` does with
+``foreach=False``:
+
+``UPDATE_SGD`` (state: ``(momentum_buffer,)`` when momentum != 0, else ``()``)
+    g = -g if maximize
+    g = g + weight_decay * w                         (weight_decay != 0)
+    buf = g if first_step else momentum * buf + (1 - dampening) * g   (momentum != 0)
+    g = g + momentum * buf if nesterov else buf                       (momentum != 0)
+    w = w - lr * g
+
+``UPDATE_ADAM`` (state: ``(exp_avg, exp_avg_sq)``; ``decoupled``: AdamW)
+    g = -g if maximize
+    w = w * (1 - lr * weight_decay) if decoupled, else g = g + weight_decay * w
+    m = m + (1 - beta1) * (g - m)
+    v = beta2 * v + (1 - beta2) * g * g
+    w = w - (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + eps)
+
+``bias_correction1 = 1 - beta1**t`` and ``bias_correction2_sqrt = sqrt(1 - beta2**t)``
+for the step ``t`` being taken (host scalars, computed once per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["UPDATE_ADAM", "UPDATE_SGD", "WeightUpdate", "apply_update_"]
+
+UPDATE_SGD = 1
+UPDATE_ADAM = 2
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """One step of a fused optimizer, resolved to host scalars; ``state`` holds tensors of
+    the weight's shape, indexed by weight row like the weight itself."""
+
+    kind: int
+    lr: float
+    weight_decay: float = 0.0
+    maximize: bool = False
+    # SGD
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    first_step: bool = False
+    # Adam / AdamW
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    decoupled: bool = False
+    bias_correction1: float = 1.0
+    bias_correction2_sqrt: float = 1.0
+    state: tuple[Tensor, ...] = ()
+
+    def scalars(self) -> tuple[float, ...]:
+        """The scalars in the order the compiled kernels take them."""
+        return (
+            float(self.kind), self.lr, self.weight_decay, float(self.maximize), self.momentum, self.dampening,
+            float(self.nesterov), float(self.first_step), self.beta1, self.beta2, self.eps,
+            float(self.decoupled), self.bias_correction1, self.bias_correction2_sqrt,
+        )
+
+
+def apply_update_(update: WeightUpdate, w: Tensor, state: tuple[Tensor, ...], grad: Tensor) -> None:
+    """Applies ``update`` in place to the rows ``w`` (a view of the weight) and their
+    ``state`` (views of the state tensors at the same rows), with ``grad`` their gradient."""
+    acc = grad.dtype if grad.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    wf = w.to(acc)
+    if update.maximize:
+        g = -g
+    if update.kind == UPDATE_SGD:
+        if update.weight_decay != 0:
+            g = g + update.weight_decay * wf
+        if update.momentum != 0:
+            (buf_t,) = state
+            if update.first_step:
+                buf = g
+            else:
+                buf = update.momentum * buf_t.to(acc) + (1 - update.dampening) * g
+            buf_t.copy_(buf)
+            g = g + update.momentum * buf if update.nesterov else buf
+        wf = wf - update.lr * g
+    elif update.kind == UPDATE_ADAM:
+        m_t, v_t = state
+        if update.weight_decay != 0:
+            if update.decoupled:
+                wf = wf * (1 - update.lr * update.weight_decay)
+            else:
+                g = g + update.weight_decay * wf
+        m = m_t.to(acc)
+        m = m + (1 - update.beta1) * (g - m)
+        v = update.beta2 * v_t.to(acc) + (1 - update.beta2) * g * g
+        m_t.copy_(m)
+        v_t.copy_(v)
+        denom = v.sqrt() / update.bias_correction2_sqrt + update.eps
+        wf = wf - (update.lr / update.bias_correction1) * m / denom
+    else:
+        raise ValueError(f"unknown update kind {update.kind}")
+    w.copy_(wf)
