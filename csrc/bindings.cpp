@@ -1,4 +1,5 @@
-// The extension's op declarations: fused_margin_C::margin_lse_fwd / margin_lse_bwd.
+// The extension's op declarations: fused_margin_C::margin_lse_fwd / margin_lse_bwd /
+// margin_lse_bwd_update.
 //
 // Declared once here; csrc/cpu/margin_lse_cpu.cpp and csrc/cuda/margin_lse_cuda.cpp each
 // register one implementation (TORCH_LIBRARY_IMPL), so the dispatcher picks the device.
@@ -42,4 +43,16 @@ TORCH_LIBRARY(fused_margin_C, m) {
       "Tensor row_scale, Tensor col_scale, bool normalize_x, bool normalize_w, float scale, int kind, "
       "float alpha, float delta, float margin, int num_subcenters, int chunk_size=0) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // The backward with a fused optimizer step (fused_margin/optim/update.py): the weight rows
+  // in use and their `state` (WeightUpdate.state: tensors of weight's shape and dtype) are
+  // updated in place, chunk by chunk as each chunk's weight gradient is formed, by the rule
+  // whose scalars `update` lists (WeightUpdate.scalars()); no weight gradient is formed or
+  // returned. class_index must not repeat a class. grad_bias is an empty tensor when bias
+  // is None.
+  m.def(
+      "margin_lse_bwd_update(Tensor grad_lse, Tensor grad_target_u, Tensor grad_sum, Tensor x, Tensor(a!) weight, "
+      "Tensor labels, Tensor? bias, Tensor? class_index, Tensor? row_threshold, Tensor lse_neg, "
+      "Tensor row_scale, Tensor col_scale, bool normalize_x, bool normalize_w, float scale, int kind, "
+      "float alpha, float delta, float margin, int num_subcenters, Tensor(b!)[] state, float[] update, "
+      "int chunk_size=0) -> (Tensor grad_x, Tensor grad_bias)");
 }

@@ -30,9 +30,11 @@
 #include <limits>
 #include <vector>
 
+#include "../backward_args.h"
 #include "../chunk_rows.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
+#include "../optim_update.h"
 #include "epilogue.h"
 
 // MKL's per-thread thread count, exported by torch's x86 builds (weak: absent elsewhere).
@@ -284,35 +286,87 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
 // Backward
 // ---------------------------------------------------------------------------------
 
+// A fused update of the chunk's weight rows: grad (rows, dim) acc, contiguous, the rows'
+// final gradient; the rows are `row_ids[i]` (class_index) or first_row + i of weight.
+// Weight and state are read in their own dtype S, the rule runs in T and each result is
+// rounded once.
+template <typename T, typename S>
+void update_rows_as(const UpdateRule<T>& rule, const T* grad, int64_t rows, int64_t dim, const int64_t* row_ids,
+                    int64_t first_row, const Tensor& weight, const std::vector<Tensor>& state) {
+  S* w = static_cast<S*>(weight.data_ptr());
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1);
+  S* s0 = state.size() > 0 ? static_cast<S*>(state[0].data_ptr()) : nullptr;
+  S* s1 = state.size() > 1 ? static_cast<S*>(state[1].data_ptr()) : nullptr;
+  const int64_t a0 = s0 ? state[0].stride(0) : 0, a1 = s0 ? state[0].stride(1) : 0;
+  const int64_t b0 = s1 ? state[1].stride(0) : 0, b1 = s1 ? state[1].stride(1) : 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = row_ids != nullptr ? row_ids[i] : first_row + i;
+    const T* g = grad + i * dim;
+    S* wr = w + r * ws0;
+    S* m = s0 ? s0 + r * a0 : nullptr;
+    S* v = s1 ? s1 + r * b0 : nullptr;
+    for (int64_t d = 0; d < dim; ++d) {
+      T wv = static_cast<T>(wr[d * ws1]);
+      T mv = m ? static_cast<T>(m[d * a1]) : T(0);
+      T vv = v ? static_cast<T>(v[d * b1]) : T(0);
+      rule.apply(wv, g[d], mv, vv);
+      wr[d * ws1] = static_cast<S>(wv);
+      if (m) m[d * a1] = static_cast<S>(mv);
+      if (v) v[d * b1] = static_cast<S>(vv);
+    }
+  }
+}
+
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(
-    const Tensor& grad_lse_in, const Tensor& grad_target_u_in, const Tensor& grad_sum_in, const Tensor& x_in,
-    const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
-    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
-    const Tensor& lse_neg_in, const Tensor& row_scale_in, const Tensor& col_scale_in, const MarginParams& p,
-    int64_t classes, int64_t chunk_request) {
+void update_rows(const UpdateRule<T>& rule, const T* grad, int64_t rows, int64_t dim, const int64_t* row_ids,
+                 int64_t first_row, const Tensor& weight, const std::vector<Tensor>& state) {
+  switch (weight.scalar_type()) {
+    case at::kFloat: return update_rows_as<T, float>(rule, grad, rows, dim, row_ids, first_row, weight, state);
+    case at::kDouble: return update_rows_as<T, double>(rule, grad, rows, dim, row_ids, first_row, weight, state);
+    case at::kBFloat16:
+      return update_rows_as<T, c10::BFloat16>(rule, grad, rows, dim, row_ids, first_row, weight, state);
+    case at::kHalf: return update_rows_as<T, c10::Half>(rule, grad, rows, dim, row_ids, first_row, weight, state);
+    default: TORCH_CHECK(false, "fused_margin cpu backend: a fused update does not support weight dtype ",
+                         weight.scalar_type());
+  }
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
-  const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
-  const int64_t classes_all = weight_in.size(0) / k;
+  const MarginParams& p = a.params;
+  const Tensor& x_in = a.x;
+  const c10::optional<Tensor>& bias_in = a.bias;
+  const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters, classes = a.classes;
+  const int64_t classes_all = a.weight.size(0) / k;
   const Tensor x = x_in.detach().to(acc).contiguous();
-  const Tensor weight = weight_in.detach();
-  const Tensor labels = labels_in.contiguous();
+  const Tensor weight = a.weight.detach();
+  const Tensor labels = a.labels.contiguous();
   auto as_acc = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
-  const Tensor grad_lse = as_acc(grad_lse_in), grad_target_u = as_acc(grad_target_u_in);
-  const Tensor grad_sum = as_acc(grad_sum_in), lse_neg = as_acc(lse_neg_in);
-  const Tensor row_scale = as_acc(row_scale_in), col_scale = as_acc(col_scale_in);
+  const Tensor grad_lse = as_acc(a.grad_lse), grad_target_u = as_acc(a.grad_target_u);
+  const Tensor grad_sum = as_acc(a.grad_sum), lse_neg = as_acc(a.lse_neg);
+  const Tensor row_scale = as_acc(a.row_scale), col_scale = as_acc(a.col_scale);
   c10::optional<Tensor> class_index;
   bool unique_index = true;
-  if (class_index_in.has_value()) {
-    class_index = class_index_in->contiguous();
+  if (a.class_index.has_value()) {
+    class_index = a.class_index->contiguous();
     unique_index = check_class_index(*class_index, classes_all);
   }
+  // A fused optimizer updates the rows in use chunk by chunk, right after each chunk's
+  // gradient is formed (in the chunk's bounded dw_buffer) and used: no weight gradient.
+  const bool fused = a.update.has_value();
+  TORCH_CHECK(!fused || unique_index,
+              "fused_margin cpu backend: class_index repeats a class, which a fused update cannot take (each row "
+              "is updated once, with its whole gradient)");
+  c10::optional<UpdateRule<T>> rule;
+  if (fused) rule = UpdateRule<T>::make(a.update->scalars);
   const c10::optional<Tensor> bias = bias_in_use(bias_in, class_index, acc);
   c10::optional<Tensor> threshold;
-  if (row_threshold_in.has_value()) threshold = as_acc(*row_threshold_in);
+  if (a.row_threshold.has_value()) threshold = as_acc(*a.row_threshold);
 
   // Rows of weight not in use get 0; without class_index every row is written.
-  Tensor grad_weight = class_index.has_value() ? at::zeros_like(weight) : at::empty_like(weight);
+  Tensor grad_weight;
+  if (!fused) grad_weight = class_index.has_value() ? at::zeros_like(weight) : at::empty_like(weight);
   // Where several chunks may hit one weight row (repeated class_index entries), the
   // chunks write a (C*K, D) buffer that index_add_ folds in afterwards.
   Tensor grad_weight_used;
@@ -320,7 +374,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   Tensor grad_bias_used;
   if (bias.has_value()) grad_bias_used = at::zeros({classes}, x.options());
 
-  const int64_t chunk = chunk_classes(batch, dim, k, sizeof(T), chunk_request);
+  const int64_t chunk = chunk_classes(batch, dim, k, sizeof(T), a.chunk_size);
   const int64_t partial_bytes = std::max<int64_t>(1, batch * dim * int64_t(sizeof(T)));
   const int64_t max_groups = std::clamp<int64_t>(kBackwardPartialBytes / partial_bytes, 8, 64);
   const Plan plan = make_plan(classes, chunk, max_groups);
@@ -331,7 +385,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   if (plan.num_groups > 1) partials = at::empty({plan.num_groups - 1, batch, dim}, x.options());
   // In-place GEMM output: the weight gradient rows of a chunk are contiguous in grad_weight
   // (grad_weight has weight's strides, as the op's fake kernel says).
-  const bool write_in_place = !class_index.has_value() && weight.scalar_type() == acc && grad_weight.is_contiguous();
+  const bool write_in_place =
+      !fused && !class_index.has_value() && weight.scalar_type() == acc && grad_weight.is_contiguous();
+  const bool use_dw_buffer = !write_in_place && unique_index;
 
   std::atomic<int64_t> next_group{0};
   at::parallel_for(0, plan.num_groups, 1, [&](int64_t /*g0*/, int64_t /*g1*/) {
@@ -340,7 +396,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     ChunkRows chunk_rows(weight, class_index, k, acc, plan.chunk * k);
     Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
     Tensor dw_buffer;
-    if (!write_in_place && unique_index) dw_buffer = at::empty({plan.chunk * k, dim}, x.options());
+    if (use_dw_buffer) dw_buffer = at::empty({plan.chunk * k, dim}, x.options());
     std::vector<T> scratch(3 * plan.chunk);
     std::vector<int32_t> best_sub(plan.chunk);
     const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
@@ -379,14 +435,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
         Tensor dw;
         if (write_in_place) {
           dw = grad_weight.narrow(0, c0 * k, rows);
-        } else if (unique_index) {
+        } else if (use_dw_buffer) {
           dw = dw_buffer.narrow(0, 0, rows);
         } else {
           dw = grad_weight_used.narrow(0, c0 * k, rows);
         }
         at::mm_out(dw, tile.t(), x);
         if (p.normalize_w) remove_radial(dw.data_ptr<T>(), w.data_ptr<T>(), q, rows, dim);
-        if (!write_in_place && unique_index) {
+        if (fused) {
+          // The chunk's rows are done with (dX and dW above read them): update them, and
+          // their state, in place. Chunks own disjoint rows, so threads never meet.
+          Tensor ids;
+          if (class_index.has_value()) ids = chunk_rows.row_ids(c0, n).contiguous();
+          update_rows<T>(*rule, dw.data_ptr<T>(), rows, dim, ids.defined() ? ids.data_ptr<int64_t>() : nullptr,
+                         c0 * k, a.weight, a.update->state);
+        } else if (use_dw_buffer) {
           if (class_index.has_value()) {
             // Distinct rows: threads write disjoint rows of grad_weight.
             grad_weight.index_copy_(0, chunk_rows.row_ids(c0, n), dw.to(weight.scalar_type()));
@@ -415,7 +478,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
       }
     });
   }
-  if (!unique_index) {
+  if (!unique_index) {  // never fused (refused above)
     const Tensor all_rows = class_index->mul(k).unsqueeze(1).add(at::arange(k, class_index->options())).reshape(-1);
     grad_weight.index_add_(0, all_rows, grad_weight_used.to(weight.scalar_type()));
   }
@@ -427,6 +490,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
       grad_bias = grad_bias_used.to(bias_in->scalar_type());
     }
   }
+  // fused: an undefined grad_weight (None in Python), nothing W-sized was allocated
   return {grad_x_acc.to(x_in.scalar_type()), grad_weight, grad_bias};
 }
 
@@ -447,22 +511,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cpu(
   return forward_impl<float>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
 }
 
+std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
+  if (acc_dtype(a.x, a.weight) == at::kDouble) return backward_impl<double>(a);
+  return backward_impl<float>(a);
+}
+
 std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
     const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
     const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
     const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
     double alpha, double delta, double margin, int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = kChecks.inputs(x, weight, labels, bias, class_index, row_threshold, p);
-  kChecks.backward_vectors(grad_lse, grad_target_u, grad_sum, lse_neg, row_scale, col_scale, x, classes,
-                           num_subcenters);
-  if (acc_dtype(x, weight) == at::kDouble) {
-    return backward_impl<double>(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
-                                 row_threshold, lse_neg, row_scale, col_scale, p, classes, chunk_size);
-  }
-  return backward_impl<float>(grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index, row_threshold,
-                              lse_neg, row_scale, col_scale, p, classes, chunk_size);
+  return backward(backward_args(kChecks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
+                                row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
+                                alpha, delta, margin, num_subcenters, chunk_size));
+}
+
+std::tuple<Tensor, Tensor> margin_lse_bwd_update_cpu(
+    const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
+    const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
+    const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
+    double alpha, double delta, double margin, int64_t num_subcenters, at::TensorList state,
+    c10::ArrayRef<double> update, int64_t chunk_size) {
+  BackwardArgs a = backward_args(kChecks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
+                                 row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
+                                 alpha, delta, margin, num_subcenters, chunk_size);
+  a.update = fused_update(kChecks, weight, state, update);
+  auto [grad_x, grad_weight, grad_bias] = backward(a);
+  return {grad_x, grad_bias};
 }
 
 }  // namespace
@@ -470,6 +547,7 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
 TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
   m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
   m.impl("margin_lse_bwd", &margin_lse_bwd_cpu);
+  m.impl("margin_lse_bwd_update", &margin_lse_bwd_update_cpu);
 }
 
 }  // namespace cpu

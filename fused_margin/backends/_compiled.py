@@ -1,5 +1,6 @@
 """What the two compiled backends ('cpu', 'cuda') share: both call the one pair of
-extension ops ``torch.ops.fused_margin_C.margin_lse_fwd`` / ``margin_lse_bwd``, and
+extension ops ``torch.ops.fused_margin_C.margin_lse_fwd`` / ``margin_lse_bwd`` (and
+``margin_lse_bwd_update``, the backward with a fused optimizer step), and
 PyTorch's dispatcher picks the CPU or CUDA kernel from the tensors' device. This module
 defines no ``BACKEND``, so the registry does not list it."""
 
@@ -13,6 +14,8 @@ from . import Backend
 
 
 class ExtensionBackend(Backend):
+    #: the backward applies a fused optimizer's update itself (csrc/optim_update.h)
+    fused_updates = True
     #: classes per chunk; 0 lets the kernel choose (tests set it small to exercise many
     #: chunks on small shapes)
     chunk_size: int = 0
@@ -29,8 +32,17 @@ class ExtensionBackend(Backend):
             x, weight, labels, bias, class_index, row_threshold, *values(params), self.chunk_size,
         )
 
-    def backward(self, grads, saved, params: KernelParams, update=None) -> tuple[Tensor, Tensor, Tensor | None]:
-        # the extension's flat schema: the bundles' fields in order, then the chunk size
+    def backward(
+        self, grads, saved, params: KernelParams, update=None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        # the extension's flat schema: the bundles' fields in order, then (with a fused
+        # optimizer) its state and scalars, then the chunk size
+        if update is not None:
+            grad_x, grad_b = _ext.ops().margin_lse_bwd_update(
+                *values(grads), *values(saved), *values(params), list(update.state), list(update.scalars()),
+                self.chunk_size,
+            )
+            return grad_x, None, (grad_b if saved.bias is not None else None)
         grad_x, grad_w, grad_b = _ext.ops().margin_lse_bwd(
             *values(grads), *values(saved), *values(params), self.chunk_size
         )

@@ -1,0 +1,295 @@
+"""The optimizer step fused into the C++ backends' backward (csrc/optim_update.h).
+
+``backend.backward(grads, saved, params, update)`` must leave the weight rows in use and
+their optimizer state as the plain backward's weight gradient followed by the PyTorch
+rule (:func:`fused_margin.optim.update.apply_update_`) on the same rows would, return the
+same grad_x and grad_bias as the plain backward, leave every other row untouched, and
+form no weight gradient. The helpers take a device, so ``tests/test_cuda.py`` runs the
+same checks on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fused_margin import _ext
+from fused_margin.backends.cpu import BACKEND
+from fused_margin.kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype, values
+from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate, apply_update_
+from fused_margin.spec import NonTargetKind
+from tests.utils import assert_rel_close, chunk_size_fixture
+
+needs_ext = pytest.mark.skipif(
+    _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
+)
+
+#: the update rules, as (name, WeightUpdate fields); the state is drawn at random
+UPDATES = {
+    "sgd": dict(kind=UPDATE_SGD, lr=0.3),
+    "sgd_wd": dict(kind=UPDATE_SGD, lr=0.2, weight_decay=0.05),
+    "sgd_momentum": dict(kind=UPDATE_SGD, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "sgd_first_step": dict(kind=UPDATE_SGD, lr=0.1, momentum=0.8, dampening=0.3, first_step=True),
+    "sgd_nesterov_maximize": dict(kind=UPDATE_SGD, lr=0.05, momentum=0.7, nesterov=True, weight_decay=0.02,
+                                  maximize=True),
+    "adam": dict(kind=UPDATE_ADAM, lr=0.01, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.03,
+                 bias_correction1=1 - 0.8**3, bias_correction2_sqrt=(1 - 0.95**3) ** 0.5),
+    "adamw_maximize": dict(kind=UPDATE_ADAM, lr=0.02, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                           decoupled=True, maximize=True, bias_correction1=1 - 0.9**7,
+                           bias_correction2_sqrt=(1 - 0.999**7) ** 0.5),
+}
+
+#: layouts of the problem: x dtype, weight dtype, sub-centers, class_index, strided weight,
+#: normalized weight, bias
+LAYOUTS = {
+    "fp32": dict(x_dtype=torch.float32, w_dtype=torch.float32),
+    "fp32_class_index": dict(x_dtype=torch.float32, w_dtype=torch.float32, class_index=True, bias=True),
+    "fp32_k2": dict(x_dtype=torch.float32, w_dtype=torch.float32, k=2, class_index=True),
+    "fp32_strided": dict(x_dtype=torch.float32, w_dtype=torch.float32, strided=True),
+    "fp32_unnormalized_bias": dict(x_dtype=torch.float32, w_dtype=torch.float32, normalize_w=False, bias=True),
+    "bf16": dict(x_dtype=torch.float32, w_dtype=torch.bfloat16, class_index=True),
+    "fp16_strided": dict(x_dtype=torch.float32, w_dtype=torch.float16, strided=True),
+    "fp64": dict(x_dtype=torch.float64, w_dtype=torch.float64, k=2),
+}
+
+#: (relative-norm tolerance, largest elementwise difference in units of the storage's
+#: rounding) for weight and state
+TOLERANCES = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+
+@dataclasses.dataclass
+class Problem:
+    grads: UpstreamGrads
+    saved: SavedTensors
+    params: KernelParams
+    rows_in_use: torch.Tensor  # weight rows the update applies to
+
+
+def make_problem(backend, device, *, x_dtype, w_dtype, k=1, class_index=False, strided=False, normalize_w=True,
+                 bias=False, batch=13, classes_all=203, dim=19) -> Problem:
+    """A random problem (fresh inputs: odd shapes, ignored rows, a row without target),
+    its forward run on ``backend``."""
+    rows_all = classes_all * k
+    if strided:  # the transposed view of a (D, R) parameter
+        weight = torch.randn(dim, rows_all, dtype=torch.float64).to(device, w_dtype).t()
+    else:
+        weight = torch.randn(rows_all, dim, dtype=torch.float64).to(device, w_dtype)
+    index = None
+    classes = classes_all
+    if class_index:
+        index = torch.randperm(classes_all)[: classes_all // 2 + 7].to(device)
+        classes = index.numel()
+    x = torch.randn(batch, dim, dtype=torch.float64).to(device, x_dtype)
+    labels = torch.randint(0, classes, (batch,))
+    if batch >= 3:
+        labels[0], labels[1], labels[2] = classes - 1, IGNORED_LABEL, -1
+    labels = labels.to(device)
+    b = torch.randn(classes_all, dtype=torch.float64).to(device, x_dtype) if bias else None
+    params = KernelParams(normalize_x=True, normalize_w=normalize_w, scale=8.0, kind=NonTargetKind.IDENTITY,
+                          num_subcenters=k)
+    lse_neg, _t, _s, _a, row_scale, col_scale = backend.forward(x, weight, labels, b, index, None, params)
+    acc = acc_dtype(x, weight)
+    grads = UpstreamGrads(*(torch.randn(batch, dtype=torch.float64).to(device, acc) for _ in range(3)))
+    saved = SavedTensors(x, weight, labels, b, index, None, lse_neg, row_scale, col_scale)
+    if index is None:
+        rows_in_use = torch.arange(rows_all, device=device)
+    else:
+        rows_in_use = (index[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+    return Problem(grads, saved, params, rows_in_use)
+
+
+def random_state(update_fields: dict, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Random state tensors of weight's shape, dtype and strides (exp_avg_sq >= 0)."""
+    def like():
+        return torch.empty_like(weight).copy_(torch.randn(weight.shape, dtype=torch.float64))
+
+    if update_fields["kind"] == UPDATE_ADAM:
+        return like(), like().abs_()
+    return (like(),) if update_fields.get("momentum", 0.0) != 0.0 else ()
+
+
+def expected_update(backend, problem: Problem, update: WeightUpdate):
+    """The plain backward, then ``apply_update_`` on the rows in use: (weight, state, grad_x,
+    grad_bias). The plain backward runs on the weight in the accumulation dtype, whose
+    gradient is the one the fused backward forms (an fp32 gradient for a 16-bit weight)."""
+    saved = problem.saved
+    weight = saved.weight
+    acc = acc_dtype(saved.x, weight)
+    saved_acc = dataclasses.replace(saved, weight=weight.to(acc))
+    grad_x, grad_w, grad_b = backend.backward(problem.grads, saved_acc, problem.params)
+    w = weight.clone()
+    state = tuple(s.clone() for s in update.state)
+    rows = problem.rows_in_use
+    w_rows, state_rows = w[rows], tuple(s[rows] for s in state)
+    apply_update_(update, w_rows, state_rows, grad_w[rows])
+    w[rows] = w_rows
+    for s, s_rows in zip(state, state_rows):
+        s[rows] = s_rows
+    return w, state, grad_x, grad_b
+
+
+def check_fused_update(backend, device, layout: dict, update_fields: dict) -> None:
+    problem = make_problem(backend, device, **layout)
+    weight0 = problem.saved.weight
+    update = WeightUpdate(**update_fields, state=random_state(update_fields, weight0))
+    want_w, want_state, want_gx, want_gb = expected_update(backend, problem, update)
+
+    weight = weight0.clone()  # keeps a strided weight's strides
+    assert weight.stride() == weight0.stride()
+    state = tuple(s.clone() for s in update.state)
+    state0 = tuple(s.clone() for s in update.state)
+    saved = dataclasses.replace(problem.saved, weight=weight)
+    grad_x, grad_w, grad_b = backend.backward(problem.grads, saved, problem.params,
+                                              dataclasses.replace(update, state=state))
+
+    assert grad_w is None
+    assert torch.equal(grad_x, want_gx), "grad_x differs from the plain backward's"
+    if problem.saved.bias is None:
+        assert grad_b is None
+    else:
+        assert torch.equal(grad_b, want_gb), "grad_bias differs from the plain backward's"
+    tol = TOLERANCES[weight.dtype]
+    rows = problem.rows_in_use
+    assert_rel_close(weight[rows], want_w[rows], tol, "updated weight rows")
+    assert not torch.equal(weight[rows], weight0[rows]), "the weight did not move"
+    for i, (s, want) in enumerate(zip(state, want_state)):
+        assert_rel_close(s[rows], want[rows], tol, f"state[{i}] rows")
+    # elementwise: both sides round (nearly) the same value once in the storage dtype; the
+    # last-place differences come from the few operations computed differently (torch's
+    # fp32 sqrt on the CPU is not correctly rounded), on values the size of the operands
+    eps = torch.finfo(weight.dtype).eps
+    for got, want, before in ((weight, want_w, weight0), *zip(state, want_state, state0)):
+        diff = (got[rows].double() - want[rows].double()).abs()
+        bound = 2 * eps * (want[rows].double().abs() + before[rows].double().abs())
+        assert bool((diff <= bound).all()), f"elementwise: max difference {float(diff.max()):.3g}"
+    # rows not in use: untouched, bit for bit
+    unused = torch.ones(weight.shape[0], dtype=torch.bool, device=device)
+    unused[rows] = False
+    assert torch.equal(weight[unused], weight0[unused])
+    for s, s0 in zip(state, state0):
+        assert torch.equal(s[unused], s0[unused])
+
+
+chunk_size = chunk_size_fixture(BACKEND)
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rule", list(UPDATES))
+def test_fused_update_matches_backward_then_rule(rule, layout, chunk_size):
+    chunk_size(16)  # 203 classes: 13 chunks (and several groups of chunks)
+    check_fused_update(BACKEND, "cpu", LAYOUTS[layout], UPDATES[rule])
+
+
+@needs_ext
+@pytest.mark.parametrize("chunk", [0, 1, 500])
+def test_fused_update_any_chunking(chunk, chunk_size):
+    """One class per chunk, the automatic chunk, one chunk for all classes."""
+    chunk_size(chunk)
+    check_fused_update(BACKEND, "cpu", LAYOUTS["fp32_class_index"], UPDATES["adam"])
+
+
+def _allocations(fn) -> list[int]:
+    """The sizes (bytes) of the CPU allocations ``fn()`` makes, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+
+
+@needs_ext
+def test_no_weight_sized_allocation(chunk_size):
+    """The fused backward allocates nothing the size of W (the plain one does: its
+    gradient), only the bounded per-chunk workspace."""
+    chunk_size(32)
+    problem = make_problem(BACKEND, "cpu", x_dtype=torch.float32, w_dtype=torch.float32, batch=4,
+                           classes_all=3001, dim=48)
+    w_bytes = problem.saved.weight.numel() * problem.saved.weight.element_size()
+    plain = _allocations(lambda: BACKEND.backward(problem.grads, problem.saved, problem.params))
+    assert max(plain) >= w_bytes  # the profiler sees the plain backward's gradient
+    state = random_state(UPDATES["adam"], problem.saved.weight)
+    update = WeightUpdate(**UPDATES["adam"], state=state)
+    fused = _allocations(lambda: BACKEND.backward(problem.grads, problem.saved, problem.params, update))
+    assert fused and max(fused) < w_bytes / 8, (max(fused), w_bytes)
+
+
+@needs_ext
+def test_empty_batch_applies_the_zero_gradient_update():
+    """With no rows the gradient is zero, and the step (weight decay, momentum) still
+    applies to the rows in use."""
+    problem = make_problem(BACKEND, "cpu", x_dtype=torch.float32, w_dtype=torch.float32, batch=0, class_index=True)
+    fields = UPDATES["sgd_momentum"]
+    update = WeightUpdate(**fields, state=random_state(fields, problem.saved.weight))
+    weight = problem.saved.weight.clone()
+    want = weight.clone()
+    want_state = tuple(s.clone() for s in update.state)
+    rows = problem.rows_in_use
+    w_rows, s_rows = want[rows], tuple(s[rows] for s in want_state)
+    apply_update_(update, w_rows, s_rows, torch.zeros_like(w_rows))
+    want[rows] = w_rows
+    for s, r in zip(want_state, s_rows):
+        s[rows] = r
+    BACKEND.backward(problem.grads, dataclasses.replace(problem.saved, weight=weight), problem.params, update)
+    assert_rel_close(weight, want, 1e-6, "weight")
+    assert_rel_close(update.state[0], want_state[0], 1e-6, "momentum_buffer")
+
+
+def _run(problem, update):
+    return BACKEND.backward(problem.grads, problem.saved, problem.params, update)
+
+
+@needs_ext
+def test_bad_update_arguments_raise_naming_them():
+    problem = make_problem(BACKEND, "cpu", x_dtype=torch.float32, w_dtype=torch.float32, batch=5, classes_all=11)
+    w = problem.saved.weight
+    w_before = w.clone()
+    adam = UPDATES["adam"]
+    cases = [
+        (WeightUpdate(**adam, state=(torch.zeros_like(w),)), r"state must hold 2 tensor\(s\)"),
+        (WeightUpdate(**UPDATES["sgd"], state=(torch.zeros_like(w),)), r"state must hold 0 tensor\(s\)"),
+        (WeightUpdate(**adam, state=(torch.zeros_like(w), torch.zeros(3, 2))), r"state\[1\] must have weight's shape"),
+        (WeightUpdate(**adam, state=(torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(w))),
+         r"state\[0\] must have weight's dtype"),
+        (WeightUpdate(**adam, state=(w, torch.zeros_like(w))), r"state\[0\] must be memory of its own"),
+        (WeightUpdate(**dict(adam, bias_correction1=0.0), state=(torch.zeros_like(w), torch.zeros_like(w))),
+         "bias corrections must be nonzero"),
+        (WeightUpdate(**dict(adam, lr=float("nan")), state=(torch.zeros_like(w), torch.zeros_like(w))),
+         r"update\[1\] must be finite, got nan"),
+        (WeightUpdate(kind=7, lr=0.1), "update kind must be 1 .SGD. or 2 .Adam., got 7"),
+    ]
+    for update, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            _run(problem, update)
+    with pytest.raises(RuntimeError, match="update must hold the 14 scalars"):
+        _ext.ops().margin_lse_bwd_update(
+            *values(problem.grads), *values(problem.saved), *values(problem.params), [], [1.0, 0.1], 0,
+        )
+    assert torch.equal(w, w_before), "a refused update moved the weight"
+
+
+@needs_ext
+def test_repeated_class_index_is_refused():
+    problem = make_problem(BACKEND, "cpu", x_dtype=torch.float32, w_dtype=torch.float32, batch=5, classes_all=11)
+    saved = dataclasses.replace(problem.saved, class_index=torch.tensor([3, 1, 3, 0]))
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    saved = dataclasses.replace(saved, labels=labels, col_scale=torch.rand(4) + 0.5)
+    w_before = saved.weight.clone()
+    with pytest.raises(RuntimeError, match="class_index repeats a class"):
+        BACKEND.backward(problem.grads, saved, problem.params, WeightUpdate(**UPDATES["sgd"]))
+    assert torch.equal(saved.weight, w_before)
+
+
+@needs_ext
+def test_schema_declares_the_mutation():
+    """opcheck's schema test: the op writes exactly the arguments its schema marks (a!)."""
+    problem = make_problem(BACKEND, "cpu", x_dtype=torch.float32, w_dtype=torch.float32, batch=6, classes_all=9,
+                           class_index=True, bias=True)
+    fields = UPDATES["adamw_maximize"]
+    state = random_state(fields, problem.saved.weight)
+    args = (*values(problem.grads), *values(problem.saved), *values(problem.params), list(state),
+            list(WeightUpdate(**fields).scalars()), 4)
+    torch.library.opcheck(torch.ops.fused_margin_C.margin_lse_bwd_update.default, args,
+                          test_utils=("test_schema",))
