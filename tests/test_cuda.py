@@ -11,7 +11,11 @@ import torch
 
 from fused_margin import MarginSpec, _ext
 from fused_margin.backends.cuda import BACKEND
+from fused_margin.optim.update import WeightUpdate, apply_update_
 from fused_margin.reference import margin_lse_terms
+from tests.test_fused_update_cpp import LAYOUTS as FUSED_LAYOUTS
+from tests.test_fused_update_cpp import UPDATES as FUSED_UPDATES
+from tests.test_fused_update_cpp import check_fused_update, make_problem, random_state
 from tests.utils import (
     HEAD_SPECS,
     assert_exact_zeros,
@@ -175,3 +179,59 @@ def test_strided_inputs():
     """Sliced embeddings, a transposed (column-major) or row-strided weight, strided
     labels and bias give what their contiguous copies give."""
     assert_strided_inputs_match("cuda", "cuda", torch.float32, 1e-6)
+
+
+# ---- the optimizer step fused into the backward (csrc/optim_update.h) -------------------
+
+
+@pytest.mark.parametrize("layout", list(FUSED_LAYOUTS))
+@pytest.mark.parametrize("rule", list(FUSED_UPDATES))
+def test_fused_update_matches_backward_then_rule(rule, layout, chunk_size):
+    """The fused backward's weight and state against the plain backward's dW followed by
+    ``apply_update_`` on the same rows (tests/test_fused_update_cpp.py), on the GPU."""
+    chunk_size(16)
+    check_fused_update(BACKEND, "cuda", FUSED_LAYOUTS[layout], FUSED_UPDATES[rule])
+
+
+def test_fused_update_empty_batch_and_large_chunks(chunk_size):
+    """No rows (a zero gradient: the step still applies), then one chunk for all classes."""
+    fields = FUSED_UPDATES["sgd_momentum"]
+    problem = make_problem(BACKEND, "cuda", x_dtype=torch.float32, w_dtype=torch.float32, batch=0,
+                           class_index=True)
+    update = WeightUpdate(**fields, state=random_state(fields, problem.saved.weight))
+    want = problem.saved.weight.clone()
+    want_state = tuple(s.clone() for s in update.state)
+    rows = problem.rows_in_use
+    w_rows, s_rows = want[rows], tuple(s[rows] for s in want_state)
+    apply_update_(update, w_rows, s_rows, torch.zeros_like(w_rows))
+    want[rows] = w_rows
+    for s, r in zip(want_state, s_rows):
+        s[rows] = r
+    BACKEND.backward(problem.grads, problem.saved, problem.params, update)
+    assert_rel_close(problem.saved.weight, want, 1e-6, "weight")
+    assert_rel_close(update.state[0], want_state[0], 1e-6, "momentum_buffer")
+    chunk_size(100_000)
+    check_fused_update(BACKEND, "cuda", FUSED_LAYOUTS["fp32_k2"], FUSED_UPDATES["adam"])
+
+
+def test_fused_update_allocates_no_weight_gradient():
+    """The fused backward's peak memory stays far below one weight-sized tensor (the plain
+    backward's gradient)."""
+    problem = make_problem(BACKEND, "cuda", x_dtype=torch.float32, w_dtype=torch.float32, batch=64,
+                           classes_all=1_000_000, dim=128)
+    w_bytes = problem.saved.weight.numel() * problem.saved.weight.element_size()
+    fields = FUSED_UPDATES["adam"]
+    update = WeightUpdate(**fields, state=random_state(fields, problem.saved.weight))
+
+    def peak(fn) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    plain = peak(lambda: BACKEND.backward(problem.grads, problem.saved, problem.params))
+    assert plain >= w_bytes
+    fused = peak(lambda: BACKEND.backward(problem.grads, problem.saved, problem.params, update))
+    assert fused < w_bytes / 4, f"{fused / 2**20:.1f} MiB; weight: {w_bytes / 2**20:.1f} MiB"

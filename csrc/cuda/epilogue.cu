@@ -426,6 +426,40 @@ __global__ void project_rows_kernel(const A* g, const V* v, const A* inv_norm, i
   }
 }
 
+// One warp per row: the projection's dot product, then the update of each element.
+template <typename A, typename V, typename S>
+__global__ void update_rows_kernel(UpdateRowsArgs a, UpdateRule<A> rule) {
+  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= a.n) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t dim = a.dim;
+  const A* gi = static_cast<const A*>(a.grad) + i * dim;
+  const V* vi = static_cast<const V*>(a.rows) + i * dim;
+  const A* inv_norm = static_cast<const A*>(a.inv_norm);
+  A coef = A(0);
+  if (inv_norm != nullptr) {
+    A dot = A(0);
+    for (int64_t d = lane; d < dim; d += 32) dot += gi[d] * load<A>(vi, d);
+    dot = warp_sum(dot);
+    coef = dot * inv_norm[i] * inv_norm[i];
+  }
+  const int64_t r = a.dst_rows != nullptr ? a.dst_rows[i] : a.first_row + i;
+  S* w = static_cast<S*>(a.weight) + r * a.weight_stride[0];
+  S* m = a.state[0] != nullptr ? static_cast<S*>(a.state[0]) + r * a.state_stride[0][0] : nullptr;
+  S* v = a.state[1] != nullptr ? static_cast<S*>(a.state[1]) + r * a.state_stride[1][0] : nullptr;
+  const int64_t ws = a.weight_stride[1], ms = a.state_stride[0][1], vs = a.state_stride[1][1];
+  for (int64_t d = lane; d < dim; d += 32) {
+    const A g = inv_norm != nullptr ? gi[d] - coef * load<A>(vi, d) : gi[d];
+    A wv = load<A>(w, d * ws);
+    A mv = m != nullptr ? load<A>(m, d * ms) : A(0);
+    A vv = v != nullptr ? load<A>(v, d * vs) : A(0);
+    rule.apply(wv, g, mv, vv);
+    w[d * ws] = store_as<S>(wv);
+    if (m != nullptr) m[d * ms] = store_as<S>(mv);
+    if (v != nullptr) v[d * vs] = store_as<S>(vv);
+  }
+}
+
 // ---- dtype / kind dispatch ----------------------------------------------------------
 
 template <typename F>
@@ -593,6 +627,22 @@ void project_rows(const void* g, const void* v, DType v_type, const void* inv_no
     });
   });
   check_launch("project_rows_kernel");
+}
+
+void update_rows(const UpdateRowsArgs& args, const UpdateScalars& update, DType acc, cudaStream_t stream) {
+  if (args.n == 0 || args.dim == 0) return;
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    const UpdateRule<A> rule = UpdateRule<A>::make(update);
+    dispatch_storage(args.rows_type, [&](auto rows_tag) {
+      using V = decltype(rows_tag);
+      dispatch_storage(args.storage, [&](auto storage_tag) {
+        using S = decltype(storage_tag);
+        update_rows_kernel<A, V, S><<<blocks_for(args.n, kWarps), kThreads, 0, stream>>>(args, rule);
+      });
+    });
+  });
+  check_launch("update_rows_kernel");
 }
 
 }  // namespace cuda

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../margin_params.h"
+#include "../optim_update.h"
 
 namespace fused_margin {
 namespace cuda {
@@ -88,6 +89,27 @@ void inverse_row_norms(const void* rows, DType row_type, int64_t n, int64_t dim,
 void project_rows(const void* g, const void* v, DType v_type, const void* inv_norm, int64_t n, int64_t dim,
                   void* out, DType out_type, const int64_t* dst_rows, int64_t first_out_row, DType acc,
                   cudaStream_t stream);
+
+// A fused optimizer step (../optim_update.h) on the n weight rows of one chunk, with the
+// tangent projection of their gradient folded in: g_i = grad_i - <grad_i, v_i> q_i^2 v_i
+// (just grad_i when inv_norm is nullptr), then the rule on weight row dst_i and its
+// state rows, each element read once in `storage` and written back rounded once.
+struct UpdateRowsArgs {
+  const void* grad;          // (n, dim) acc, contiguous: the chunk's raw weight gradient
+  const void* rows;          // (n, dim) in rows_type, contiguous: the chunk's rows as the GEMMs read them
+  DType rows_type;
+  const void* inv_norm;      // (n) acc: q_i of the chunk, or nullptr (no projection)
+  int64_t n;
+  int64_t dim;
+  const int64_t* dst_rows;   // (n) device indices of the rows in weight, or nullptr: first_row + i
+  int64_t first_row;
+  DType storage;             // the dtype of weight and of its state
+  void* weight;              // written in place, element (r, d) at r * stride[0] + d * stride[1]
+  int64_t weight_stride[2];
+  void* state[2];            // momentum_buffer, or exp_avg and exp_avg_sq; nullptr where absent
+  int64_t state_stride[2][2];
+};
+void update_rows(const UpdateRowsArgs& args, const UpdateScalars& update, DType acc, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_margin

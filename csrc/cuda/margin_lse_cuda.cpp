@@ -24,6 +24,7 @@
 
 #include <algorithm>
 
+#include "../backward_args.h"
 #include "../chunk_rows.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
@@ -113,7 +114,7 @@ Prepared prepare(const Tensor& x, const Tensor& weight, const Tensor& labels, co
   s.acc = acc_dtype(x, weight);
   s.gd = gemm_dtype(x, weight);
   s.x = x.detach().to(s.gd).contiguous();
-  s.weight = weight.detach().contiguous();
+  s.weight = weight.detach();  // any strides: ChunkRows copies a strided chunk, not all of W
   s.labels = labels.contiguous();
   if (class_index.has_value()) s.class_index = class_index->contiguous();
   if (bias.has_value()) {
@@ -192,41 +193,84 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
 // Backward
 // ---------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
-    const Tensor& grad_lse_in, const Tensor& grad_target_u_in, const Tensor& grad_sum_in, const Tensor& x_in,
-    const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
-    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
-    const Tensor& lse_neg_in, const Tensor& row_scale_in, const Tensor& col_scale_in, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-    int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = kChecks.inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
-  kChecks.backward_vectors(grad_lse_in, grad_target_u_in, grad_sum_in, lse_neg_in, row_scale_in, col_scale_in, x_in,
-                           classes, num_subcenters);
+// The fused update's view of a tensor for the kernels: (pointer, strides).
+void set_strided(const Tensor& t, void** ptr, int64_t* strides) {
+  *ptr = t.data_ptr();
+  strides[0] = t.stride(0);
+  strides[1] = t.stride(1);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
+  const MarginParams& p = a.params;
+  const Tensor& x_in = a.x;
+  const c10::optional<Tensor>& bias_in = a.bias;
+  const int64_t classes = a.classes;
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Prepared s = prepare(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in);
+  const Prepared s = prepare(x_in, a.weight, a.labels, bias_in, a.class_index, a.row_threshold);
   const int64_t batch = s.x.size(0), dim = s.x.size(1), k = p.num_subcenters;
   const auto acc_opts = s.x.options().dtype(s.acc);
   const DType acc = dtype_of(s.acc);
   auto as_acc = [&](const Tensor& v) { return v.detach().to(s.acc).contiguous(); };
-  const Tensor grad_lse = as_acc(grad_lse_in), grad_target_u = as_acc(grad_target_u_in);
-  const Tensor grad_sum = as_acc(grad_sum_in), lse_neg = as_acc(lse_neg_in);
-  const Tensor row_scale = as_acc(row_scale_in), col_scale = as_acc(col_scale_in);
+  const Tensor grad_lse = as_acc(a.grad_lse), grad_target_u = as_acc(a.grad_target_u);
+  const Tensor grad_sum = as_acc(a.grad_sum), lse_neg = as_acc(a.lse_neg);
+  const Tensor row_scale = as_acc(a.row_scale), col_scale = as_acc(a.col_scale);
+  // A fused optimizer updates the rows in use chunk by chunk, right after each chunk's dW
+  // (in the bounded dw_buffer) is formed: no weight gradient. class_index must not
+  // repeat a class (the caller checks; here it would cost a device sync).
+  const bool fused = a.update.has_value();
+  UpdateRowsArgs update_args{};
+  if (fused) {
+    update_args.dim = dim;
+    update_args.storage = dtype_of(a.weight.scalar_type());
+    set_strided(a.weight, &update_args.weight, update_args.weight_stride);
+    for (size_t i = 0; i < a.update->state.size(); ++i) {
+      set_strided(a.update->state[i], &update_args.state[i], update_args.state_stride[i]);
+    }
+  }
+  const auto update_chunk = [&](const Tensor& dw, const Tensor& w, const void* inv_norm, const Tensor& ids,
+                                int64_t first_row) {
+    UpdateRowsArgs args = update_args;
+    args.grad = dw.data_ptr();
+    args.rows = w.data_ptr();
+    args.rows_type = dtype_of(w.scalar_type());
+    args.inv_norm = inv_norm;
+    args.n = dw.size(0);
+    args.dst_rows = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    args.first_row = first_row;
+    update_rows(args, a.update->scalars, acc, stream);
+  };
 
   // Without class_index every row of grad_weight is written; with it, unused rows are 0.
-  Tensor grad_weight = s.class_index.has_value() ? at::zeros_like(s.weight) : at::empty_like(s.weight);
+  // Contiguous whatever weight's strides (project_rows writes whole rows).
+  Tensor grad_weight;
+  if (!fused) {
+    grad_weight = s.class_index.has_value() ? at::zeros(s.weight.sizes(), s.weight.options())
+                                            : at::empty(s.weight.sizes(), s.weight.options());
+  }
   Tensor grad_bias_used;
   if (s.bias.has_value()) grad_bias_used = at::zeros({classes}, acc_opts);
   Tensor grad_x = at::empty({batch, dim}, x_in.options());
+  const int64_t chunk = std::min(chunk_classes(batch, k, a.chunk_size), classes);
   if (batch == 0) {
-    grad_weight.zero_();
+    if (fused) {
+      // No rows, so a zero gradient: the update still applies (weight decay, momentum).
+      ChunkRows chunk_rows(s.weight, s.class_index, k, s.gd, chunk * k);
+      Tensor dw_buffer = at::zeros({chunk * k, dim}, acc_opts);
+      for (int64_t c0 = 0; c0 < classes; c0 += chunk) {
+        const int64_t n = std::min(chunk, classes - c0), rows = n * k;
+        const Tensor dw = dw_buffer.narrow(0, 0, rows);
+        update_chunk(dw, dw, nullptr, s.class_index.has_value() ? chunk_rows.row_ids(c0, n).contiguous() : Tensor(),
+                     c0 * k);
+      }
+    } else {
+      grad_weight.zero_();
+    }
     Tensor gb = s.bias.has_value() ? at::zeros_like(*bias_in) : at::empty({0}, x_in.options());
     return {grad_x, grad_weight, gb};
   }
 
-  const int64_t chunk = std::min(chunk_classes(batch, k, chunk_size), classes);
   // The dX / dW GEMMs read G in bf16 for bf16 inputs (fp32's range, fp32 accumulation).
   // fp16's range would flush the small entries of G (softmax tails times r * q), so fp16
   // inputs take fp32 GEMMs in the backward, on fp32 copies of the chunk's rows and of x.
@@ -241,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
   if (!grad_in_place) dx_chunk = at::empty({batch, dim}, acc_opts);
   Tensor dw_buffer = at::empty({chunk * k, dim}, acc_opts);
   Tensor dw_rows;  // with class_index: the chunk's projected rows, before index_add_
-  if (s.class_index.has_value()) dw_rows = at::empty({chunk * k, dim}, s.weight.options());
+  if (s.class_index.has_value() && !fused) dw_rows = at::empty({chunk * k, dim}, s.weight.options());
   Tensor bias_partials;
   if (s.bias.has_value()) bias_partials = at::empty({backward_row_blocks(batch) * chunk}, acc_opts);
   ChunkRows chunk_rows(s.weight, s.class_index, k, s.gd, chunk * k);
@@ -279,7 +323,12 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
     Tensor dw = dw_buffer.narrow(0, 0, rows);
     gemm_into(dw, grad_tile.t(), x_grad_gemm);
     const void* inv_norm = p.normalize_w ? q.data_ptr() : nullptr;
-    if (!s.class_index.has_value()) {
+    if (fused) {
+      // dX and dW above have read the chunk's rows (same stream): update them in place,
+      // the projection folded into the update kernel.
+      update_chunk(dw, w, inv_norm, s.class_index.has_value() ? chunk_rows.row_ids(c0, n).contiguous() : Tensor(),
+                   c0 * k);
+    } else if (!s.class_index.has_value()) {
       project_rows(dw.data_ptr(), w.data_ptr(), dtype_of(s.gd), inv_norm, rows, dim, grad_weight.data_ptr(),
                    dtype_of(grad_weight.scalar_type()), nullptr, c0 * k, acc, stream);
     } else {
@@ -300,7 +349,34 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
       grad_bias = grad_bias_used.to(bias_in->scalar_type());
     }
   }
+  // fused: an undefined grad_weight, nothing W-sized was allocated
   return {grad_x, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
+    const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
+    const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
+    const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
+    double alpha, double delta, double margin, int64_t num_subcenters, int64_t chunk_size) {
+  return backward(backward_args(kChecks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
+                                row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
+                                alpha, delta, margin, num_subcenters, chunk_size));
+}
+
+std::tuple<Tensor, Tensor> margin_lse_bwd_update_cuda(
+    const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
+    const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
+    const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
+    double alpha, double delta, double margin, int64_t num_subcenters, at::TensorList state,
+    c10::ArrayRef<double> update, int64_t chunk_size) {
+  BackwardArgs a = backward_args(kChecks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
+                                 row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
+                                 alpha, delta, margin, num_subcenters, chunk_size);
+  a.update = fused_update(kChecks, weight, state, update);
+  auto [grad_x, grad_weight, grad_bias] = backward(a);
+  return {grad_x, grad_bias};
 }
 
 }  // namespace
@@ -308,6 +384,7 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
 TORCH_LIBRARY_IMPL(fused_margin_C, CUDA, m) {
   m.impl("margin_lse_fwd", &margin_lse_fwd_cuda);
   m.impl("margin_lse_bwd", &margin_lse_bwd_cuda);
+  m.impl("margin_lse_bwd_update", &margin_lse_bwd_update_cuda);
 }
 
 }  // namespace cuda
