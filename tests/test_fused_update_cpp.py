@@ -100,10 +100,14 @@ def make_problem(backend, device, *, x_dtype, w_dtype, k=1, class_index=False, s
     return Problem(grads, saved, params, rows_in_use)
 
 
-def random_state(update_fields: dict, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Random state tensors of weight's shape, dtype and strides (exp_avg_sq >= 0)."""
+def random_state(update_fields: dict, weight: torch.Tensor, contiguous: bool = False) -> tuple[torch.Tensor, ...]:
+    """Random state tensors of weight's shape, dtype and strides (or contiguous ones),
+    exp_avg_sq >= 0."""
     def like():
-        return torch.empty_like(weight).copy_(torch.randn(weight.shape, dtype=torch.float64))
+        values = torch.randn(weight.shape, dtype=torch.float64)
+        if contiguous:
+            return values.to(weight.device, weight.dtype)
+        return torch.empty_like(weight).copy_(values)
 
     if update_fields["kind"] == UPDATE_ADAM:
         return like(), like().abs_()
@@ -130,10 +134,10 @@ def expected_update(backend, problem: Problem, update: WeightUpdate):
     return w, state, grad_x, grad_b
 
 
-def check_fused_update(backend, device, layout: dict, update_fields: dict) -> None:
+def check_fused_update(backend, device, layout: dict, update_fields: dict, contiguous_state: bool = False) -> None:
     problem = make_problem(backend, device, **layout)
     weight0 = problem.saved.weight
-    update = WeightUpdate(**update_fields, state=random_state(update_fields, weight0))
+    update = WeightUpdate(**update_fields, state=random_state(update_fields, weight0, contiguous_state))
     want_w, want_state, want_gx, want_gb = expected_update(backend, problem, update)
 
     weight = weight0.clone()  # keeps a strided weight's strides
@@ -181,6 +185,30 @@ chunk_size = chunk_size_fixture(BACKEND)
 def test_fused_update_matches_backward_then_rule(rule, layout, chunk_size):
     chunk_size(16)  # 203 classes: 13 chunks (and several groups of chunks)
     check_fused_update(BACKEND, "cpu", LAYOUTS[layout], UPDATES[rule])
+
+
+#: layouts the CPU backend alone forms the same gradient for as for the weight in the
+#: accumulation dtype (its GEMMs always run in that dtype)
+CPU_LAYOUTS = {
+    "bf16_x_and_weight": dict(x_dtype=torch.bfloat16, w_dtype=torch.bfloat16, k=2, class_index=True),
+    "fp64_x_fp32_weight": dict(x_dtype=torch.float64, w_dtype=torch.float32, strided=True),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", list(CPU_LAYOUTS))
+@pytest.mark.parametrize("rule", ["sgd_nesterov_maximize", "adamw_maximize"])
+def test_fused_update_cpu_layouts(rule, layout, chunk_size):
+    chunk_size(16)
+    check_fused_update(BACKEND, "cpu", CPU_LAYOUTS[layout], UPDATES[rule])
+
+
+@needs_ext
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adam"])
+def test_state_with_strides_of_its_own(rule, chunk_size):
+    """A transposed weight with row-major state tensors: each is addressed by its own strides."""
+    chunk_size(16)
+    check_fused_update(BACKEND, "cpu", LAYOUTS["fp32_strided"], UPDATES[rule], contiguous_state=True)
 
 
 @needs_ext
