@@ -10,11 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FM_HOST_DEVICE __host__ __device__
-#else
-#define FM_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fused_margin {
 

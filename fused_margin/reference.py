@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype
-from .spec import MarginSpec, NonTarget, NonTargetKind
+from .spec import MarginSpec, NonTarget
 
 __all__ = [
     "margin_lse_terms",
@@ -92,7 +92,7 @@ def margin_lse_terms(
 
     nt = NonTarget(params.kind, params.alpha, params.delta, params.margin)
     thresholds = None if row_threshold is None else row_threshold.to(u.dtype)
-    z = params.scale * nt.apply(u, thresholds)
+    z = params.scale * nt.value(u, thresholds)
     plain = params.scale * u
     if bias is not None:
         b = bias.to(u.dtype)
@@ -105,24 +105,6 @@ def margin_lse_terms(
     sum_neg = torch.where(not_negative, torch.zeros_like(z), z).sum(dim=1)
     argmax = plain.argmax(dim=1)
     return lse_neg, target_u, sum_neg, argmax, r, q
-
-
-def non_target_derivative(u: Tensor, params: KernelParams, row_threshold: Tensor | None) -> Tensor:
-    """``T_n'(u)``: the derivative the kernels use (CurricularFace's ``t`` and threshold,
-    the rows of ``row_threshold``, and the Circle weight ``[u + m]_+`` are constants)."""
-    kind, m = params.kind, params.margin
-    if kind == NonTargetKind.IDENTITY:
-        return torch.ones_like(u)
-    if kind == NonTargetKind.AFFINE:
-        return torch.full_like(u, params.alpha)
-    if kind == NonTargetKind.QUADRATIC:
-        return torch.where(u > -m, 2.0 * u, torch.zeros_like(u))
-    if kind == NonTargetKind.QUADRATIC_DETACHED:
-        return torch.relu(u + m)
-    if kind == NonTargetKind.FILTERED:
-        return torch.where(u > m, torch.zeros_like(u), torch.ones_like(u))
-    terms = row_threshold.to(u.dtype)
-    return torch.where(u > terms[0, :, None], terms[1, :, None] + 2.0 * u, torch.ones_like(u))
 
 
 @torch.no_grad()
@@ -161,7 +143,7 @@ def reference_backward(
 
     nt = NonTarget(params.kind, params.alpha, params.delta, params.margin)
     thresholds = None if row_threshold is None else row_threshold.to(dtype)
-    z = params.scale * nt.apply(u, thresholds)
+    z = params.scale * nt.value(u, thresholds)
     if bias is not None:
         b = bias.to(dtype) if class_index is None else bias.to(dtype).index_select(0, class_index)
         z = z + b
@@ -172,7 +154,7 @@ def reference_backward(
     prob = torch.where(has_negative[:, None], torch.exp(z - lse_safe[:, None]), torch.zeros_like(z))
     dz = grad_lse.to(dtype)[:, None] * prob + grad_sum.to(dtype)[:, None]
     dz = torch.where(not_negative, torch.zeros_like(dz), dz)
-    d_u = dz * (params.scale * non_target_derivative(u, params, thresholds))
+    d_u = dz * (params.scale * nt.derivative(u, thresholds))
     d_u = torch.where(not_negative, torch.zeros_like(d_u), d_u)
     d_u = d_u + torch.where(target_mask, grad_target_u.to(dtype)[:, None], torch.zeros_like(d_u))
 

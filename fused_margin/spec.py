@@ -126,10 +126,11 @@ class NonTarget:
             raise ValueError(f"interclass_filtering_threshold must be >= 0 (0: off), got {threshold!r}")
         return cls() if t == 0 else cls.filtered(t)
 
-    def apply(self, u: Tensor, row_threshold: Tensor | None = None) -> Tensor:
-        """``T_n(u)`` for a (B, C) tensor, with autograd (used by the reference).
-        CurricularFace takes its constants from ``row_threshold`` (2, B), see
-        :meth:`row_terms`."""
+    def value(self, u: Tensor, thresholds: Tensor | None = None) -> Tensor:
+        """``T_n(u)`` for a (B, C) tensor, with autograd: the definition every backend
+        implements (``csrc/non_target.h``, ``triton_kernels/common.py``).
+        CurricularFace takes its constants from ``thresholds``, the ``row_threshold``
+        (2, B) of :meth:`row_terms`. A NaN ``u`` gives NaN."""
         kind = self.kind
         if kind == NonTargetKind.IDENTITY:
             return u
@@ -142,10 +143,43 @@ class NonTarget:
         if kind == NonTargetKind.FILTERED:
             # written as u > t so that a NaN cosine stays NaN
             return torch.where(u > self.margin, torch.zeros_like(u), u)
-        if row_threshold is None:
-            raise ValueError("the CurricularFace non-target transform needs row_threshold")
-        hard = u > row_threshold[0, :, None]
-        return torch.where(hard, u * (row_threshold[1, :, None] + u), u)
+        threshold, t = self._curricular_terms(u, thresholds)
+        return torch.where(u > threshold, u * (t + u), u)
+
+    #: the name the reference used first
+    apply = value
+
+    def derivative(self, u: Tensor, thresholds: Tensor | None = None) -> Tensor:
+        """``T_n'(u)`` for a (B, C) tensor: the derivative the kernels' backward uses,
+        with the paper's constants held fixed (CurricularFace's ``t`` and threshold, the
+        rows of ``thresholds``; the Circle weight ``[u + m]_+``), so for
+        ``QUADRATIC_DETACHED`` and ``CURRICULAR`` it is not the autograd derivative of
+        :meth:`value` in every argument. No autograd graph."""
+        kind, m = self.kind, self.margin
+        u = u.detach()
+        if kind == NonTargetKind.IDENTITY:
+            return torch.ones_like(u)
+        if kind == NonTargetKind.AFFINE:
+            return torch.full_like(u, self.alpha)
+        if kind == NonTargetKind.QUADRATIC:
+            return torch.where(u > -m, 2.0 * u, torch.zeros_like(u))
+        if kind == NonTargetKind.QUADRATIC_DETACHED:
+            return torch.relu(u + m)
+        if kind == NonTargetKind.FILTERED:
+            return torch.where(u > m, torch.zeros_like(u), torch.ones_like(u))
+        threshold, t = self._curricular_terms(u, thresholds)
+        return torch.where(u > threshold, t + 2.0 * u, torch.ones_like(u))
+
+    @staticmethod
+    def _curricular_terms(u: Tensor, thresholds: Tensor | None) -> tuple[Tensor, Tensor]:
+        """CurricularFace's per-row ``(threshold, t)`` of ``thresholds`` (2, B), as (B, 1)
+        columns in ``u``'s dtype, detached (constants of the transform)."""
+        if thresholds is None:
+            raise ValueError("the CurricularFace non-target transform needs thresholds (row_threshold, shape (2, B))")
+        if thresholds.dim() != 2 or thresholds.shape[0] != 2 or thresholds.shape[1] != u.shape[0]:
+            raise ValueError(f"thresholds must have shape (2, {u.shape[0]}), got {tuple(thresholds.shape)}")
+        terms = thresholds.detach().to(u.dtype)
+        return terms[0, :, None], terms[1, :, None]
 
     def threshold(self, target_cos: Tensor) -> Tensor:
         """CurricularFace's per-row threshold ``cos(theta_y + m)``, from the detached

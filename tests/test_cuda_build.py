@@ -36,7 +36,7 @@ needs_nvcc = pytest.mark.skipif(CUDA_HOME is None, reason="nvcc not found (set C
 def test_cuda_sources_exist_and_keep_torch_out_of_kernels():
     assert CU_SOURCES and CPP_SOURCES
     # and the headers the kernels share with the CPU code
-    shared = [os.path.join(ROOT, "csrc", name) for name in ("margin_params.h", "optim_update.h")]
+    shared = [os.path.join(ROOT, "csrc", name) for name in ("margin_params.h", "host_device.h", "non_target.h", "optim_update.h")]
     for path in CU_SOURCES + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")) + shared:
         with open(path) as f:
             includes = [line for line in f if line.startswith("#include")]

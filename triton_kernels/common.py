@@ -219,7 +219,8 @@ def _mma(a, b, acc, FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _non_target(u, threshold, alpha, delta, margin, t, KIND: tl.constexpr):
-    """``T(u)`` (see ``NonTargetKind``); ``threshold`` and ``t`` are (BLOCK_B, 1),
+    """``T(u)`` (``fused_margin.spec.NonTarget.value``: the one Triton copy, used by the
+    forward and every backward mode); ``threshold`` and ``t`` are (BLOCK_B, 1),
     CurricularFace's per-row constants (unused by the other kinds)."""
     if KIND == KIND_AFFINE:
         out = alpha * u + delta
@@ -236,8 +237,9 @@ def _non_target(u, threshold, alpha, delta, margin, t, KIND: tl.constexpr):
 
 @triton.jit
 def _non_target_grad(u, threshold, alpha, margin, t, KIND: tl.constexpr):
-    """``T'(u)``, with the constants of the paper held fixed: CurricularFace's ``t`` and
-    threshold, and the detached quadratic's weight ``[u + m]_+`` (Circle loss)."""
+    """``T'(u)`` (``fused_margin.spec.NonTarget.derivative``), with the constants of the
+    paper held fixed: CurricularFace's ``t`` and threshold, and the detached quadratic's
+    weight ``[u + m]_+`` (Circle loss)."""
     if KIND == KIND_AFFINE:
         out = tl.zeros_like(u) + alpha
     elif KIND == KIND_QUADRATIC:

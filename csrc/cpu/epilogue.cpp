@@ -24,12 +24,18 @@
 
 #if defined(__GNUC__)
 #define FM_INLINE inline __attribute__((always_inline))
+// A lambda body inlined into its caller: the kind dispatch's lambdas must land inside the
+// multiversioned entry points, so that they are compiled for the clone's instruction set.
+#define FM_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define FM_INLINE inline
+#define FM_INLINE_LAMBDA
 #endif
 
 // The vector types never cross a non-inlined call: no ABI to keep stable.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "../non_target.h"
 
 namespace fused_margin {
 namespace cpu {
@@ -93,12 +99,6 @@ FM_INLINE V load(const T* p) {
 template <typename T, typename V>
 FM_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
-}
-
-// c ? a : b, for scalars (c bool) and vectors (c a lane mask): a blend, no branch.
-template <typename M, typename X>
-FM_INLINE X select(M c, X a, X b) {
-  return c ? a : b;
 }
 
 // exp(x) for the softmax terms: x <= 0 in practice (z - running max, z - lse); X is a
@@ -166,50 +166,6 @@ constexpr T smallest_normal() {
   return std::numeric_limits<T>::min();
 }
 
-// The non-target transform T(u) and the derivative T'(u) the backward uses
-// (reference.non_target_derivative: CurricularFace's t and threshold and the Circle
-// weight [u + m]_+ are constants). CurricularFace's t is per row: one Transform a row.
-template <int64_t KIND, typename T>
-struct Transform {
-  T alpha, delta, margin, t;
-
-  // X: T or Lanes<T>::V
-  template <typename X>
-  FM_INLINE X value(X u, X threshold) const {
-    if constexpr (KIND == kIdentity) {
-      return u;
-    } else if constexpr (KIND == kAffine) {
-      return alpha * u + delta;
-    } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
-      const X shifted = u + margin;
-      return select(shifted > T(0), shifted, X{}) * (u - margin);
-    } else if constexpr (KIND == kFiltered) {
-      return select(u > margin, X{}, u);  // u > t: a NaN cosine stays NaN
-    } else {
-      return select(u > threshold, u * (t + u), u);
-    }
-  }
-
-  template <typename X>
-  FM_INLINE X derivative(X u, X threshold) const {
-    const X zero{};
-    if constexpr (KIND == kIdentity) {
-      return zero + T(1);
-    } else if constexpr (KIND == kAffine) {
-      return zero + alpha;
-    } else if constexpr (KIND == kQuadratic) {
-      return select(u > -margin, T(2) * u, zero);
-    } else if constexpr (KIND == kQuadraticDetached) {
-      const X shifted = u + margin;
-      return select(shifted > T(0), shifted, zero);
-    } else if constexpr (KIND == kFiltered) {
-      return select(u > margin, zero, zero + T(1));
-    } else {
-      return select(u > threshold, t + T(2) * u, zero + T(1));
-    }
-  }
-};
-
 // u_j = max_k r q_{jK+k} t_{jK+k} over the K sub-centers of each class of a tile row.
 // K = 1 scales the row in place and returns it; K > 1 writes `u` and the argmax `best`.
 template <typename T>
@@ -218,18 +174,7 @@ FM_INLINE const T* class_cosines(T* row, const T* q, T r, int64_t n, int64_t k, 
     for (int64_t j = 0; j < n; ++j) row[j] = row[j] * (r * q[j]);
     return row;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    T top = row[j * k] * (r * q[j * k]);
-    int32_t arg = 0;
-    for (int64_t s = 1; s < k; ++s) {
-      const T v = row[j * k + s] * (r * q[j * k + s]);
-      const bool gt = v > top || v != v;  // strict: the lowest sub-center on ties; NaN propagates
-      top = select(gt, v, top);
-      arg = select(gt, static_cast<int32_t>(s), arg);
-    }
-    u[j] = top;
-    best[j] = arg;
-  }
+  for (int64_t j = 0; j < n; ++j) u[j] = subcenter_max(row, q, r, j, k, best + j);
   return u;
 }
 
@@ -251,14 +196,11 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
     const T* u = class_cosines(c.tile + b * n * k, c.col_scale, c.row_scale[b], n, k, u_sub, c.best_sub);
     const int64_t y = c.labels[b] - c.first_class;
     const int32_t target = (y >= 0 && y < n) ? static_cast<int32_t>(y) : -1;
-    const T threshold = c.row_threshold != nullptr ? c.row_threshold[b] : T(0);
-    const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin),
-                                c.row_threshold != nullptr ? c.row_threshold[c.num_rows + b] : T(0)};
+    const auto tr = row_transform<KIND>(p, c.row_threshold, c.num_rows, b);
 
     // Pass 1: z_j = s T(u_j) + bias_j with its lane maxima and sums (over all classes;
     // the target is taken out below), and the lane argmax of the margin-free logit
     // s u_j + bias_j (training accuracy). Lane l owns the classes j = l (mod W).
-    const V threshold_v = V{} + threshold;
     V pmax = V{} + neg_inf;
     Index parg{};
     Index jv;
@@ -268,7 +210,7 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
     for (int32_t j0 = 0; j0 < n_full; j0 += W, jv += W) {
       const V uj = load<V>(u + j0);
       const V bj = load<V>(c.bias + j0);
-      const V zj = s * tr.value(uj, threshold_v) + bj;
+      const V zj = s * tr.value(uj) + bj;
       store(z + j0, zj);
       zmax = select(zj > zmax, zj, zmax);
       zsum += zj;
@@ -279,7 +221,7 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
     }
     for (int32_t j = n_full; j < n; ++j) {
       const int32_t l = j - n_full;
-      const T zj = s * tr.value(u[j], threshold) + c.bias[j];
+      const T zj = s * tr.value(u[j]) + c.bias[j];
       z[j] = zj;
       zmax[l] = select(zj > zmax[l], zj, T(zmax[l]));
       zsum[l] += zj;
@@ -337,12 +279,7 @@ FM_INLINE void forward_rows(const ChunkTile<T>& c, const MarginParams& p, RowSta
     double se = 0.0;
     for (int l = 0; l < W; ++l) se += double(e[l]);
     const double md = double(m);
-    if (md > st.max) {
-      st.sumexp = st.sumexp * std::exp(st.max - md) + se;
-      st.max = md;
-    } else {
-      st.sumexp += se * std::exp(md - st.max);
-    }
+    lse_merge(st.max, st.sumexp, md, se);
   }
 }
 
@@ -365,9 +302,7 @@ FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const
     const T* u = class_cosines(row, c.col_scale, r, n, k, u_sub, c.best_sub);
     const int64_t y = c.labels[b] - c.first_class;
     const int64_t target = (y >= 0 && y < n) ? y : -1;
-    const T threshold = c.row_threshold != nullptr ? c.row_threshold[b] : T(0);
-    const Transform<KIND, T> tr{T(p.alpha), T(p.delta), T(p.margin),
-                                c.row_threshold != nullptr ? c.row_threshold[c.num_rows + b] : T(0)};
+    const auto tr = row_transform<KIND>(p, c.row_threshold, c.num_rows, b);
     T lse = g.lse_neg[b];
     T grad_lse = g.grad_lse[b];
     if (lse == -std::numeric_limits<T>::infinity()) {  // no negative class: no softmax term (NaN propagates)
@@ -380,21 +315,21 @@ FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const
     // dU = dz * s * T'(u); G = dU * r_b * q_i is what the GEMMs consume (denormals flushed).
     // The target's entry is then overwritten (no index test in the vector loop).
     auto dz_of = [&](int64_t j) {
-      const T zj = s * tr.value(u[j], threshold) + c.bias[j];
+      const T zj = s * tr.value(u[j]) + c.bias[j];
       return grad_lse * exp_flush(zj - lse) + grad_sum;
     };
     if (k == 1) {
       for (int64_t j = 0; j < n; ++j) {
         const T dz = dz_of(j);
         dz_buf[j] = dz;
-        const T gj = dz * (s * tr.derivative(u[j], threshold)) * (r * c.col_scale[j]);
+        const T gj = dz * (s * tr.derivative(u[j])) * (r * c.col_scale[j]);
         row[j] = select(std::abs(gj) < tiny, T(0), gj);
       }
     } else {
       for (int64_t j = 0; j < n; ++j) {
         const T dz = dz_of(j);
         dz_buf[j] = dz;
-        du[j] = dz * (s * tr.derivative(u[j], threshold));
+        du[j] = dz * (s * tr.derivative(u[j]));
       }
     }
     if (target >= 0) {
@@ -424,26 +359,41 @@ FM_INLINE void backward_rows(const ChunkTile<T>& c, const MarginParams& p, const
 
 template <typename T>
 FM_INLINE void forward_any(const ChunkTile<T>& c, const MarginParams& p, RowState* state, T* target_u) {
-  switch (p.kind) {
-    case kIdentity: return forward_rows<T, kIdentity>(c, p, state, target_u);
-    case kAffine: return forward_rows<T, kAffine>(c, p, state, target_u);
-    case kQuadratic: return forward_rows<T, kQuadratic>(c, p, state, target_u);
-    case kQuadraticDetached: return forward_rows<T, kQuadraticDetached>(c, p, state, target_u);
-    case kFiltered: return forward_rows<T, kFiltered>(c, p, state, target_u);
-    default: return forward_rows<T, kCurricular>(c, p, state, target_u);
-  }
+  dispatch_kind(p.kind, [&](auto kind) FM_INLINE_LAMBDA { forward_rows<T, decltype(kind)::value>(c, p, state, target_u); });
 }
 
 template <typename T>
 FM_INLINE void backward_any(const ChunkTile<T>& c, const MarginParams& p, const RowGrads<T>& g) {
-  switch (p.kind) {
-    case kIdentity: return backward_rows<T, kIdentity>(c, p, g);
-    case kAffine: return backward_rows<T, kAffine>(c, p, g);
-    case kQuadratic: return backward_rows<T, kQuadratic>(c, p, g);
-    case kQuadraticDetached: return backward_rows<T, kQuadraticDetached>(c, p, g);
-    case kFiltered: return backward_rows<T, kFiltered>(c, p, g);
-    default: return backward_rows<T, kCurricular>(c, p, g);
+  dispatch_kind(p.kind, [&](auto kind) FM_INLINE_LAMBDA { backward_rows<T, decltype(kind)::value>(c, p, g); });
+}
+
+template <typename T, int64_t KIND>
+FM_INLINE void non_target_rows(const T* u, const T* row_threshold, int64_t rows, int64_t cols,
+                               const MarginParams& p, T* value, T* derivative) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::kWidth;
+  const int64_t full = cols / W * W;
+  for (int64_t b = 0; b < rows; ++b) {
+    const auto tr = row_transform<KIND>(p, row_threshold, rows, b);
+    const int64_t at = b * cols;
+    for (int64_t j = 0; j < full; j += W) {
+      const V uj = load<V>(u + at + j);
+      store(value + at + j, tr.value(uj));
+      store(derivative + at + j, tr.derivative(uj));
+    }
+    for (int64_t j = full; j < cols; ++j) {
+      value[at + j] = tr.value(u[at + j]);
+      derivative[at + j] = tr.derivative(u[at + j]);
+    }
   }
+}
+
+template <typename T>
+FM_INLINE void non_target_any(const T* u, const T* row_threshold, int64_t rows, int64_t cols,
+                              const MarginParams& p, T* value, T* derivative) {
+  dispatch_kind(p.kind, [&](auto kind) FM_INLINE_LAMBDA {
+    non_target_rows<T, decltype(kind)::value>(u, row_threshold, rows, cols, p, value, derivative);
+  });
 }
 
 // Sums of squares / dot products over a row: two vector accumulators in T, folded in
@@ -499,6 +449,14 @@ FM_MULTIVERSION void backward_epilogue(const ChunkTile<float>& c, const MarginPa
 FM_MULTIVERSION void backward_epilogue(const ChunkTile<double>& c, const MarginParams& p,
                                        const RowGrads<double>& g) {
   backward_any(c, p, g);
+}
+FM_MULTIVERSION void non_target_values(const float* u, const float* row_threshold, int64_t rows, int64_t cols,
+                                       const MarginParams& p, float* value, float* derivative) {
+  non_target_any(u, row_threshold, rows, cols, p, value, derivative);
+}
+FM_MULTIVERSION void non_target_values(const double* u, const double* row_threshold, int64_t rows, int64_t cols,
+                                       const MarginParams& p, double* value, double* derivative) {
+  non_target_any(u, row_threshold, rows, cols, p, value, derivative);
 }
 FM_MULTIVERSION void inv_row_norms(const float* rows, int64_t n, int64_t dim, float* out) {
   inv_row_norms_impl(rows, n, dim, out);

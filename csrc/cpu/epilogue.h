@@ -63,6 +63,15 @@ void forward_epilogue(const ChunkTile<double>& c, const MarginParams& p, RowStat
 void backward_epilogue(const ChunkTile<float>& c, const MarginParams& p, const RowGrads<float>& g);
 void backward_epilogue(const ChunkTile<double>& c, const MarginParams& p, const RowGrads<double>& g);
 
+// T(u) and T'(u) of the kind p.kind (csrc/non_target.h) over a (rows, cols) row-major
+// array, in the epilogues' vector lanes (a scalar tail per row): the hook through which
+// tests compare the kernels' transform with its Python definition. row_threshold: (2, rows)
+// CurricularFace's constants per row, or nullptr.
+void non_target_values(const float* u, const float* row_threshold, int64_t rows, int64_t cols,
+                       const MarginParams& p, float* value, float* derivative);
+void non_target_values(const double* u, const double* row_threshold, int64_t rows, int64_t cols,
+                       const MarginParams& p, double* value, double* derivative);
+
 // out[i] = 1 / max(||rows_i||, kNormEps) for `n` rows of `dim` contiguous elements.
 void inv_row_norms(const float* rows, int64_t n, int64_t dim, float* out);
 void inv_row_norms(const double* rows, int64_t n, int64_t dim, double* out);

@@ -34,6 +34,7 @@
 #include "../chunk_rows.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
+#include "../non_target.h"
 #include "../optim_update.h"
 #include "epilogue.h"
 
@@ -260,12 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
     RowState total = states[b];
     for (int64_t g = 1; g < plan.num_groups; ++g) {
       const RowState& s = states[g * batch + b];
-      if (s.max > total.max) {
-        total.sumexp = total.sumexp * std::exp(total.max - s.max) + s.sumexp;
-        total.max = s.max;
-      } else if (s.max > -std::numeric_limits<double>::infinity() || std::isnan(s.sumexp)) {
-        total.sumexp += s.sumexp * std::exp(s.max - total.max);
-      }
+      lse_merge(total.max, total.sumexp, s.max, s.sumexp);
       total.sum += s.sum;
       if (s.best > total.best) {
         total.best = s.best;

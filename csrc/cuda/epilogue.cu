@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../non_target.h"
 #include "epilogue.cuh"
 
 namespace fused_margin {
@@ -81,70 +82,6 @@ __device__ __forceinline__ A neg_inf() {
   return -static_cast<A>(INFINITY);
 }
 
-// ---- the non-target transform ----------------------------------------------------
-
-template <typename A>
-struct Transform {
-  A scale, alpha, delta, margin;
-};
-
-// CurricularFace's constants of row b: row_threshold is (2, B), thresholds then t.
-template <typename A>
-__device__ __forceinline__ void curricular_terms(const A* row_threshold, int64_t num_rows, int64_t b, A* threshold,
-                                                 A* t) {
-  *threshold = row_threshold != nullptr ? row_threshold[b] : A(0);
-  *t = row_threshold != nullptr ? row_threshold[num_rows + b] : A(0);
-}
-
-template <int64_t KIND, typename A>
-__device__ __forceinline__ A transform_value(const Transform<A>& tr, A u, A threshold, A t) {
-  if constexpr (KIND == kIdentity) {
-    return u;
-  } else if constexpr (KIND == kAffine) {
-    return tr.alpha * u + tr.delta;
-  } else if constexpr (KIND == kQuadratic || KIND == kQuadraticDetached) {
-    return fmax(u + tr.margin, A(0)) * (u - tr.margin);
-  } else if constexpr (KIND == kFiltered) {
-    return u > tr.margin ? A(0) : u;  // u > t: a NaN cosine stays NaN
-  } else {
-    return u > threshold ? u * (t + u) : u;
-  }
-}
-
-// T'(u) as the reference uses it (reference.non_target_derivative).
-template <int64_t KIND, typename A>
-__device__ __forceinline__ A transform_derivative(const Transform<A>& tr, A u, A threshold, A t) {
-  if constexpr (KIND == kIdentity) {
-    return A(1);
-  } else if constexpr (KIND == kAffine) {
-    return tr.alpha;
-  } else if constexpr (KIND == kQuadratic) {
-    return u > -tr.margin ? A(2) * u : A(0);
-  } else if constexpr (KIND == kQuadraticDetached) {
-    return fmax(u + tr.margin, A(0));
-  } else if constexpr (KIND == kFiltered) {
-    return u > tr.margin ? A(0) : A(1);
-  } else {
-    return u > threshold ? t + A(2) * u : A(1);
-  }
-}
-
-// u_j = max_k r q_{jK+k} <x_b, w_{jK+k}>; `best` is the sub-center attaining it (lowest on ties).
-template <typename A>
-__device__ __forceinline__ A class_cosine(const A* row, const A* q, A r, int64_t j, int64_t k, int64_t* best) {
-  A top = row[j * k] * (r * q[j * k]);
-  int64_t arg = 0;
-  for (int64_t s = 1; s < k; ++s) {
-    const A v = row[j * k + s] * (r * q[j * k + s]);
-    if (v > top || v != v) {  // a NaN sub-center makes the class NaN, as torch.amax does
-      top = v;
-      arg = s;
-    }
-  }
-  *best = arg;
-  return top;
-}
-
 // ---- reductions --------------------------------------------------------------------
 
 template <typename A>
@@ -158,13 +95,8 @@ struct Partial {
 
 template <typename A>
 __device__ __forceinline__ Partial<A> combine(const Partial<A>& a, const Partial<A>& b) {
-  Partial<A> out;
-  out.max = fmax(a.max, b.max);
-  if (out.max == neg_inf<A>()) {
-    out.sumexp = a.sumexp + b.sumexp;  // 0, or NaN from a NaN negative (fmax skips NaN)
-  } else {
-    out.sumexp = a.sumexp * exp(a.max - out.max) + b.sumexp * exp(b.max - out.max);
-  }
+  Partial<A> out = a;
+  lse_merge(out.max, out.sumexp, b.max, b.sumexp);
   out.sum = a.sum + b.sum;
   const bool take_b = b.best > a.best || (b.best == a.best && b.best_index < a.best_index);
   out.best = take_b ? b.best : a.best;
@@ -201,15 +133,15 @@ struct ForwardKernelArgs {
 // grid (B, segments): one block reduces kSegment classes of one row. The batch is on x
 // (up to 2^31 - 1 blocks): y allows only 65535, which would cap the batch size.
 template <typename A, int64_t KIND>
-__global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernelArgs<A> a, Transform<A> tr) {
+__global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernelArgs<A> a, MarginParams mp) {
   const int64_t b = blockIdx.x;
   const int64_t n = a.num_classes;
   const A* row = a.tile + b * n * a.k;
   const A r = a.row_scale[b];
   const int64_t target = a.labels[b] - a.first_class;  // in [0, n) iff the target is in this chunk
   const bool ignored = a.labels[b] <= kIgnoredLabel;  // not part of the computation: an empty partial
-  A threshold, t;
-  curricular_terms(a.row_threshold, a.num_rows, b, &threshold, &t);
+  const auto tr = row_transform<KIND>(mp, a.row_threshold, a.num_rows, b);
+  const A scale = A(mp.scale);
 
   A z[kItems];
   Partial<A> p{neg_inf<A>(), A(0), A(0), neg_inf<A>(), INT64_MAX};
@@ -221,9 +153,9 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
     z[i] = neg_inf<A>();
     if (j < n && !ignored) {
       int64_t sub;
-      const A u = a.k == 1 ? row[j] * (r * a.col_scale[j]) : class_cosine(row, a.col_scale, r, j, a.k, &sub);
+      const A u = a.k == 1 ? row[j] * (r * a.col_scale[j]) : subcenter_max(row, a.col_scale, r, j, a.k, &sub);
       const A bj = a.bias != nullptr ? a.bias[j] : A(0);
-      const A plain = tr.scale * u + bj;  // margin-free logit: training accuracy
+      const A plain = scale * u + bj;  // margin-free logit: training accuracy
       if (plain > p.best) {  // j increases per thread: strict keeps the lowest
         p.best = plain;
         p.best_index = j;
@@ -231,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) forward_segment_kernel(ForwardKernel
       if (j == target) {
         a.target_u[b] = u;
       } else {
-        z[i] = tr.scale * transform_value<KIND>(tr, u, threshold, t) + bj;
+        z[i] = scale * tr.value(u) + bj;
         p.sum += z[i];
         p.max = fmax(p.max, z[i]);
         has_nan = has_nan || z[i] != z[i];
@@ -269,13 +201,7 @@ __global__ void merge_segments_kernel(const Partial<A>* partials, int64_t segmen
   int64_t best_index = st.best_index[b];
   for (int64_t s = 0; s < segments; ++s) {
     const Partial<A> p = partials[s * num_rows + b];
-    const double pm = double(p.max);
-    if (pm > mx) {
-      se = se * exp(mx - pm) + double(p.sumexp);
-      mx = pm;
-    } else if (pm > -double(INFINITY) || isnan(p.sumexp)) {
-      se += double(p.sumexp) * exp(pm - mx);
-    }
+    lse_merge(mx, se, double(p.max), double(p.sumexp));
     sum += double(p.sum);
     if (double(p.best) > best) {  // segments and chunks arrive in class order
       best = double(p.best);
@@ -334,13 +260,14 @@ struct BackwardKernelArgs {
 // rows (coalesced: a warp reads 32 neighbouring columns of one row). No reduction but
 // the per-column dz sum of the bias gradient.
 template <typename A, typename G, int64_t KIND>
-__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardKernelArgs<A, G> a, Transform<A> tr) {
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardKernelArgs<A, G> a, MarginParams mp) {
   const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t n = a.num_classes, k = a.k;
   if (j >= n) return;
   const int64_t b_begin = int64_t(blockIdx.y) * kRowsPerBlock;
   const int64_t b_end = b_begin + kRowsPerBlock < a.num_rows ? b_begin + kRowsPerBlock : a.num_rows;
   const A bj = a.bias != nullptr ? a.bias[j] : A(0);
+  const A scale = A(mp.scale);
   A dbias = A(0);
   for (int64_t b = b_begin; b < b_end; ++b) {
     const A* row = a.tile + b * n * k;
@@ -356,15 +283,14 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardKernelArgs<A
       for (int64_t s = 0; s < k; ++s) grad_row[j * k + s] = store_as<G>(A(0));
       continue;
     }
-    A threshold, t;
-    curricular_terms(a.row_threshold, a.num_rows, b, &threshold, &t);
+    const auto tr = row_transform<KIND>(mp, a.row_threshold, a.num_rows, b);
     const bool is_target = j == a.labels[b] - a.first_class;
     int64_t best = 0;
-    const A u = k == 1 ? row[j] * (r * a.col_scale[j]) : class_cosine(row, a.col_scale, r, j, k, &best);
-    const A zj = tr.scale * transform_value<KIND>(tr, u, threshold, t) + bj;
+    const A u = k == 1 ? row[j] * (r * a.col_scale[j]) : subcenter_max(row, a.col_scale, r, j, k, &best);
+    const A zj = scale * tr.value(u) + bj;
     const A dz = is_target ? A(0) : grad_lse * exp(zj - lse) + a.grad_sum[b];
     dbias += dz;
-    const A du = dz * (tr.scale * transform_derivative<KIND>(tr, u, threshold, t)) + (is_target ? a.grad_target_u[b] : A(0));
+    const A du = dz * (scale * tr.derivative(u)) + (is_target ? a.grad_target_u[b] : A(0));
     // Route the class's gradient to the sub-center that attained the max. All K reads
     // above precede these writes (in-place when G aliases the tile).
     for (int64_t s = 0; s < k; ++s) {
@@ -381,6 +307,18 @@ __global__ void sum_bias_partials_kernel(const A* partials, int64_t blocks, int6
   A total = grad_bias[j];
   for (int64_t i = 0; i < blocks; ++i) total += partials[i * n + j];  // in row order
   grad_bias[j] = total;
+}
+
+// ---- the transform alone (tests) ---------------------------------------------------
+
+template <typename A, int64_t KIND>
+__global__ void non_target_kernel(const A* u, const A* row_threshold, int64_t rows, int64_t cols, MarginParams mp,
+                                  A* value, A* derivative) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * cols) return;
+  const auto tr = row_transform<KIND>(mp, row_threshold, rows, i / cols);
+  value[i] = tr.value(u[i]);
+  derivative[i] = tr.derivative(u[i]);
 }
 
 // ---- row helpers ------------------------------------------------------------------
@@ -484,24 +422,6 @@ void dispatch_storage(DType t, F&& f) {
   throw std::invalid_argument("fused_margin cuda backend: unknown storage type");
 }
 
-template <typename F>
-void dispatch_kind(int64_t kind, F&& f) {
-  switch (kind) {
-    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
-    case kAffine: return f(std::integral_constant<int64_t, kAffine>{});
-    case kQuadratic: return f(std::integral_constant<int64_t, kQuadratic>{});
-    case kQuadraticDetached: return f(std::integral_constant<int64_t, kQuadraticDetached>{});
-    case kCurricular: return f(std::integral_constant<int64_t, kCurricular>{});
-    case kFiltered: return f(std::integral_constant<int64_t, kFiltered>{});
-  }
-  throw std::invalid_argument("fused_margin cuda backend: unknown non-target kind");
-}
-
-template <typename A>
-Transform<A> make_transform(const MarginParams& p) {
-  return Transform<A>{A(p.scale), A(p.alpha), A(p.delta), A(p.margin)};
-}
-
 unsigned blocks_for(int64_t items, int64_t per_block) {
   return static_cast<unsigned>((items + per_block - 1) / per_block);
 }
@@ -538,7 +458,7 @@ void forward_chunk(const ChunkArgs& c, const MarginParams& p, DType acc, RowStat
                            static_cast<Partial<A>*>(segment_buffer)};
     const dim3 grid(static_cast<unsigned>(c.num_rows), static_cast<unsigned>(segments));
     dispatch_kind(p.kind, [&](auto kind_tag) {
-      forward_segment_kernel<A, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, make_transform<A>(p));
+      forward_segment_kernel<A, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, p);
     });
     check_launch("forward_segment_kernel");
     merge_segments_kernel<A><<<blocks_for(c.num_rows, kThreads), kThreads, 0, stream>>>(
@@ -584,7 +504,7 @@ void backward_chunk(const ChunkArgs& c, const RowGradArgs& grads, const MarginPa
                                  grad_bias != nullptr ? static_cast<A*>(bias_partials) : nullptr};
       const dim3 grid(blocks_for(c.num_classes, kThreads), static_cast<unsigned>(row_blocks));
       dispatch_kind(p.kind, [&](auto kind_tag) {
-        backward_kernel<A, G, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, make_transform<A>(p));
+        backward_kernel<A, G, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, p);
       });
       check_launch("backward_kernel");
     });
@@ -594,6 +514,20 @@ void backward_chunk(const ChunkArgs& c, const RowGradArgs& grads, const MarginPa
       check_launch("sum_bias_partials_kernel");
     }
   });
+}
+
+void non_target_values(const void* u, const void* row_threshold, int64_t rows, int64_t cols, const MarginParams& p,
+                       DType acc, void* value, void* derivative, cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    dispatch_kind(p.kind, [&](auto kind_tag) {
+      non_target_kernel<A, decltype(kind_tag)::value><<<blocks_for(rows * cols, kThreads), kThreads, 0, stream>>>(
+          static_cast<const A*>(u), static_cast<const A*>(row_threshold), rows, cols, p, static_cast<A*>(value),
+          static_cast<A*>(derivative));
+    });
+  });
+  check_launch("non_target_kernel");
 }
 
 void inverse_row_norms(const void* rows, DType row_type, int64_t n, int64_t dim, void* inv_norm, DType acc,

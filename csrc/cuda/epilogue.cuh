@@ -79,6 +79,12 @@ struct RowGradArgs {
 void backward_chunk(const ChunkArgs& chunk, const RowGradArgs& grads, const MarginParams& p, DType acc,
                     void* grad_tile, DType grad_type, void* grad_bias, void* bias_partials, cudaStream_t stream);
 
+// T(u) and T'(u) of the kind p.kind (csrc/non_target.h) elementwise over a (rows, cols)
+// row-major acc array: the hook through which tests compare the device code with the
+// transform's Python definition. row_threshold: (2, rows) acc, or nullptr.
+void non_target_values(const void* u, const void* row_threshold, int64_t rows, int64_t cols, const MarginParams& p,
+                       DType acc, void* value, void* derivative, cudaStream_t stream);
+
 // inv_norm[i] = 1 / max(||row_i||, kNormEps) for n contiguous rows of `dim` elements.
 void inverse_row_norms(const void* rows, DType row_type, int64_t n, int64_t dim, void* inv_norm, DType acc,
                        cudaStream_t stream);
