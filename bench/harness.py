@@ -168,7 +168,6 @@ class Timer:
         return (m[1] - m[0]) * 1e3, (m[2] - m[1]) * 1e3
 
 
-
 # ---------------------------------------------------------------------------------
 # Timing.
 # ---------------------------------------------------------------------------------
@@ -204,7 +203,6 @@ def time_iterations(
         bwd.append(b)
     total = [f + b for f, b in zip(fwd, bwd, strict=True)]
     return {"fwd_ms": sample_stats(fwd), "bwd_ms": sample_stats(bwd), "total_ms": sample_stats(total)}
-
 
 
 # ---------------------------------------------------------------------------------
@@ -281,7 +279,6 @@ def load_average() -> list[float] | None:
     return None
 
 
-
 # ---------------------------------------------------------------------------------
 # Child processes: a fresh interpreter per measurement.
 # ---------------------------------------------------------------------------------
@@ -311,7 +308,6 @@ def run_child(module: str, job: dict[str, Any], timeout: float) -> dict[str, Any
     return {"status": "error", "reason": f"worker failed: {tail[0][:300]}", "wall_s": round(wall, 2)}
 
 
-
 def worker_main(dispatch: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
     job = json.loads(sys.stdin.read())
     try:
@@ -320,6 +316,11 @@ def worker_main(dispatch: dict[str, Callable[[dict[str, Any]], dict[str, Any]]])
         result = {"status": "OOM" if is_oom(error) else "error",
                   "reason": f"{type(error).__name__}: {first_line(error)}"}
     print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------
+# Command-line values, errors, files.
+# ---------------------------------------------------------------------------------
 
 
 def parse_classes(text: str) -> list[int]:
@@ -349,11 +350,9 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__
-
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
