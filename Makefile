@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)
-	$(PY) bench/bench_loss.py
+	$(PY) -m bench.bench_loss
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check .

@@ -12,10 +12,19 @@ median and half-range of ``--repeats`` timed runs after one warm-up, and the pea
 above the inputs (VmHWM after resetting it, Linux) during the first step. Prints a
 markdown table; ``--json`` writes the figures.
 
-    python bench/bench_dropin.py --classes 16384 65536 --json bench/results/dropin_cpu.json
+    python -m bench.bench_dropin --classes 16384 65536 --json bench/results/dropin_cpu.json   # or bench/bench_dropin.py
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python bench/bench_dropin.py): run the module bench.bench_dropin
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    runpy.run_module("bench.bench_dropin", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
 
 import argparse
 import datetime
@@ -28,6 +37,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+#: the children run from here (``python -m bench.bench_dropin``)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 IMPLEMENTATIONS = {
     "arcface_torch": "arcface_torch (eager)",
@@ -77,8 +89,7 @@ def _arcface_torch_step_factory(num_classes: int, dim: int):
 def _worker(impl: str, batch: int, num_classes: int, dim: int, repeats: int, threads: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_loss import current_rss_bytes, peak_rss_bytes, release_freed_memory, reset_peak_rss
+    from .harness import current_rss_bytes, peak_rss_bytes, release_freed_memory, reset_peak_rss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -157,9 +168,9 @@ def main() -> None:
     load_before = os.getloadavg()
     for num_classes in args.classes:
         for impl in args.impls:
-            cmd = [sys.executable, __file__, "--worker", impl, str(args.batch), str(num_classes), str(args.dim),
+            cmd = [sys.executable, "-m", "bench.bench_dropin", "--worker", impl, str(args.batch), str(num_classes), str(args.dim),
                    str(args.repeats), str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO_ROOT)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     meta = {
         "started": started, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

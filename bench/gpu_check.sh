@@ -93,12 +93,13 @@ bench_args() {
   fi
 }
 
-# bench_loss.py with a time budget of 3/4 of the stage's limit (it then starts no new
-# measurement and writes its results); its rows live in $out/bench_live.json.
+# bench_loss.py (as the module bench.bench_loss) with a time budget of 3/4 of the stage's
+# limit (it then starts no new measurement and writes its results); its rows live in
+# $out/bench_live.json.
 bench() {
   local note=$1; shift
   # shellcheck disable=SC2046
-  "$py" bench/bench_loss.py $(bench_args) --time-budget "$(( STAGE_LIMIT * 3 / 4 ))" --out "$GPU_CHECK_WORK/bench" \
+  "$py" -m bench.bench_loss $(bench_args) --time-budget "$(( STAGE_LIMIT * 3 / 4 ))" --out "$GPU_CHECK_WORK/bench" \
     --live-json "$out/bench_live.json" --note "bench/gpu_check.sh: $note" "$@"
 }
 
@@ -109,7 +110,7 @@ for i in range(3):
     print(json.dumps({'check': 'stub', 'i': i}), flush=True)
     time.sleep(0.1)" >> "$out/smoke.jsonl"
   else
-    "$py" bench/gpu_smoke.py >> "$out/smoke.jsonl"
+    "$py" -m bench.gpu_smoke >> "$out/smoke.jsonl"
   fi
 }
 

@@ -39,6 +39,15 @@ seed, the same recipe otherwise, as directions on the unit sphere with the class
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/train_digits.py): run the module bench.train_digits
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    runpy.run_module("bench.train_digits", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import datetime as dt
 import json
@@ -57,11 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import (  # noqa: E402 - bench/ is not a package; its helpers live in bench_loss
+from . import report
+from .harness import (
     REPO_ROOT,
     RESULTS_DIR,
-    _csv,
+    csv_list,
     device_info,
     device_slug,
     git_info,
@@ -294,49 +303,46 @@ def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     test_n = cfg["test_samples"]
-    lines = [
+    caption = (
         f"{cfg['train_samples']} training and {test_n} test images (stratified split, seed {cfg['split_seed']}); "
         f"embedder {cfg['embedder']}; SGD lr {cfg['lr']} (momentum {cfg['momentum']}, weight decay "
         f"{cfg['weight_decay']}), cosine decay, {cfg['epochs']} epochs of "
         f"batch {cfg['batch']} ({cfg['steps']} steps); backend `{cfg['backend']}`; seeds {cfg['seeds']}; "
-        "every head with its defaults",
-        "",
-        "| head | test accuracy % | vs Softmax (pp) | cosine accuracy % | median θ_y ° | median θ_n ° | "
-        "median θ_n − θ_y ° | non-finite steps | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        "every head with its defaults")
+    columns = [("head", "left"), ("test accuracy %", "right"), ("vs Softmax (pp)", "right"),
+               ("cosine accuracy %", "right"), ("median θ_y °", "right"), ("median θ_n °", "right"),
+               ("median θ_n − θ_y °", "right"), ("non-finite steps", "right"), ("train s", "right")]
     versus = {c["head"]: c for c in comparisons(result)}
+    rows = []
     for h in result["heads"]:
         c = versus.get(h["head"])
         vs = f"{c['difference'] * 100:+.1f} ±{c['standard_error'] * 100:.1f}" if c else ""
-        lines.append(
-            f"| {h['label']} | {_pm(h['test_accuracy'], 100)} | {vs} | {_pm(h['cosine_accuracy'], 100)} | "
-            f"{_pm(h['target_angle_median'])} | {_pm(h['nearest_negative_angle_median'])} | "
-            f"{_pm(h['angle_gap_median'])} | {h['nonfinite_loss_steps'] + h['nonfinite_grad_steps']} | "
-            f"{h['train_seconds']:.1f} |")
-    lines.append("")
-    lines.append(
+        rows.append([h["label"], _pm(h["test_accuracy"], 100), vs, _pm(h["cosine_accuracy"], 100),
+                     _pm(h["target_angle_median"]), _pm(h["nearest_negative_angle_median"]),
+                     _pm(h["angle_gap_median"]), str(h["nonfinite_loss_steps"] + h["nonfinite_grad_steps"]),
+                     f"{h['train_seconds']:.1f}"])
+    notes = [
         f"Mean ±standard deviation over the seeds; one test image is {100 / test_n:.2f} pp. 'vs Softmax': the "
         "difference of the mean test accuracies, ± its standard error. Test accuracy: top-1 of the head's own "
         "margin-free logits (the nearest class weight by cosine, except Softmax and L-Softmax, whose logits are "
         "linear); cosine accuracy: the nearest class weight by cosine, for every head. θ_y: angle to the own "
         "class weight, θ_n: to the nearest other one (test images, per seed). Non-finite steps: training steps "
-        "whose loss or gradient was not finite.")
+        "whose loss or gradient was not finite."]
     groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
     for c in comparisons(result):
         z = c["difference"] / c["standard_error"] if c["standard_error"] > 0 else math.copysign(math.inf, c["difference"])
         group = "above" if z > 2 else "below" if z < -2 else "within"
         groups[group].append(f"{c['label']} ({c['difference'] * 100:+.1f} ±{c['standard_error'] * 100:.1f})")
     if any(groups.values()):
-        lines += ["", "Against Softmax's test accuracy, in pp: " + "; ".join(
+        notes += ["", "Against Softmax's test accuracy, in pp: " + "; ".join(
             f"{what} by more than two standard errors: {', '.join(names)}" if what != "within" else
             f"within two standard errors: {', '.join(names)}"
             for what, names in groups.items() if names) + "."]
     annealed = [h for h in result["heads"] if h.get("final_lambda") is not None]
     if annealed:
-        lines += ["", "Annealed λ after the last step (λ ≫ 1 makes the target logit nearly the margin-free one): "
+        notes += ["", "Annealed λ after the last step (λ ≫ 1 makes the target logit nearly the margin-free one): "
                   + ", ".join(f"{h['label']} {h['final_lambda']:.3g}" for h in annealed) + "."]
-    return "\n".join(lines) + "\n"
+    return report.markdown_table(columns, rows, caption=caption, notes=notes)
 
 
 def _longitude_latitude(directions: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -417,7 +423,7 @@ def plot_angles(result: dict[str, Any], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--heads", type=_csv, default=["all"], help=f"comma-separated, or 'all': {', '.join(HEADS)}")
+    p.add_argument("--heads", type=csv_list, default=["all"], help=f"comma-separated, or 'all': {', '.join(HEADS)}")
     p.add_argument("--backend", default="cpu",
                    help="the heads' backend: cpu (the fused C++ one, default), triton, cuda, reference, eager, auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the triton and cuda backends)")

@@ -33,6 +33,15 @@ training steps in a fresh process, and the answer is the largest C measured to f
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/train_facerec.py): run the module bench.train_facerec
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    runpy.run_module("bench.train_facerec", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import datetime as dt
 import json
@@ -48,22 +57,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import (  # noqa: E402 - bench/ is not a package; its helpers live in bench_loss
+from . import report
+from .harness import (
     REPO_ROOT,
     RESULTS_DIR,
-    _csv,
-    _meminfo_bytes,
-    _stats,
+    csv_list,
     device_info,
     device_slug,
     git_info,
     is_oom,
     limit_cpu_memory,
     load_average,
+    meminfo_bytes,
     parse_classes,
     peak_rss_bytes,
     run_child,
+    sample_stats,
     versions,
     worker_main,
 )
@@ -279,7 +288,7 @@ def _line_through_nearest(points: list[dict[str, Any]], budget: int) -> dict[str
             "proposal": int((CAPACITY_TARGET * budget - intercept) / slope), "fitted_at": sorted([c1, c2])}
 
 
-def find_capacity(script: Path, base: dict[str, Any], impl: str, budget: int, probes: int,
+def find_capacity(module: str, base: dict[str, Any], impl: str, budget: int, probes: int,
                   timeout: float) -> dict[str, Any]:
     """Largest C whose training step peaks within ``budget`` bytes.
 
@@ -294,7 +303,7 @@ def find_capacity(script: Path, base: dict[str, Any], impl: str, budget: int, pr
     points: list[dict[str, Any]] = []
 
     def probe(classes: int) -> None:
-        result = run_child(script, {**base, "kind": "train", "impl": impl, "classes": classes, "steps": 2}, timeout)
+        result = run_child(module, {**base, "kind": "train", "impl": impl, "classes": classes, "steps": 2}, timeout)
         peak = result.get("peak_bytes") if result.get("status") == "ok" else None
         points.append({"classes": classes, "peak_bytes": peak, "fits": peak is not None and peak <= budget,
                        "status": result.get("status"), "wall_s": result.get("wall_s")})
@@ -332,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available else cpu")
     p.add_argument("--head", choices=HEADS, default="arcface")
-    p.add_argument("--head-impls", type=_csv, default=["all"],
+    p.add_argument("--head-impls", type=csv_list, default=["all"],
                    help="'all' (eager, insightface, every fused backend that can run), names, '-name' to drop")
     p.add_argument("--classes", type=lambda s: parse_classes(s)[0], default=None,
                    help="identities (default CPU 8192, GPU 2^20)")
@@ -365,8 +374,8 @@ def summarize(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if run.get("status") != "ok":
         return out
     timed = run["step_ms"][args.warmup_steps:] or run["step_ms"]
-    out["step_ms"] = _stats(timed)
-    out["data_ms_median"] = _stats(run["data_ms"])["median"]
+    out["step_ms"] = sample_stats(timed)
+    out["data_ms_median"] = sample_stats(run["data_ms"])["median"]
     out["samples_per_s"] = args.batch * len(timed) / (sum(timed) * 1e-3)
     window = run["accuracies"][-args.acc_window:]
     out["train_accuracy"] = sum(window) / len(window)
@@ -402,35 +411,29 @@ def agreement(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
 def markdown_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     budget = cfg["memory_budget_bytes"]
-    lines = [
-        f"**{cfg['head']}** — {cfg['classes']} identities, B={cfg['batch']}, D={cfg['dim']}, "
-        f"{cfg['image_size']}x{cfg['image_size']} images, {cfg['steps']} SGD steps; accuracy and loss: mean of the "
-        f"last {cfg['acc_window']} steps",
-        "",
-        "| head | samples/s | step ms | peak MiB | largest C within "
-        + (f"{budget / 2**30:g} GiB" if budget else "budget") + " | train accuracy | train loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    caption = (f"**{cfg['head']}** — {cfg['classes']} identities, B={cfg['batch']}, D={cfg['dim']}, "
+               f"{cfg['image_size']}x{cfg['image_size']} images, {cfg['steps']} SGD steps; accuracy and loss: mean "
+               f"of the last {cfg['acc_window']} steps")
+    columns = [("head", "left"), ("samples/s", "right"), ("step ms", "right"), ("peak MiB", "right"),
+               ("largest C within " + (f"{budget / 2**30:g} GiB" if budget else "budget"), "right"),
+               ("train accuracy", "right"), ("train loss", "right")]
+    rows = []
     for run in result["runs"]:
-        if run["status"] != "ok":
-            lines.append(f"| {run['label']} | {run['status']} ({run.get('reason', '')}) | | | | | |")
+        if run["status"] != "ok":  # the status, then blank cells
+            rows.append([run["label"], f"{run['status']} ({run.get('reason', '')})"])
             continue
         cap = run.get("capacity") or {}
         cap_text = f"{cap['max_classes']:,}" if cap.get("max_classes") else ("—" if not cap else "none fits")
         step = run["step_ms"]
         spread = (step["max"] - step["min"]) / 2
-        lines.append(
-            f"| {run['label']} | {run['samples_per_s']:.0f} | {step['median']:.1f} ±{spread:.1f} "
-            f"| {run['peak_bytes'] / 2**20:,.0f} | {cap_text} | {run['train_accuracy']:.3f} | {run['train_loss']:.3f} |"
-        )
-    lines.append("")
-    for a in result["agreement"]:
-        verdict = "agrees with" if a["agrees"] else "DIFFERS from"
-        lines.append(f"- {impl_label(a['impl'])} {verdict} eager: accuracy {a['accuracy']:.3f} vs "
-                     f"{a['accuracy_versus']:.3f} (difference {a['difference']:+.3f}, binomial s.e. "
-                     f"{a['standard_error']:.3f}); first-step loss relative difference "
-                     f"{a['first_loss_rel_diff']:.1e}")
-    return "\n".join(lines) + "\n"
+        rows.append([run["label"], f"{run['samples_per_s']:.0f}", f"{step['median']:.1f} ±{spread:.1f}",
+                     f"{run['peak_bytes'] / 2**20:,.0f}", cap_text, f"{run['train_accuracy']:.3f}",
+                     f"{run['train_loss']:.3f}"])
+    notes = [f"- {impl_label(a['impl'])} {'agrees with' if a['agrees'] else 'DIFFERS from'} eager: accuracy "
+             f"{a['accuracy']:.3f} vs {a['accuracy_versus']:.3f} (difference {a['difference']:+.3f}, binomial s.e. "
+             f"{a['standard_error']:.3f}); first-step loss relative difference {a['first_loss_rel_diff']:.1e}"
+             for a in result["agreement"]]
+    return report.markdown_table(columns, rows, caption=caption, notes=notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fused_margin as fm
 
-    script = Path(__file__).resolve()
+    module = "bench.train_facerec"  # what the measuring children run
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     args.classes = args.classes or (2**20 if gpu else 8192)
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = int(0.9 * total) if gpu else total
     else:
         budget = int(args.memory_budget_gb * 2**30)
-    available = _meminfo_bytes("MemAvailable")
+    available = meminfo_bytes("MemAvailable")
     cpu_limit = int(0.7 * available) if available else None
 
     fused = [name for name in fm.available_backends() if name != "reference"]
@@ -485,13 +488,13 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(impls, desc="train", unit="head", file=sys.stderr, disable=args.no_progress)
     for impl in progress:
         progress.set_postfix_str(f"{impl}: {args.steps} steps")
-        raw = run_child(script, {**base, "kind": "train", "impl": impl, "steps": args.steps}, args.worker_timeout)
+        raw = run_child(module, {**base, "kind": "train", "impl": impl, "steps": args.steps}, args.worker_timeout)
         run = {"impl": impl, "label": impl_label(impl), **summarize(raw, args)}
         if run["status"] == "ok" and budget > 0 and args.capacity_probes > 0:
             progress.set_postfix_str(f"{impl}: capacity search")
             # a probe far past the budget fails fast (reported as not fitting) instead of swapping
             guard = min(cpu_limit or budget * 4, max(2 * budget, budget + 2**30))
-            run["capacity"] = find_capacity(script, {**base, "cpu_memory_limit_bytes": guard}, impl, budget,
+            run["capacity"] = find_capacity(module, {**base, "cpu_memory_limit_bytes": guard}, impl, budget,
                                             args.capacity_probes, args.worker_timeout)
         runs.append(run)
     progress.close()

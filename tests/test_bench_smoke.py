@@ -134,8 +134,7 @@ def test_capacity_search(monkeypatch, oom_above):
     """The capacity search, on a simulated process whose peak memory is linear in C
     (plus noise) and which fails past ``oom_above``: it must return a C that fits and
     lies within 3% of the true capacity (proposals aim 2% low), in a handful of child runs."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import train_facerec
+    from bench import train_facerec
 
     budget, base_bytes, per_class = 2 * 2**30, 700 * 2**20, 3000.0
     truth = int((budget - base_bytes) / per_class)
@@ -163,8 +162,7 @@ def test_capacity_search(monkeypatch, oom_above):
 def test_readme_results_are_generated_from_committed_json():
     """README.md's results block is exactly what ``bench/report.py`` renders from the
     committed ``bench/results/*.json``: no figure in it is typed by hand or stale."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import report
+    from bench import report
 
     expected = report.render(report.load_results(ROOT / "bench" / "results"), every=False)
     actual = report.readme_block((ROOT / "README.md").read_text())

@@ -26,9 +26,9 @@ from fused_margin.kernel_params import KernelParams
 from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
-    assert_exact_zeros,
     assert_far_weight_rows_match,
     assert_forward_terms_match,
+    assert_matches_reference,
     assert_rel_close,
     assert_strided_inputs_match,
     chunk_size_fixture,
@@ -37,7 +37,7 @@ from tests.utils import (
     make_inputs,
     op_samples,
     problems,
-    rel_err,
+    tolerance,
 )
 
 needs_ext = pytest.mark.skipif(
@@ -45,8 +45,8 @@ needs_ext = pytest.mark.skipif(
 )
 
 #: fp32 inputs against the float64 reference on the same (fp32-rounded) inputs
-FP32_TOL = 1e-5
-FP64_TOL = 1e-12
+FP32_TOL = tolerance("cpu", torch.float32)
+FP64_TOL = tolerance("cpu", torch.float64)
 OUTPUTS = ("loss", "dx", "dW", "dbias")
 SHAPES = [(1, 1003, 3), (37, 1003, 67), (37, 1, 67), (5, 7, 3)]
 
@@ -54,26 +54,9 @@ SHAPES = [(1, 1003, 3), (37, 1003, 67), (37, 1, 67), (5, 7, 3)]
 chunk_size = chunk_size_fixture(BACKEND)
 
 
-def _compare(x, w, labels, spec, *, dtype, tol, bias=None, upstream=None, what="", atol=0.0, **kwargs):
-    """Runs the cpu backend on (x, w, bias) cast to `dtype` and the eager reference on the
-    same values in float64; checks loss and every gradient (``atol``: see
-    ``assert_rel_close``)."""
-    xc, wc = x.to(dtype), w.to(dtype)
-    bc = None if bias is None else bias.to(dtype)
-    out = loss_and_grads(xc, wc, labels, spec, backend="cpu", bias=bc, upstream=upstream, **kwargs)
-    ref = loss_and_grads(
-        xc.double(), wc.double(), labels, spec, backend="eager", bias=None if bc is None else bc.double(),
-        upstream=upstream, **kwargs,
-    )
-    for name, o, r in zip(OUTPUTS, out, ref):
-        if r is None:
-            assert o is None
-            continue
-        expected = dtype if name != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert o.dtype == expected, name
-        assert_rel_close(o, r, tol, f"{what} {name}", atol=atol)
-    assert_exact_zeros(out, labels, what=what, num_subcenters=spec.num_subcenters, **kwargs)
-    return out
+def _compare(x, w, labels, spec, *, dtype, **kwargs):
+    """The cpu backend against the float64 reference: ``assert_matches_reference``."""
+    return assert_matches_reference("cpu", dtype, x, w, labels, spec, **kwargs)
 
 
 @needs_ext
@@ -197,15 +180,13 @@ def test_far_classes_underflow():
     """Aligned rows at s=64: most softmax probabilities fall below fp32's normal range
     (the denormal trap of docs/design.md section 5) and are flushed to zero in the epilogue.
     The loss is ~1e-6 here, so the fp32 `logaddexp(z_y, lse) - z_y` downstream of the
-    kernel cancels: the kernel may be as wrong as eager fp32, plus a small tolerance."""
+    kernel cancels: the kernel may be as wrong as eager fp32, plus a small tolerance, for
+    each output and for each of its elements."""
     x, w, labels = make_inputs(37, 1003, 67, peaked_rows=37)
     x, w = (x * 10.0).float(), w.float()
     spec = MarginSpec.cosface(scale=64.0)
-    ref = loss_and_grads(x.double(), w.double(), labels, spec, backend="eager")
-    out = loss_and_grads(x, w, labels, spec, backend="cpu")
-    eager32 = loss_and_grads(x, w, labels, spec, backend="eager")
-    for name, o, e, r in zip(OUTPUTS[:3], out, eager32, ref):
-        assert rel_err(o, r) <= rel_err(e, r) + FP32_TOL, name
+    out = assert_matches_reference("cpu", torch.float32, x, w, labels, spec, against_eager=True, tol=FP32_TOL,
+                                   what="far classes")
     assert float(out[0]) > 0
 
 
@@ -213,16 +194,10 @@ def test_far_classes_underflow():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_inputs(dtype):
     """bf16 / fp16 inputs are converted per chunk and accumulated in fp32: the kernel may be
-    only as wrong as eager PyTorch in the same dtype, plus a small tolerance."""
-    spec = HEAD_SPECS["cosface"]
+    only as wrong as eager PyTorch in the same dtype, plus a small tolerance, for each output
+    and for each of its elements."""
     x, w, labels = make_inputs(37, 1003, 67)
-    x, w = x.to(dtype), w.to(dtype)
-    ref = loss_and_grads(x.double(), w.double(), labels, spec, backend="eager")
-    out = loss_and_grads(x, w, labels, spec, backend="cpu")
-    same_dtype = loss_and_grads(x, w, labels, spec, backend="eager")
-    for name, o, s, r in zip(OUTPUTS[:3], out, same_dtype, ref):
-        assert o.dtype == s.dtype, name
-        assert rel_err(o, r) <= rel_err(s, r) + 1e-3, name
+    assert_matches_reference("cpu", dtype, x, w, labels, HEAD_SPECS["cosface"], what="cosface")
 
 
 @needs_ext

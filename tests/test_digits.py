@@ -18,9 +18,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+from bench import train_digits  # noqa: E402 - after the skips
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import train_digits  # noqa: E402 - bench/ is not a package
 
 CHANCE = 1.0 / train_digits.NUM_CLASSES
 # Tiny matrices: a second thread only adds synchronization (see test_bench_smoke.py).
@@ -113,7 +113,7 @@ def test_bad_arguments_are_refused_by_name(argv, message, tmp_path):
 def test_readme_shows_the_committed_digits_results():
     """A digits result is committed, and README.md shows its table and figure as
     ``bench/report.py`` renders them (the whole block is checked in test_bench_smoke.py)."""
-    import report
+    from bench import report
 
     runs = report.newest_digits_runs(report.load_results(ROOT / "bench" / "results"))
     assert runs, "no committed bench/results/train_digits_*.json"

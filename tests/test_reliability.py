@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 import fused_margin.heads as heads
 from fused_margin.functional import fused_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs
+from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, tolerance
 
 #: every backend CI can run (Triton under its interpreter), with the dtype each runs in
 BACKENDS = {"cpu": torch.float64, "reference": torch.float64, "eager": torch.float64, "triton": torch.float32}
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+TOL = {dtype: tolerance("reliability", dtype) for dtype in (torch.float64, torch.float32)}
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 

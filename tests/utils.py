@@ -91,6 +91,120 @@ def assert_rel_close(out: Tensor, ref: Tensor, tol: float, what: str = "", atol:
     )
 
 
+#: Relative-norm tolerances against the float64 reference (computed on the same rounded
+#: inputs), per (what runs, input dtype): one table for every test file. For 16-bit inputs
+#: the value is the margin of the three-way rule (:func:`assert_no_less_accurate_than_eager`).
+TOLERANCES: dict[tuple[str, torch.dtype], float] = {
+    # one call of a fused backend
+    ("cpu", torch.float64): 1e-12,
+    ("cpu", torch.float32): 1e-5,
+    ("cpu", torch.bfloat16): 1e-3,
+    ("cpu", torch.float16): 1e-3,
+    ("cuda", torch.float64): 1e-12,
+    ("cuda", torch.float32): 1e-5,
+    # on the GPU the dX / dW GEMMs read the logits' gradient in the input dtype
+    ("cuda", torch.bfloat16): 2e-2,
+    ("cuda", torch.float16): 2e-2,
+    # exact ('ieee') fp32 dots: the spec's bound for every output
+    ("triton", torch.float32): 1e-5,
+    # the class-sharded head (fused_margin.distributed) against one process's reference:
+    # per-shard terms combined across ranks, more roundings than one call
+    ("sharded", torch.float64): 1e-9,
+    ("sharded", torch.float32): 1e-5,
+    # the same with the shards on a GPU kernel (Triton / CUDA): other summation orders
+    ("sharded-gpu", torch.float32): 1e-4,
+    # the InsightFace drop-in against arcface_torch's computation written out in float64
+    ("insightface", torch.float64): 1e-10,
+    # finite rows beside non-finite ones, on every backend CI runs (test_reliability.py)
+    ("reliability", torch.float64): 1e-10,
+    ("reliability", torch.float32): 2e-5,
+}
+
+OUTPUTS = ("loss", "dx", "dW", "dbias")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def tolerance(what: str, dtype: torch.dtype) -> float:
+    """The entry of :data:`TOLERANCES` (a KeyError naming the pair if it has none)."""
+    try:
+        return TOLERANCES[(what, dtype)]
+    except KeyError:
+        known = sorted(f"{k}/{str(d).removeprefix('torch.')}" for k, d in TOLERANCES)
+        raise KeyError(f"no tolerance for ({what!r}, {dtype}); known: {', '.join(known)}") from None
+
+
+def assert_no_less_accurate_than_eager(out: Tensor, eager: Tensor, ref: Tensor, margin: float, what: str = "",
+                                       *, atol: float | None = None, rtol: float | None = None) -> None:
+    """The three-way rule: ``out`` (a fused result) may be at most as wrong as ``eager``
+    (eager PyTorch on the same low-precision inputs), both against ``ref`` (float64 on the
+    same rounded inputs), plus a small margin:
+
+    * for the whole tensor, ``rel_err(out, ref) <= rel_err(eager, ref) + margin``;
+    * per element, ``|out - ref| <= |eager - ref| + atol + rtol * |ref|``; by default
+      ``rtol`` is one rounding of the result (the machine epsilon of ``out``'s dtype) and
+      ``atol`` is ``max(margin, rtol)`` times the largest ``|ref|``.
+
+    A NaN or inf in ``out`` fails both."""
+    err, err_eager = rel_err(out, ref), rel_err(eager, ref)
+    assert err <= err_eager + margin, f"{what}: error {err:.3e} > eager's {err_eager:.3e} + {margin:.0e}"
+    o, e, r = (t.detach().cpu().double() for t in (out, eager, ref))
+    eps = torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
+    rtol = eps if rtol is None else rtol
+    atol = max(margin, rtol) * float(r.abs().max()) if atol is None and r.numel() else (atol or 0.0)
+    excess = (o - r).abs() - ((e - r).abs() + atol + rtol * r.abs())
+    bad = ~(excess <= 0)  # NaN counts as bad
+    if bool(bad.any()):
+        flat = int(torch.nan_to_num(excess, nan=float("inf")).reshape(-1).argmax())
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), o.shape)) if o.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements less accurate than eager's + (atol {atol:.2e}, "
+            f"rtol {rtol:.1e}); worst at {where}: out {float(o.reshape(-1)[flat]):.6g}, eager "
+            f"{float(e.reshape(-1)[flat]):.6g}, ref {float(r.reshape(-1)[flat]):.6g}")
+
+
+def assert_matches_reference(backend: str, dtype: torch.dtype, x: Tensor, w: Tensor, labels: Tensor,
+                             spec: MarginSpec, *, tol: float | None = None, bias: Tensor | None = None,
+                             upstream: Tensor | None = None, what: str = "", atol: float = 0.0,
+                             against_eager: bool | None = None, device: str | None = None,
+                             **kwargs) -> tuple:
+    """Runs ``backend`` on (x, w, bias, upstream) cast to ``dtype`` (on ``device``: 'cuda'
+    for the cuda backend, else the CPU), and the eager reference on the same rounded values
+    in float64 on the CPU; checks loss and every gradient, their dtypes, and the exact zeros
+    (:func:`assert_exact_zeros`). Returns the backend's (loss, dx, dW, dbias).
+
+    fp32 / fp64: each output within ``tol`` (relative norm; default
+    ``tolerance(backend, dtype)``; ``atol``: see :func:`assert_rel_close`) of the
+    reference. 16-bit inputs (or ``against_eager=True``): the three-way rule against eager
+    PyTorch in the same dtype (:func:`assert_no_less_accurate_than_eager`), ``tol`` its
+    margin, and each output's dtype that of eager's."""
+    device = device or ("cuda" if backend == "cuda" else "cpu")
+    tol = tolerance(backend, dtype) if tol is None else tol
+    three_way = dtype in LOW_PRECISION if against_eager is None else against_eager
+    xc, wc = x.to(device, dtype), w.to(device, dtype)
+    bc = None if bias is None else bias.to(device, dtype)
+    up = None if upstream is None else upstream.to(device, dtype)
+    lab = labels.to(device)
+    out = loss_and_grads(xc, wc, lab, spec, backend=backend, bias=bc, upstream=up, **kwargs)
+    ref = loss_and_grads(
+        xc.double().cpu(), wc.double().cpu(), labels.cpu(), spec, backend="eager",
+        bias=None if bc is None else bc.double().cpu(), upstream=None if up is None else up.double().cpu(), **kwargs,
+    )
+    eager = loss_and_grads(xc, wc, lab, spec, backend="eager", bias=bc, upstream=up, **kwargs) if three_way else None
+    for i, (name, o, r) in enumerate(zip(OUTPUTS, out, ref)):
+        if r is None:
+            assert o is None, f"{what} {name}: a gradient where the reference has none"
+            continue
+        if three_way:
+            assert o.dtype == eager[i].dtype, f"{what} {name}: dtype {o.dtype}, eager gives {eager[i].dtype}"
+            assert_no_less_accurate_than_eager(o, eager[i], r, tol, f"{what} {name}")
+            continue
+        expected = dtype if name != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert o.dtype == expected, f"{what} {name}: dtype {o.dtype}, expected {expected}"
+        assert_rel_close(o.cpu(), r, tol, f"{what} {name}", atol=atol)
+    assert_exact_zeros(out, labels, what=what, num_subcenters=spec.num_subcenters, **kwargs)
+    return out
+
+
 def assert_exact_zeros(out: tuple, labels: Tensor, *, what: str = "", ignore_index: int = -100,
                        class_index: Tensor | None = None, num_subcenters: int = 1, **_ignored) -> None:
     """Elementwise, beside the relative-norm checks: where the answer is exactly zero it

@@ -1,0 +1,7 @@
+"""The benchmarks of fused_margin (not part of the installed package).
+
+Run from the repository's root, as modules (``python -m bench.bench_loss``) or as files
+(``python bench/bench_loss.py``: the same). ``harness`` holds what the scripts share
+(memory meters, timers, machine and version description, child processes), ``cases``
+the implementations ``bench_loss`` measures, ``report`` the rendering of every result.
+"""
