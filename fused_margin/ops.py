@@ -206,8 +206,9 @@ def margin_lse_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
         grad_w = None
     else:
         grad_x, grad_w, grad_b = backend.backward(grads, saved, params)
-    empty = saved.x.new_empty(0)
-    return grad_x, empty if grad_w is None else grad_w, empty if grad_b is None else grad_b
+    # two distinct empty tensors: outputs of a custom op may not alias each other
+    return (grad_x, saved.x.new_empty(0) if grad_w is None else grad_w,
+            saved.x.new_empty(0) if grad_b is None else grad_b)
 
 
 @margin_lse_backward.register_fake
@@ -222,11 +223,13 @@ def _(*flat):
 def _setup_context(ctx, inputs, output) -> None:
     tensors, params, options = _forward_inputs(tuple(inputs))
     x, weight, labels, bias, class_index, row_threshold = tensors
-    lse_neg, _target_u, _sum_neg, argmax, row_scale, col_scale = output
+    lse_neg, target_u, _sum_neg, argmax, row_scale, col_scale = output
     ctx.params, ctx.options = params, options
-    ctx.optional = (bias is not None, class_index is not None, row_threshold is not None)
+    # target_u only for a fused optimizer (its finiteness check before updating the weight)
+    fused_target_u = target_u if options.optimizer else None
+    ctx.optional = (bias is not None, class_index is not None, row_threshold is not None, fused_target_u is not None)
     saved = [x, weight, labels, lse_neg, row_scale, col_scale]
-    saved += [t for t in (bias, class_index, row_threshold) if t is not None]
+    saved += [t for t in (bias, class_index, row_threshold, fused_target_u) if t is not None]
     ctx.save_for_backward(*saved)
     ctx.mark_non_differentiable(argmax, row_scale, col_scale)
 
@@ -234,11 +237,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _grad_q):
     x, weight, labels, lse_neg, row_scale, col_scale, *optional = ctx.saved_tensors
     it = iter(optional)
-    bias, class_index, row_threshold = (next(it) if present else None for present in ctx.optional)
+    bias, class_index, row_threshold, target_u = (next(it) if present else None for present in ctx.optional)
     zeros = torch.zeros_like(lse_neg)
     # An output the loss does not use arrives as None.
     grads = UpstreamGrads(*(zeros if g is None else g.contiguous() for g in (grad_lse, grad_target_u, grad_sum)))
-    saved = SavedTensors(x, weight, labels, bias, class_index, row_threshold, lse_neg, row_scale, col_scale)
+    saved = SavedTensors(x, weight, labels, bias, class_index, row_threshold, lse_neg, row_scale, col_scale, target_u)
     grad_x, grad_w, grad_b = margin_lse_backward(
         *values(grads), *values(saved), *values(ctx.params), *values(ctx.options)
     )
