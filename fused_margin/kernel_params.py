@@ -125,9 +125,7 @@ class UpstreamGrads:
 @dataclass(frozen=True)
 class SavedTensors:
     """What the backward reads of its forward: the forward's inputs and the saved outputs
-    ``lse_neg``, ``row_scale`` and ``col_scale`` (and ``target_u``, saved only when a
-    fused optimizer updates the weight: the finiteness check before its update; kernels
-    do not read it)."""
+    ``lse_neg``, ``row_scale`` and ``col_scale``."""
 
     x: Tensor
     weight: Tensor
@@ -138,4 +136,3 @@ class SavedTensors:
     lse_neg: Tensor
     row_scale: Tensor
     col_scale: Tensor
-    target_u: Tensor | None = None

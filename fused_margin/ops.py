@@ -185,7 +185,15 @@ def _(*flat):
     )
 
 
-_BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions)
+@dataclass(frozen=True)
+class FusedUpdateInputs:
+    """What only a fused optimizer's backward reads (None without one): the forward's
+    ``target_u``, checked for finiteness before the weight is updated."""
+
+    target_u: Tensor | None = None
+
+
+_BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions, FusedUpdateInputs)
 
 
 @torch.library.custom_op(
@@ -195,14 +203,14 @@ _BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions)
 def margin_lse_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)``; grad_bias is an empty tensor without bias, and
     so is grad_weight when a fused optimizer updated the weight instead. Arguments: the
-    fields of :class:`UpstreamGrads`, :class:`SavedTensors`, :class:`KernelParams` and
-    :class:`OpOptions`, in order."""
-    grads, saved, params, options = _unflatten(flat, *_BACKWARD_CLASSES)
+    fields of :class:`UpstreamGrads`, :class:`SavedTensors`, :class:`KernelParams`,
+    :class:`OpOptions` and :class:`FusedUpdateInputs`, in order."""
+    grads, saved, params, options, extra = _unflatten(flat, *_BACKWARD_CLASSES)
     backend = get_backend(options.backend)
     if options.optimizer:
         from .optim import run_fused_backward
 
-        grad_x, grad_b = run_fused_backward(backend, grads, saved, params, options.optimizer)
+        grad_x, grad_b = run_fused_backward(backend, grads, saved, params, options.optimizer, extra.target_u)
         grad_w = None
     else:
         grad_x, grad_w, grad_b = backend.backward(grads, saved, params)
@@ -213,7 +221,7 @@ def margin_lse_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
 
 @margin_lse_backward.register_fake
 def _(*flat):
-    _grads, saved, _params, options = _unflatten(flat, *_BACKWARD_CLASSES)
+    _grads, saved, _params, options, _extra = _unflatten(flat, *_BACKWARD_CLASSES)
     x, weight, bias = saved.x, saved.weight, saved.bias
     grad_w = x.new_empty(0) if options.optimizer else torch.empty_like(weight)
     grad_b = x.new_empty(0) if bias is None else torch.empty_like(bias)
@@ -241,9 +249,10 @@ def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _gr
     zeros = torch.zeros_like(lse_neg)
     # An output the loss does not use arrives as None.
     grads = UpstreamGrads(*(zeros if g is None else g.contiguous() for g in (grad_lse, grad_target_u, grad_sum)))
-    saved = SavedTensors(x, weight, labels, bias, class_index, row_threshold, lse_neg, row_scale, col_scale, target_u)
+    saved = SavedTensors(x, weight, labels, bias, class_index, row_threshold, lse_neg, row_scale, col_scale)
     grad_x, grad_w, grad_b = margin_lse_backward(
-        *values(grads), *values(saved), *values(ctx.params), *values(ctx.options)
+        *values(grads), *values(saved), *values(ctx.params), *values(ctx.options),
+        *values(FusedUpdateInputs(target_u)),
     )
     grad_w = None if ctx.options.optimizer else grad_w
     num_inputs = len(_FORWARD_INPUTS) + len(fields(KernelParams)) + len(fields(OpOptions))
@@ -261,7 +270,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def _backward_setup_context(ctx, inputs, output) -> None:
-    ctx.backend = _unflatten(tuple(inputs), *_BACKWARD_CLASSES)[-1].backend
+    ctx.backend = _unflatten(tuple(inputs), *_BACKWARD_CLASSES)[3].backend
 
 
 # Without a formula, PyTorch's own error would ask for register_autograd.

@@ -102,7 +102,7 @@ def apply_optimizer_in_backward(
     return _FUSED[plain](params, sparse=sparse, **kwargs)
 
 
-def run_fused_backward(backend, grads, saved, params, handle: int):
+def run_fused_backward(backend, grads, saved, params, handle: int, target_u: Tensor | None = None):
     """The backward with the weight updated in place by its fused optimizer:
-    ``(grad_x, grad_bias)``."""
-    return lookup(handle)._fused_backward(handle, backend, grads, saved, params)
+    ``(grad_x, grad_bias)`` (``target_u``: the forward's, for the finiteness check)."""
+    return lookup(handle)._fused_backward(handle, backend, grads, saved, params, target_u)

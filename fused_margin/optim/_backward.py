@@ -29,7 +29,7 @@ def _used_rows(class_index: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
-def inputs_are_finite(grads: UpstreamGrads, saved: SavedTensors) -> bool:
+def inputs_are_finite(grads: UpstreamGrads, saved: SavedTensors, target_u: Tensor | None = None) -> bool:
     """Whether the backward's inputs are finite where they take part: the upstream
     gradients, the rows of ``x`` not ignored, ``lse_neg`` (``-inf`` is allowed: a row
     without negatives) and ``target_u`` when saved. One host synchronization."""
@@ -39,8 +39,8 @@ def inputs_are_finite(grads: UpstreamGrads, saved: SavedTensors) -> bool:
     checks.append(torch.isfinite(x).all())
     lse = saved.lse_neg
     checks.append(~(torch.isnan(lse) | (lse == float("inf"))).any())
-    if saved.target_u is not None:
-        target_u = torch.where(valid, saved.target_u, torch.zeros_like(saved.target_u))
+    if target_u is not None:
+        target_u = torch.where(valid, target_u, torch.zeros_like(target_u))
         checks.append(torch.isfinite(target_u).all())
     return bool(torch.stack(checks).all())
 
@@ -101,7 +101,8 @@ def _update_all_rows_(update: WeightUpdate, weight: Tensor, grad: Tensor) -> Non
 
 @torch.no_grad()
 def fused_backward(optimizer, param: Tensor, group: dict[str, Any], backend, grads: UpstreamGrads,
-                   saved: SavedTensors, params: KernelParams) -> tuple[Tensor, Tensor | None, bool]:
+                   saved: SavedTensors, params: KernelParams, target_u: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor | None, bool]:
     """``(grad_x, grad_bias, updated)``, the weight and its optimizer's state updated in
     place (``updated`` False: the inputs were not finite, nothing was changed)."""
     weight = saved.weight
@@ -109,7 +110,7 @@ def fused_backward(optimizer, param: Tensor, group: dict[str, Any], backend, gra
     class_index = saved.class_index
     if class_index is not None:
         _check_unique(class_index)
-    if not inputs_are_finite(grads, saved):
+    if not inputs_are_finite(grads, saved, target_u):
         # no step: the weight and the state stay as they are (the loss is not finite either)
         grad_x, _grad_w, grad_b = backend.backward(grads, saved, params)
         return grad_x, grad_b, False

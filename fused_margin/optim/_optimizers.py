@@ -129,7 +129,7 @@ class InBackwardOptimizer:
                 return param, group
         raise RuntimeError(f"the weight of shape {tuple(param.shape)} is no longer in its optimizer's param_groups")
 
-    def _fused_backward(self, handle, backend, grads, saved, params):
+    def _fused_backward(self, handle, backend, grads, saved, params, target_u=None):
         param, group = self._param(handle)
         if handle in self._awaiting_step:
             raise RuntimeError(
@@ -137,7 +137,7 @@ class InBackwardOptimizer:
                 "accumulation is not supported (call optimizer.step() or optimizer.zero_grad() after each "
                 "backward; a loss may use a fused head's weight only once per backward)"
             )
-        grad_x, grad_b, updated = fused_backward(self, param, group, backend, grads, saved, params)
+        grad_x, grad_b, updated = fused_backward(self, param, group, backend, grads, saved, params, target_u)
         if updated:
             self._awaiting_step.add(handle)
         return grad_x, grad_b
