@@ -219,6 +219,17 @@ def margin_lse_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
             saved.x.new_empty(0) if grad_b is None else grad_b)
 
 
+# With a fused optimizer the backward's effect is the weight's update, and no output a
+# graph uses may come of it (no weight gradient; none for x when x needs none): compiled
+# graphs must not drop it as dead code. (Its schema cannot declare the in-place update:
+# it happens only when OpOptions.optimizer names an optimizer.)
+_BACKWARD_OVERLOAD = torch.ops.fused_margin.margin_lse_backward.default
+if hasattr(torch.fx.node, "has_side_effect"):
+    torch.fx.node.has_side_effect(_BACKWARD_OVERLOAD)
+else:
+    torch.fx.node._side_effectful_functions.add(_BACKWARD_OVERLOAD)
+
+
 @margin_lse_backward.register_fake
 def _(*flat):
     _grads, saved, _params, options, _extra = _unflatten(flat, *_BACKWARD_CLASSES)

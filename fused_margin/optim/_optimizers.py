@@ -160,12 +160,12 @@ class FusedSGD(InBackwardOptimizer, torch.optim.SGD):
 
     def _begin_update(self, param, group):
         momentum = _as_float("momentum", group["momentum"])
-        state = self.state[param]
         buffers: tuple[Tensor, ...] = ()
         first = False
         new: dict[str, Tensor] = {}
         if momentum != 0:
-            buf = state.get("momentum_buffer")
+            # (self.state is a defaultdict: without momentum, no entry at all, as torch's SGD)
+            buf = self.state[param].get("momentum_buffer")
             if buf is None:
                 # torch sets buf = grad on its first step: written by the update (first_step)
                 buf = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -180,7 +180,8 @@ class FusedSGD(InBackwardOptimizer, torch.optim.SGD):
         )
 
         def commit() -> None:
-            state.update(new)
+            if new:
+                self.state[param].update(new)
 
         return update, commit
 
@@ -236,10 +237,10 @@ class FusedAdamW(FusedAdam, torch.optim.AdamW):
 def _check_weight(p: Any) -> None:
     if not isinstance(p, Tensor):
         raise TypeError(f"params must hold class weights (torch.nn.Parameter), got {type(p).__name__}")
-    if not p.is_leaf or not p.requires_grad:
-        raise ValueError("params must be leaf tensors that require grad (a fused head's weight)")
     if not p.is_floating_point():
         raise TypeError(f"params must be floating-point class weights, got dtype {p.dtype}")
+    if not p.is_leaf or not p.requires_grad:
+        raise ValueError("params must be leaf tensors that require grad (a fused head's weight)")
     if p.dim() != 2:
         raise ValueError(
             f"params must be 2-D class weights (a fused head's weight), got a tensor of shape {tuple(p.shape)}"
