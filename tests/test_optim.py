@@ -529,3 +529,32 @@ def test_bad_arguments():
         opt.add_param_group({"params": [nn.Parameter(torch.randn(4, DIM))], "foreach": True})
     with pytest.raises(TypeError, match="unexpected keyword"):
         opt.step(scale=2.0)
+
+
+def test_transposed_weight_of_the_pml_drop_in():
+    """pytorch-metric-learning's (D, C) W reaches the op as W.t(): its state keeps W's layout."""
+    from fused_margin import pml
+
+    torch.manual_seed(4)
+    head = pml.ArcFaceLoss(num_classes=NUM_CLASSES, embedding_size=DIM)
+    twin = copy.deepcopy(head)
+    opt = fopt.apply_optimizer_in_backward(ADAMW, [head.W], {"lr": 1e-2})
+    plain = ADAMW([twin.W], lr=1e-2, foreach=False)
+    for step in range(3):
+        x, y = _batch(step)
+        for module, optimizer in ((head, opt), (twin, plain)):
+            module(x, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert head.W.grad is None
+    assert_rel_close(head.W.detach(), twin.W.detach(), TOL, "transposed weight")
+    _assert_states_match(opt, plain, "transposed weight")
+    assert opt.state[head.W]["exp_avg"].shape == head.W.shape
+
+
+def test_gradient_reaching_the_weight_outside_the_op_is_refused():
+    head, _opt = _head_and_opt()
+    x, y = _batch()
+    with pytest.raises(RuntimeError, match="received a gradient outside the fused op"):
+        (head(x, y) + head.weight.square().sum()).backward()
+    assert head.weight.grad is None

@@ -87,6 +87,8 @@ class InBackwardOptimizer:
             self._params_by_handle[handle] = p
             # keep the optimizer alive as long as its weight (as torch's in-backward optimizers are)
             p._fused_margin_optimizer_object = self
+            if hasattr(p, "register_post_accumulate_grad_hook"):
+                p.register_post_accumulate_grad_hook(_refuse_gradient)
 
     def step(self, closure=None, **kwargs):
         """Does nothing to the weights (the backward updated them); ends the step."""
@@ -232,6 +234,20 @@ class FusedAdamW(FusedAdam, torch.optim.AdamW):
 
     _plain = torch.optim.AdamW
     _decoupled = True
+
+
+def _refuse_gradient(p: Tensor) -> None:
+    # a gradient reached the weight by another path than the fused op: its optimizer in the
+    # backward would never apply it (and step() does nothing), so say so instead. (The
+    # hook also runs after the fused op's backward, with no gradient: nothing to refuse.)
+    if p.grad is None:
+        return
+    p.grad = None
+    raise RuntimeError(
+        f"a weight of shape {tuple(p.shape)} with an optimizer in the backward received a gradient outside the "
+        "fused op (plain autograd through it: backend='eager', a regularizer or another use of the weight); "
+        "its optimizer would never apply it: use a plain optimizer for this weight"
+    )
 
 
 def _check_weight(p: Any) -> None:
