@@ -68,6 +68,8 @@ from torch import Tensor, nn
 from .functional import BackendName, Reduction, detached_target_cos, fused_terms, loss_from_terms
 from .heads.base import MarginHead
 from .kernel_params import IGNORED_LABEL, acc_dtype
+from .optim.registry import fused_optimizer_handle
+from .optim.rules import check_target_reads_no_weight
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = [
@@ -710,6 +712,8 @@ class ShardedMarginLoss(nn.Module):
             parts.append(torch.where(mine, spec.regularizer(ctx).to(target_u.dtype), zero))
         if self.label_smoothing > 0.0:
             parts.append(sum_neg)
+        if fused_optimizer_handle(self.weight):
+            check_target_reads_no_weight(ctx)
 
         # lse over all ranks' classes: shift by the (constant) max, sum the exponentials.
         shift = _all_reduce(lse_shard, group, dist.ReduceOp.MAX)

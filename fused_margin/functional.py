@@ -12,6 +12,7 @@ from .backends import resolve_backend
 from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
 from .ops import OpOptions, forward_args, margin_lse, prepare_labels
 from .optim.registry import fused_optimizer_handle
+from .optim.rules import check_fused_forward, check_target_reads_no_weight
 from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
@@ -140,6 +141,9 @@ def fused_terms(
     # Ignored rows are not part of the computation; zeros (a select: no gradient reaches
     # them, and NaN or inf in padding rows reaches no GEMM).
     embeddings = torch.where((labels <= IGNORED_LABEL)[:, None], torch.zeros_like(embeddings), embeddings)
+    handle = fused_optimizer_handle(weight)
+    if handle:
+        check_fused_forward(weight, backend, embeddings.device.type)
     if row_threshold is None and params.kind == NonTargetKind.CURRICULAR:
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
         row_threshold = spec.non_target.row_terms(target_cos)
@@ -150,7 +154,7 @@ def fused_terms(
     else:
         name = resolve_backend(backend, embeddings, weight, params)
         args = forward_args(embeddings, weight, labels, bias, class_index, row_threshold, params,
-                            OpOptions(name, fused_optimizer_handle(weight)))
+                            OpOptions(name, handle))
         if torch.compiler.is_compiling():
             outputs = margin_lse(*args)
         else:
@@ -255,6 +259,8 @@ def margin_cross_entropy(
     if spec.regularizer is not None:
         term = _checked_row_term(spec.regularizer(ctx), "regularizer", spec.regularizer, target_u)
         loss = loss + torch.where(valid, term, torch.zeros_like(term))
+    if fused_optimizer_handle(weight):
+        check_target_reads_no_weight(ctx)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "mean":
         loss = loss.sum() / valid.sum().clamp_min(1).to(loss.dtype)

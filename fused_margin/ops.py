@@ -185,7 +185,15 @@ def _(*flat):
     )
 
 
-_BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions)
+@dataclass(frozen=True)
+class FusedUpdateInputs:
+    """What only a fused optimizer's backward reads (None without one): the forward's
+    ``target_u``, checked for finiteness before the weight is updated."""
+
+    target_u: Tensor | None = None
+
+
+_BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions, FusedUpdateInputs)
 
 
 @torch.library.custom_op(
@@ -195,24 +203,36 @@ _BACKWARD_CLASSES = (UpstreamGrads, SavedTensors, KernelParams, OpOptions)
 def margin_lse_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)``; grad_bias is an empty tensor without bias, and
     so is grad_weight when a fused optimizer updated the weight instead. Arguments: the
-    fields of :class:`UpstreamGrads`, :class:`SavedTensors`, :class:`KernelParams` and
-    :class:`OpOptions`, in order."""
-    grads, saved, params, options = _unflatten(flat, *_BACKWARD_CLASSES)
+    fields of :class:`UpstreamGrads`, :class:`SavedTensors`, :class:`KernelParams`,
+    :class:`OpOptions` and :class:`FusedUpdateInputs`, in order."""
+    grads, saved, params, options, extra = _unflatten(flat, *_BACKWARD_CLASSES)
     backend = get_backend(options.backend)
     if options.optimizer:
         from .optim import run_fused_backward
 
-        grad_x, grad_b = run_fused_backward(backend, grads, saved, params, options.optimizer)
+        grad_x, grad_b = run_fused_backward(backend, grads, saved, params, options.optimizer, extra.target_u)
         grad_w = None
     else:
         grad_x, grad_w, grad_b = backend.backward(grads, saved, params)
-    empty = saved.x.new_empty(0)
-    return grad_x, empty if grad_w is None else grad_w, empty if grad_b is None else grad_b
+    # two distinct empty tensors: outputs of a custom op may not alias each other
+    return (grad_x, saved.x.new_empty(0) if grad_w is None else grad_w,
+            saved.x.new_empty(0) if grad_b is None else grad_b)
+
+
+# With a fused optimizer the backward's effect is the weight's update, and no output a
+# graph uses may come of it (no weight gradient; none for x when x needs none): compiled
+# graphs must not drop it as dead code. (Its schema cannot declare the in-place update:
+# it happens only when OpOptions.optimizer names an optimizer.)
+_BACKWARD_OVERLOAD = torch.ops.fused_margin.margin_lse_backward.default
+if hasattr(torch.fx.node, "has_side_effect"):
+    torch.fx.node.has_side_effect(_BACKWARD_OVERLOAD)
+else:
+    torch.fx.node._side_effectful_functions.add(_BACKWARD_OVERLOAD)
 
 
 @margin_lse_backward.register_fake
 def _(*flat):
-    _grads, saved, _params, options = _unflatten(flat, *_BACKWARD_CLASSES)
+    _grads, saved, _params, options, _extra = _unflatten(flat, *_BACKWARD_CLASSES)
     x, weight, bias = saved.x, saved.weight, saved.bias
     grad_w = x.new_empty(0) if options.optimizer else torch.empty_like(weight)
     grad_b = x.new_empty(0) if bias is None else torch.empty_like(bias)
@@ -222,11 +242,13 @@ def _(*flat):
 def _setup_context(ctx, inputs, output) -> None:
     tensors, params, options = _forward_inputs(tuple(inputs))
     x, weight, labels, bias, class_index, row_threshold = tensors
-    lse_neg, _target_u, _sum_neg, argmax, row_scale, col_scale = output
+    lse_neg, target_u, _sum_neg, argmax, row_scale, col_scale = output
     ctx.params, ctx.options = params, options
-    ctx.optional = (bias is not None, class_index is not None, row_threshold is not None)
+    # target_u only for a fused optimizer (its finiteness check before updating the weight)
+    fused_target_u = target_u if options.optimizer else None
+    ctx.optional = (bias is not None, class_index is not None, row_threshold is not None, fused_target_u is not None)
     saved = [x, weight, labels, lse_neg, row_scale, col_scale]
-    saved += [t for t in (bias, class_index, row_threshold) if t is not None]
+    saved += [t for t in (bias, class_index, row_threshold, fused_target_u) if t is not None]
     ctx.save_for_backward(*saved)
     ctx.mark_non_differentiable(argmax, row_scale, col_scale)
 
@@ -234,13 +256,14 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _grad_q):
     x, weight, labels, lse_neg, row_scale, col_scale, *optional = ctx.saved_tensors
     it = iter(optional)
-    bias, class_index, row_threshold = (next(it) if present else None for present in ctx.optional)
+    bias, class_index, row_threshold, target_u = (next(it) if present else None for present in ctx.optional)
     zeros = torch.zeros_like(lse_neg)
     # An output the loss does not use arrives as None.
     grads = UpstreamGrads(*(zeros if g is None else g.contiguous() for g in (grad_lse, grad_target_u, grad_sum)))
     saved = SavedTensors(x, weight, labels, bias, class_index, row_threshold, lse_neg, row_scale, col_scale)
     grad_x, grad_w, grad_b = margin_lse_backward(
-        *values(grads), *values(saved), *values(ctx.params), *values(ctx.options)
+        *values(grads), *values(saved), *values(ctx.params), *values(ctx.options),
+        *values(FusedUpdateInputs(target_u)),
     )
     grad_w = None if ctx.options.optimizer else grad_w
     num_inputs = len(_FORWARD_INPUTS) + len(fields(KernelParams)) + len(fields(OpOptions))
@@ -258,7 +281,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def _backward_setup_context(ctx, inputs, output) -> None:
-    ctx.backend = _unflatten(tuple(inputs), *_BACKWARD_CLASSES)[-1].backend
+    ctx.backend = _unflatten(tuple(inputs), *_BACKWARD_CLASSES)[3].backend
 
 
 # Without a formula, PyTorch's own error would ask for register_autograd.

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 import fused_margin as fm
 from fused_margin import MarginSpec
@@ -262,7 +263,32 @@ def _scenario_head_state(rank: int, world_size: int, data: dict[str, Any]) -> di
     return out
 
 
-SCENARIOS = {"cases": _scenario_cases, "bad_config": _scenario_bad_config, "head_state": _scenario_head_state}
+def _scenario_fused_optimizer(rank: int, world_size: int, data: dict[str, Any]) -> dict[str, Any]:
+    """Each rank's shard trained by an optimizer in the backward (fused_margin.optim)."""
+    from fused_margin.optim import apply_optimizer_in_backward
+
+    out: dict[str, Any] = {}
+    for case in data["cases"]:
+        module = ShardedMarginLoss(
+            MarginSpec.cosface(), case["num_classes"], case["dim"], reduction="none", embedding_grad="exact",
+            backend="cpu", sample_rate=case["sample_rate"], seed=7, dtype=torch.float64, timeout=60.0,
+        )
+        module.load_full_weight(case["weight"])
+        opt = apply_optimizer_in_backward(case["cls"], [module.weight], case["options"])
+        steps = []
+        for step in range(case["steps"]):
+            x = case["x"][step][rank].clone().requires_grad_(True)
+            module(x, case["labels"][step][rank]).backward(case["upstream"][step][rank])
+            opt.step()
+            opt.zero_grad()
+            steps.append({"weight": gather_full_weight(module), "sampled": module.sampled_classes,
+                          "grad_is_none": module.weight.grad is None})
+        out[case["name"]] = {"steps": steps, "state": opt.state_dict()["state"][0]}
+    return out
+
+
+SCENARIOS = {"cases": _scenario_cases, "bad_config": _scenario_bad_config, "head_state": _scenario_head_state,
+             "fused_optimizer": _scenario_fused_optimizer}
 
 
 def _worker(rank: int, world_size: int, folder: str, scenario: str, backend: str) -> None:
@@ -536,3 +562,56 @@ def test_embedding_grad_default_is_what_a_ddp_backbone_needs():
     import inspect
 
     assert inspect.signature(ShardedMarginLoss).parameters["embedding_grad"].default == "ddp"
+
+
+def _fused_optimizer_case(name: str, cls: type, options: dict[str, Any], sample_rate: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    sizes, steps, num_classes, dim = [5, 3], 3, 13, 8
+    xs, labels, upstream = [], [], []
+    for _ in range(steps):
+        xs.append([torch.randn(b, dim, generator=gen, dtype=torch.float64) for b in sizes])
+        labels.append([torch.randint(0, num_classes, (b,), generator=gen) for b in sizes])
+        upstream.append([torch.rand(b, generator=gen, dtype=torch.float64) + 0.5 for b in sizes])
+    return {"name": name, "cls": cls, "options": options, "sample_rate": sample_rate, "steps": steps,
+            "num_classes": num_classes, "dim": dim, "weight": torch.randn(num_classes, dim, generator=gen,
+                                                                          dtype=torch.float64),
+            "x": xs, "labels": labels, "upstream": upstream}
+
+
+def test_fused_optimizer_on_two_ranks_matches_one_process(tmp_path):
+    """ShardedMarginLoss with its shard updated in the backward on 2 Gloo ranks equals the plain
+    optimizer on the full weight in one process (sampled classes: the same kept classes)."""
+    cases = [
+        _fused_optimizer_case("sgd", torch.optim.SGD, {"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-2}, 1.0, 70),
+        _fused_optimizer_case("adamw_sampled", torch.optim.AdamW, {"lr": 5e-2, "weight_decay": 0.1}, 0.5, 71),
+    ]
+    results = _spawn(tmp_path, 2, "fused_optimizer", {"cases": cases})
+    for case in cases:
+        name = case["name"]
+        weight = nn.Parameter(case["weight"].clone())
+        plain = case["cls"]([weight], foreach=False, **case["options"])
+        for step in range(case["steps"]):
+            labels = torch.cat(case["labels"][step])
+            class_index, ref_labels = None, labels
+            if case["sample_rate"] < 1.0:
+                class_index = torch.cat([r[name]["steps"][step]["sampled"] for r in results])
+                ref_labels = torch.searchsorted(class_index, labels)
+                assert torch.equal(class_index[ref_labels], labels), "a positive was dropped"
+                assert class_index.numel() < case["num_classes"], "nothing was left out of the sample"
+            loss = fm.margin_cross_entropy(torch.cat(case["x"][step]), weight, ref_labels, MarginSpec.cosface(),
+                                           class_index=class_index, reduction="none", backend="cpu")
+            loss.backward(torch.cat(case["upstream"][step]))
+            plain.step()
+            plain.zero_grad()
+            for rank, result in enumerate(results):
+                got = result[name]["steps"][step]
+                assert got["grad_is_none"], f"{name} rank {rank}: the shard's gradient was formed"
+                assert_rel_close(got["weight"], weight.detach(), TOL64, f"{name} step {step} rank {rank}: weight")
+        for rank, result in enumerate(results):
+            start, end = shard_range(case["num_classes"], rank, 2)
+            for key, value in plain.state[weight].items():
+                got = result[name]["state"][key]
+                if key == "step":
+                    assert float(got) == float(value), f"{name} rank {rank}: step"
+                else:
+                    assert_rel_close(got, value[start:end], TOL64, f"{name} rank {rank}: {key}")

@@ -18,8 +18,15 @@ _registry: dict[int, weakref.ref] = {}
 
 
 def fused_optimizer_handle(weight: Tensor) -> int:
-    """The handle of the fused optimizer that updates ``weight`` in the backward; 0: none."""
-    return getattr(weight, ATTRIBUTE, 0)
+    """The handle of the fused optimizer that updates ``weight`` in the backward; 0: none.
+    A view of a registered parameter (``W.t()``: pytorch-metric-learning's layout) has
+    its parameter's handle."""
+    handle = getattr(weight, ATTRIBUTE, 0)
+    if not handle:
+        base = weight._base
+        if base is not None:
+            handle = getattr(base, ATTRIBUTE, 0)
+    return handle
 
 
 def register(weight: Tensor, owner) -> int:

@@ -17,7 +17,7 @@ are rounded once to the stored dtype), in this order, as ``torch.optim`` does wi
 ``UPDATE_ADAM`` (state: ``(exp_avg, exp_avg_sq)``; ``decoupled``: AdamW)
     g = -g if maximize
     w = w * (1 - lr * weight_decay) if decoupled, else g = g + weight_decay * w
-    m = m + (1 - beta1) * (g - m)
+    m = lerp(m, g, 1 - beta1)                        (m + (1 - beta1) * (g - m))
     v = beta2 * v + (1 - beta2) * g * g
     w = w - (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + eps)
 
@@ -78,32 +78,33 @@ def apply_update_(update: WeightUpdate, w: Tensor, state: tuple[Tensor, ...], gr
     wf = w.to(acc)
     if update.maximize:
         g = -g
+    # The same operations as torch.optim's single-tensor (foreach=False) steps, so that
+    # fp32 rows get the very same roundings.
     if update.kind == UPDATE_SGD:
         if update.weight_decay != 0:
-            g = g + update.weight_decay * wf
+            g = g.add(wf, alpha=update.weight_decay)
         if update.momentum != 0:
             (buf_t,) = state
             if update.first_step:
                 buf = g
             else:
-                buf = update.momentum * buf_t.to(acc) + (1 - update.dampening) * g
+                buf = buf_t.to(acc).mul(update.momentum).add(g, alpha=1 - update.dampening)
             buf_t.copy_(buf)
-            g = g + update.momentum * buf if update.nesterov else buf
-        wf = wf - update.lr * g
+            g = g.add(buf, alpha=update.momentum) if update.nesterov else buf
+        wf = wf.add(g, alpha=-update.lr)
     elif update.kind == UPDATE_ADAM:
         m_t, v_t = state
         if update.weight_decay != 0:
             if update.decoupled:
-                wf = wf * (1 - update.lr * update.weight_decay)
+                wf = wf.mul(1 - update.lr * update.weight_decay)
             else:
-                g = g + update.weight_decay * wf
-        m = m_t.to(acc)
-        m = m + (1 - update.beta1) * (g - m)
-        v = update.beta2 * v_t.to(acc) + (1 - update.beta2) * g * g
+                g = g.add(wf, alpha=update.weight_decay)
+        m = m_t.to(acc).lerp(g, 1 - update.beta1)
+        v = v_t.to(acc).mul(update.beta2).addcmul(g, g, value=1 - update.beta2)
         m_t.copy_(m)
         v_t.copy_(v)
-        denom = v.sqrt() / update.bias_correction2_sqrt + update.eps
-        wf = wf - (update.lr / update.bias_correction1) * m / denom
+        denom = (v.sqrt() / update.bias_correction2_sqrt).add(update.eps)
+        wf = wf.addcdiv(m, denom, value=-(update.lr / update.bias_correction1))
     else:
         raise ValueError(f"unknown update kind {update.kind}")
     w.copy_(wf)
