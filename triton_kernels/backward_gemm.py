@@ -56,6 +56,7 @@ from .common import (
     launch,
 )
 from .lse_forward import num_classes_in_use
+from .optim_update import UpdateArguments, _update_rows, no_update, step_with_zero_gradient
 
 __all__ = ["GEMM_WORKSPACE_BYTES", "margin_lse_bwd_gemm"]
 
@@ -202,6 +203,13 @@ def _gemm_dw_kernel(
     K: tl.constexpr, NORMALIZE_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # a fused optimizer step (optim_update.py; UPDATE = 0: write dW to grad_w instead):
+    # its state (W's shape), strides and scalars
+    state1_ptr, state2_ptr, stride_sr, stride_sd,
+    lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+    step_size, bias_correction2_sqrt,
+    UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -234,11 +242,20 @@ def _gemm_dw_kernel(
             mask=mask_r[:, None] & mask_n[None, :], other=0.0,
         ).to(tl.float32)
         acc = acc - (kappa * q * q)[:, None] * wt
-    tl.store(
-        grad_w_ptr + rows[:, None] * stride_gr + offs_n[None, :] * stride_gd,
-        acc.to(grad_w_ptr.dtype.element_ty),
-        mask=mask_r[:, None] & mask_n[None, :],
-    )
+    if UPDATE == 0:
+        tl.store(
+            grad_w_ptr + rows[:, None] * stride_gr + offs_n[None, :] * stride_gd,
+            acc.to(grad_w_ptr.dtype.element_ty),
+            mask=mask_r[:, None] & mask_n[None, :],
+        )
+    else:  # the step on this tile of W (and its state) instead of storing dW
+        _update_rows(
+            acc, rows, offs_n, mask_r[:, None] & mask_n[None, :],
+            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd,
+            lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2,
+            eps, step_size, bias_correction2_sqrt,
+            UPDATE, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, FIRST_STEP, DECOUPLED,
+        )
     if HAS_BIAS:
         if pid_n == 0:  # the class of each sub-center-0 row: its bias gradient, row blocks in order
             first = mask_r & (local_rows % K == 0)
@@ -264,12 +281,16 @@ def margin_lse_bwd_gemm(
     input_precision: str = "ieee",
     grad_dot_fp32: bool = False,
     tiles: dict[str, TileConfig] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    update: UpdateArguments | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The backward of :mod:`fused_margin.kernel_params`, like
     :func:`~fused_margin.triton_kernels.backward.margin_lse_bwd` (same arguments and
     results, bitwise reproducible), through a bounded workspace of ``dL/d<x, w>``.
     ``tiles``: optional :class:`TileConfig` overrides keyed 'gemm_logits', 'gemm_dx'
-    (its ``splits``: the number of split-K partials of dx), 'gemm_dw'."""
+    (its ``splits``: the number of split-K partials of dx), 'gemm_dw'. ``update``: a
+    fused optimizer step (:mod:`.optim_update`) that the dW kernel applies to the
+    weight rows in use (W and the state in place) instead of writing their gradient:
+    the weight's gradient is then None, and none of W's shape is allocated."""
     tiles = tiles or {}
     x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
     k = params.num_subcenters
@@ -278,8 +299,15 @@ def margin_lse_bwd_gemm(
     device = x.device
     f32 = torch.float32
     if batch == 0 or num_classes == 0:
-        return zero_gradients(x, weight, bias)
-    grad_w, grad_bias = gradient_buffers(weight, bias, class_index)
+        if update is not None:  # dW = 0: weight decay and momentum still move the rows in use
+            step_with_zero_gradient(update, weight, class_index, k)
+        grad_x, grad_w, grad_b = zero_gradients(x, weight, bias)
+        return grad_x, None if update is not None else grad_w, grad_b
+    if update is None:
+        grad_w, grad_bias = gradient_buffers(weight, bias, class_index)
+    else:  # no gradient of W's shape: the dW kernel updates W instead
+        grad_w = None
+        grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
 
     tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
     dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
@@ -291,8 +319,8 @@ def margin_lse_bwd_gemm(
     )
     t_dx = tiles.get("gemm_dx") or default_tiles("gemm_dx", batch, num_classes * k, dim, device,
                                                  fp32_operands=grad_fp32, **kind)
-    t_dw = tiles.get("gemm_dw") or default_tiles("gemm_dw", batch, num_classes * k, dim, device,
-                                                 fp32_operands=grad_fp32, **kind)
+    t_dw = tiles.get("gemm_dw") or default_tiles("gemm_dw" if update is None else "gemm_dw_update", batch,
+                                                 num_classes * k, dim, device, fp32_operands=grad_fp32, **kind)
 
     # The workspace holds dU r q in the dtype the gradient GEMMs multiply in.
     ws_dtype = f32 if grad_fp32 else weight.dtype
@@ -307,6 +335,22 @@ def margin_lse_bwd_gemm(
     # dx's split-K partials: one fixed count for every chunk, within the dx workspace
     splits = max(1, min(t_dx.splits, DX_WORKSPACE_BYTES // (4 * batch * dim), triton.cdiv(chunk * k, t_dx.block_c)))
     gx_partial = torch.zeros((splits, batch, dim), device=device, dtype=f32)
+
+    updating = (update or no_update()).kwargs()
+
+    def launch_gemm_dw(c_begin: int, chunk_rows: int) -> None:
+        # after the chunk's other kernels: they have read its rows of W
+        launch(
+            _gemm_dw_kernel, (triton.cdiv(chunk_rows, t_dw.block_c), triton.cdiv(dim, t_dw.block_do)), t_dw,
+            dot_grad, x, weight, class_index_arg, tensor_args[11], kappa_partial, bias_partial,
+            dummy if grad_w is None else grad_w, dummy if grad_bias is None else grad_bias,
+            batch, dim, c_begin, chunk_rows, row_blocks,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            0 if grad_w is None else grad_w.stride(0), 0 if grad_w is None else grad_w.stride(1),
+            K=k, NORMALIZE_W=meta["NORMALIZE_W"], HAS_BIAS=meta["HAS_BIAS"], HAS_INDEX=meta["HAS_INDEX"],
+            BLOCK_R=t_dw.block_c, BLOCK_N=t_dw.block_do, BLOCK_B=t_dw.block_b,
+            GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision, **updating,
+        )
 
     for c_begin in range(0, num_classes, chunk):
         chunk_classes = min(chunk, num_classes - c_begin)
@@ -333,16 +377,7 @@ def margin_lse_bwd_gemm(
             BLOCK_M=t_dx.block_b, BLOCK_N=t_dx.block_do, BLOCK_K=t_dx.block_c,
             GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision,
         )
-        launch(
-            _gemm_dw_kernel, (triton.cdiv(chunk_rows, t_dw.block_c), triton.cdiv(dim, t_dw.block_do)), t_dw,
-            dot_grad, x, weight, class_index_arg, tensor_args[11], kappa_partial, bias_partial,
-            grad_w, dummy if grad_bias is None else grad_bias,
-            batch, dim, c_begin, chunk_rows, row_blocks,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
-            K=k, NORMALIZE_W=meta["NORMALIZE_W"], HAS_BIAS=meta["HAS_BIAS"], HAS_INDEX=meta["HAS_INDEX"],
-            BLOCK_R=t_dw.block_c, BLOCK_N=t_dw.block_do, BLOCK_B=t_dw.block_b,
-            GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision,
-        )
+        launch_gemm_dw(c_begin, chunk_rows)
 
     grad_x = gx_partial.sum(dim=0)  # a fresh tensor also for one split: no view of the workspace
     if params.normalize_x:
