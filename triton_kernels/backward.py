@@ -30,6 +30,7 @@ from .backward_common import (
     _logit_grads,
     gradient_buffers,
     kernel_arguments,
+    optional_inputs,
     zero_gradients,
 )
 from .common import (
@@ -47,6 +48,7 @@ from .optim_update import UpdateArguments, _update_rows, no_update
 __all__ = ["margin_lse_bwd"]
 
 
+@optional_inputs
 @triton.jit
 def _margin_lse_bwd_dx_kernel(
     # pointers: inputs
@@ -113,6 +115,7 @@ def _margin_lse_bwd_dx_kernel(
         tl.store(rho_partial_ptr + split * B + offs_b, rho, mask=mask_b)
 
 
+@optional_inputs
 @triton.jit
 def _margin_lse_bwd_dw_kernel(
     # pointers: inputs
@@ -240,7 +243,8 @@ def margin_lse_bwd(
     Returns ``(grad_x, grad_weight, grad_bias)`` in the dtypes of x, weight, bias;
     ``class_index`` must not repeat a class (each weight row has one writer).
     """
-    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
+    saved, params = inputs.saved, inputs.params
+    x, weight, bias, class_index = saved.x, saved.weight, saved.bias, saved.class_index
     k = params.num_subcenters
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, k)
@@ -263,11 +267,10 @@ def margin_lse_bwd(
         grad_w = None
         grad_bias_acc = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
 
-    tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
-    dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
+    args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
 
     # dx: rows x class splits x D slices
-    kind = dict(fp32_operands=meta["GRAD_DOT_FP32"], input_precision=input_precision)
+    kind = dict(fp32_operands=args.GRAD_DOT_FP32, input_precision=input_precision)
     tiles = dx_tiles or default_tiles("dx", batch, num_classes, dim, device, **kind)
     class_blocks = triton.cdiv(num_classes, tiles.block_c)
     blocks_per_split = triton.cdiv(class_blocks, max(1, min(tiles.splits, class_blocks)))
@@ -277,16 +280,13 @@ def margin_lse_bwd(
     grid = (triton.cdiv(batch, tiles.block_b), splits, triton.cdiv(dim, tiles.block_do))
     launch(
         _margin_lse_bwd_dx_kernel, grid, tiles,
-        *tensor_args, gx_partial, rho_partial,
-        batch, num_classes, dim, blocks_per_split,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        *scalars,
+        **args.for_kernel(_margin_lse_bwd_dx_kernel), gx_partial_ptr=gx_partial, rho_partial_ptr=rho_partial,
+        B=batch, C=num_classes, D=dim, blocks_per_split=blocks_per_split,
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
-        **meta,
     )
     grad_x = gx_partial.sum(dim=0)  # a fresh tensor also for one split: no view of the workspace
     if params.normalize_x:
-        r = tensor_args[10]  # row_scale in fp32
+        r = args.row_scale_ptr  # row_scale in fp32
         grad_x = r[:, None] * (grad_x - (rho_partial.sum(dim=0) * r)[:, None] * x.to(f32))
     grad_x = grad_x.to(x.dtype)
 
@@ -295,13 +295,11 @@ def margin_lse_bwd(
     grid = (triton.cdiv(num_classes, tiles.block_c), k, triton.cdiv(dim, tiles.block_do))
     launch(
         _margin_lse_bwd_dw_kernel, grid, tiles,
-        *tensor_args, dummy if grad_w is None else grad_w, dummy if grad_bias_acc is None else grad_bias_acc,
-        batch, num_classes, dim,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        0 if grad_w is None else grad_w.stride(0), 0 if grad_w is None else grad_w.stride(1),
-        *scalars,
+        **args.for_kernel(_margin_lse_bwd_dw_kernel), grad_w_ptr=grad_w, grad_bias_ptr=grad_bias_acc,
+        B=batch, C=num_classes, D=dim,
+        stride_gr=0 if grad_w is None else grad_w.stride(0), stride_gd=0 if grad_w is None else grad_w.stride(1),
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
-        **meta, **(update or no_update()).kwargs(),
+        **(update or no_update()).kwargs(),
     )
     grad_b = None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)
     return grad_x, grad_w, grad_b

@@ -22,6 +22,9 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Heuristics
+
+from fused_margin.spec import NonTargetKind
 
 from .backward import _margin_lse_bwd_dw_kernel, _margin_lse_bwd_dx_kernel
 from .backward_atomic import _margin_lse_bwd_atomic_kernel
@@ -124,6 +127,15 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, 
         else:
             fn = _margin_lse_bwd_dw_kernel
             pointers.update(grad_w_ptr=f"*{w_dtype}", grad_bias_ptr="*fp32")
+    if isinstance(fn, Heuristics):  # HAS_BIAS / HAS_INDEX from the pointers: given below
+        fn = fn.fn
+    # absent optional tensors are None, which the JIT specializes as constexpr None
+    absent = [] if bias else ["bias_ptr", "bias_partial_ptr", "grad_bias_ptr"]
+    absent += [] if index else ["class_index_ptr"]
+    absent += [] if kind == int(NonTargetKind.CURRICULAR) else ["threshold_ptr"]  # read by CurricularFace only
+    absent += ["grad_w_ptr"] if update is not None else []
+    if kernel != "forward":  # the forward's launcher still passes a stand-in tensor
+        constants.update({name: None for name in absent if name in fn.arg_names})
     if kernel in ("dw", "gemm_dw"):
         name, state_dtype = update or ("none", None)
         constants.update(UPDATES.get(name, _NO_UPDATE))
