@@ -30,6 +30,7 @@ from .backward_common import (
     _logit_grads,
     gradient_buffers,
     kernel_arguments,
+    optional_inputs,
     zero_gradients,
 )
 from .common import (
@@ -38,13 +39,16 @@ from .common import (
     _mma,
     _subcenter_cosines,
     default_tiles,
+    dot_in_fp32,
     launch,
 )
 from .lse_forward import num_classes_in_use
+from .optim_update import UpdateArguments, _update_rows, no_update
 
 __all__ = ["margin_lse_bwd"]
 
 
+@optional_inputs
 @triton.jit
 def _margin_lse_bwd_dx_kernel(
     # pointers: inputs
@@ -111,6 +115,7 @@ def _margin_lse_bwd_dx_kernel(
         tl.store(rho_partial_ptr + split * B + offs_b, rho, mask=mask_b)
 
 
+@optional_inputs
 @triton.jit
 def _margin_lse_bwd_dw_kernel(
     # pointers: inputs
@@ -130,6 +135,15 @@ def _margin_lse_bwd_dw_kernel(
     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_FP32: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # a fused optimizer step (optim_update.py; UPDATE = 0: write dW to grad_w instead):
+    # its state (W's shape), strides and scalars. Only with one program per class block
+    # (K = 1, BLOCK_DO >= D): a program recomputes its logits from all of its rows of W,
+    # so no other program may update them meanwhile.
+    state1_ptr, state2_ptr, stride_sr, stride_sd,
+    lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+    step_size, bias_correction2_sqrt,
+    UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     sub = tl.program_id(1)  # the sub-center whose rows this program writes
@@ -178,11 +192,20 @@ def _margin_lse_bwd_dw_kernel(
             mask=mask_c[:, None] & mask_do[None, :], other=0.0,
         ).to(tl.float32)
         acc = q[:, None] * (acc - (kappa * q)[:, None] * wt)
-    tl.store(
-        grad_w_ptr + own_rows[:, None] * stride_gr + offs_do[None, :] * stride_gd,
-        acc.to(grad_w_ptr.dtype.element_ty),
-        mask=mask_c[:, None] & mask_do[None, :],
-    )
+    if UPDATE == 0:
+        tl.store(
+            grad_w_ptr + own_rows[:, None] * stride_gr + offs_do[None, :] * stride_gd,
+            acc.to(grad_w_ptr.dtype.element_ty),
+            mask=mask_c[:, None] & mask_do[None, :],
+        )
+    else:  # the step on this program's rows of W (and their state) instead of storing dW
+        _update_rows(
+            acc, own_rows, offs_do, mask_c[:, None] & mask_do[None, :],
+            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd,
+            lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2,
+            eps, step_size, bias_correction2_sqrt,
+            UPDATE, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, FIRST_STEP, DECOUPLED,
+        )
     if HAS_BIAS:
         if (sub == 0) & (pid_d == 0):
             tl.store(grad_bias_ptr + classes, grad_bias, mask=mask_c)
@@ -195,7 +218,8 @@ def margin_lse_bwd(
     grad_dot_fp32: bool = False,
     dx_tiles: TileConfig | None = None,
     dw_tiles: TileConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    update: UpdateArguments | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The backward of :mod:`fused_margin.kernel_params` on one device.
 
     Args:
@@ -206,25 +230,47 @@ def margin_lse_bwd(
             instead of rounding it to the 16-bit input dtype. Accumulation is fp32 either
             way: dW is summed over the whole batch in registers and rounded once.
         dx_tiles, dw_tiles: tile sizes (default: :func:`default_tiles`).
+        update: a fused optimizer step (:mod:`.optim_update`) applied by the dW kernel
+            to the weight rows in use (W and the state in place) instead of writing
+            their gradient, after the dx kernel has read W; the weight's gradient is
+            then None. The dW kernel updates in place only when each of its programs
+            owns all of its rows (K = 1 and one slice of D: ``dw_tiles.block_do >= D``,
+            since a program recomputes its logits from the whole rows); otherwise, and
+            for B = 0, the update runs through the 'gemm' backward
+            (:func:`~.backward_gemm.margin_lse_bwd_gemm`), which updates a chunk's rows
+            after all of its reads.
 
     Returns ``(grad_x, grad_weight, grad_bias)`` in the dtypes of x, weight, bias;
     ``class_index`` must not repeat a class (each weight row has one writer).
     """
-    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
+    saved, params = inputs.saved, inputs.params
+    x, weight, bias, class_index = saved.x, saved.weight, saved.bias, saved.class_index
     k = params.num_subcenters
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, k)
     device = x.device
     f32 = torch.float32
-    if batch == 0 or num_classes == 0:
-        return zero_gradients(x, weight, bias)
-    grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index)
+    dw_kind = dict(fp32_operands=dot_in_fp32(x.dtype, weight.dtype) or grad_dot_fp32, input_precision=input_precision)
+    dw_tiles = dw_tiles or default_tiles("dw" if update is None else "dw_update", batch, num_classes, dim, device,
+                                         **dw_kind)
+    if update is not None and (batch == 0 or k > 1 or dw_tiles.block_do < dim):
+        from .backward_gemm import margin_lse_bwd_gemm
 
-    tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
-    dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
+        return margin_lse_bwd_gemm(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
+                                   update=update)
+    if batch == 0 or num_classes == 0:
+        grad_x, grad_w, grad_b = zero_gradients(x, weight, bias)
+        return grad_x, None if update is not None else grad_w, grad_b
+    if update is None:
+        grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index)
+    else:  # no gradient of W's shape: the dW kernel updates W instead
+        grad_w = None
+        grad_bias_acc = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
+
+    args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
 
     # dx: rows x class splits x D slices
-    kind = dict(fp32_operands=meta["GRAD_DOT_FP32"], input_precision=input_precision)
+    kind = dict(fp32_operands=args.GRAD_DOT_FP32, input_precision=input_precision)
     tiles = dx_tiles or default_tiles("dx", batch, num_classes, dim, device, **kind)
     class_blocks = triton.cdiv(num_classes, tiles.block_c)
     blocks_per_split = triton.cdiv(class_blocks, max(1, min(tiles.splits, class_blocks)))
@@ -234,30 +280,26 @@ def margin_lse_bwd(
     grid = (triton.cdiv(batch, tiles.block_b), splits, triton.cdiv(dim, tiles.block_do))
     launch(
         _margin_lse_bwd_dx_kernel, grid, tiles,
-        *tensor_args, gx_partial, rho_partial,
-        batch, num_classes, dim, blocks_per_split,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        *scalars,
+        **args.for_kernel(_margin_lse_bwd_dx_kernel), gx_partial_ptr=gx_partial, rho_partial_ptr=rho_partial,
+        B=batch, C=num_classes, D=dim, blocks_per_split=blocks_per_split,
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
-        **meta,
     )
     grad_x = gx_partial.sum(dim=0)  # a fresh tensor also for one split: no view of the workspace
     if params.normalize_x:
-        r = tensor_args[10]  # row_scale in fp32
+        r = args.row_scale_ptr  # row_scale in fp32
         grad_x = r[:, None] * (grad_x - (rho_partial.sum(dim=0) * r)[:, None] * x.to(f32))
     grad_x = grad_x.to(x.dtype)
 
     # dW (and the bias gradient): class blocks x sub-centers x D slices
-    tiles = dw_tiles or default_tiles("dw", batch, num_classes, dim, device, **kind)
+    tiles = dw_tiles
     grid = (triton.cdiv(num_classes, tiles.block_c), k, triton.cdiv(dim, tiles.block_do))
     launch(
         _margin_lse_bwd_dw_kernel, grid, tiles,
-        *tensor_args, grad_w, dummy if grad_bias_acc is None else grad_bias_acc,
-        batch, num_classes, dim,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
-        *scalars,
+        **args.for_kernel(_margin_lse_bwd_dw_kernel), grad_w_ptr=grad_w, grad_bias_ptr=grad_bias_acc,
+        B=batch, C=num_classes, D=dim,
+        stride_gr=0 if grad_w is None else grad_w.stride(0), stride_gd=0 if grad_w is None else grad_w.stride(1),
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
-        **meta,
+        **(update or no_update()).kwargs(),
     )
     grad_b = None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)
     return grad_x, grad_w, grad_b

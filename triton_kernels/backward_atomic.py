@@ -25,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward_common import BackwardInputs, _load_row_terms, _logit_grads, kernel_arguments
+from .backward_common import BackwardInputs, _load_row_terms, _logit_grads, kernel_arguments, optional_inputs
 from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
 from .lse_forward import num_classes_in_use
 
 __all__ = ["margin_lse_bwd_atomic"]
 
 
+@optional_inputs
 @triton.jit
 def _margin_lse_bwd_atomic_kernel(
     # pointers: inputs
@@ -137,7 +138,8 @@ def margin_lse_bwd_atomic(
     results) but with one recomputation and atomic accumulation: not bitwise
     reproducible. ``tiles``: :class:`TileConfig` of the one kernel (default
     :func:`default_tiles` for 'atomic')."""
-    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
+    saved, params = inputs.saved, inputs.params
+    x, weight, bias, class_index = saved.x, saved.weight, saved.bias, saved.class_index
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, params.num_subcenters)
     device = x.device
@@ -146,21 +148,17 @@ def margin_lse_bwd_atomic(
     grad_w = torch.zeros(weight.shape, device=device, dtype=f32)
     grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
     if batch > 0 and num_classes > 0:
-        tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
-        dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
+        args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
         tiles = tiles or default_tiles(
             "atomic", batch, num_classes, dim, device,
-            fp32_operands=meta["GRAD_DOT_FP32"], input_precision=input_precision,
+            fp32_operands=args.GRAD_DOT_FP32, input_precision=input_precision,
         )
         grid = (triton.cdiv(batch, tiles.block_b) * triton.cdiv(num_classes, tiles.block_c),)
         launch(
             _margin_lse_bwd_atomic_kernel, grid, tiles,
-            *tensor_args, grad_x, grad_w, dummy if grad_bias is None else grad_bias,
-            batch, num_classes, dim,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            *scalars,
+            **args.for_kernel(_margin_lse_bwd_atomic_kernel),
+            grad_x_ptr=grad_x, grad_w_ptr=grad_w, grad_bias_ptr=grad_bias, B=batch, C=num_classes, D=dim,
             BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
-            **meta,
         )
     grad_b = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b

@@ -6,6 +6,8 @@ and the kernels' common arguments. The variants: ``backward_gemm.py`` (the defau
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 import triton
 import triton.language as tl
@@ -15,7 +17,7 @@ from fused_margin.spec import NonTargetKind
 
 from .common import IGNORED, KIND_CURRICULAR, _non_target, _non_target_grad, dot_in_fp32
 
-__all__ = ["BackwardInputs", "gradient_buffers", "kernel_arguments", "zero_gradients"]
+__all__ = ["BackwardInputs", "KernelArguments", "gradient_buffers", "kernel_arguments", "optional_inputs", "zero_gradients"]
 
 
 @triton.jit
@@ -69,19 +71,14 @@ def _logit_grads(
     return dz, du
 
 
+@dataclass(frozen=True)
 class BackwardInputs:
     """What every Triton backward takes: the backend contract's backward bundles (see
-    :mod:`fused_margin.kernel_params`), their fields readable by name."""
+    :mod:`fused_margin.kernel_params`), read through their named fields."""
 
-    def __init__(self, grads: UpstreamGrads, saved: SavedTensors, params: KernelParams) -> None:
-        self.grads, self.saved, self.params = grads, saved, params
-
-    def __getattr__(self, name: str):
-        # only reached for names that are not attributes: a field of one of the bundles
-        for bundle in (self.__dict__.get("grads"), self.__dict__.get("saved")):
-            if bundle is not None and hasattr(bundle, name):
-                return getattr(bundle, name)
-        raise AttributeError(name)
+    grads: UpstreamGrads
+    saved: SavedTensors
+    params: KernelParams
 
 
 def zero_gradients(
@@ -102,40 +99,83 @@ def gradient_buffers(
     return grad_w, grad_bias
 
 
-def kernel_arguments(
-    inputs: BackwardInputs,
-    *,
-    input_precision: str,
-    grad_dot_fp32: bool,
-) -> tuple[tuple[torch.Tensor, ...], tuple[float, ...], dict]:
-    """What every backward kernel takes, in its order: the 12 input pointers (the six
-    (B,)-or-(C,) vectors as contiguous fp32; the first of them stands in for absent
-    optional tensors, whose pointers a constexpr flag leaves unread), the transform's
-    scalars, and the constexpr flags."""
-    x, weight, bias, class_index, row_threshold, params = (
-        inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.row_threshold, inputs.params
-    )
-    if params.kind == NonTargetKind.CURRICULAR and (row_threshold is None or row_threshold.shape != (2, x.shape[0])):
+def _given(name: str):
+    return lambda args: args[name] is not None
+
+
+#: the flags of the optional inputs, derived from their pointers (None when absent)
+optional_inputs = triton.heuristics({"HAS_BIAS": _given("bias_ptr"), "HAS_INDEX": _given("class_index_ptr")})
+
+
+@dataclass(frozen=True)
+class KernelArguments:
+    """The arguments the backward kernels share, each field named as the kernels name
+    the parameter (:meth:`for_kernel` passes those a kernel declares, by keyword). The
+    six (B,)-or-(C,) vectors are contiguous fp32; an absent optional tensor is None,
+    from which ``triton.heuristics`` (:data:`optional_inputs`) derives the kernel's
+    ``HAS_BIAS`` / ``HAS_INDEX``, and ``threshold_ptr`` is None unless the transform
+    reads it (CurricularFace)."""
+
+    x_ptr: torch.Tensor
+    w_ptr: torch.Tensor
+    labels_ptr: torch.Tensor
+    bias_ptr: torch.Tensor | None
+    class_index_ptr: torch.Tensor | None
+    threshold_ptr: torch.Tensor | None
+    grad_lse_ptr: torch.Tensor
+    grad_target_ptr: torch.Tensor
+    grad_sum_ptr: torch.Tensor
+    lse_ptr: torch.Tensor
+    row_scale_ptr: torch.Tensor
+    col_scale_ptr: torch.Tensor
+    stride_xb: int
+    stride_xd: int
+    stride_wr: int
+    stride_wd: int
+    scale: float
+    alpha: float
+    delta: float
+    margin: float
+    K: int
+    KIND: int
+    NORMALIZE_X: bool
+    NORMALIZE_W: bool
+    #: the logit GEMM multiplies fp32 operands (mixed or fp32 dtypes)
+    DOT_FP32: bool
+    #: the gradient GEMMs do
+    GRAD_DOT_FP32: bool
+    INPUT_PRECISION: str
+
+    def for_kernel(self, kernel) -> dict:
+        """The fields among ``kernel``'s parameters (a ``@triton.jit`` function or its
+        ``triton.heuristics`` wrapper), by name."""
+        names = set(kernel.arg_names)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
+
+
+def kernel_arguments(inputs: BackwardInputs, *, input_precision: str, grad_dot_fp32: bool) -> KernelArguments:
+    """The shared arguments of ``inputs``' backward kernels."""
+    grads, saved, params = inputs.grads, inputs.saved, inputs.params
+    x, weight, row_threshold = saved.x, saved.weight, saved.row_threshold
+    curricular = params.kind == NonTargetKind.CURRICULAR
+    if curricular and (row_threshold is None or row_threshold.shape != (2, x.shape[0])):
         raise ValueError(f"the CurricularFace transform needs row_threshold of shape (2, {x.shape[0]})")
-    f32 = torch.float32
-    vectors = [
-        t.to(f32).contiguous()
-        for t in (inputs.grad_lse, inputs.grad_target_u, inputs.grad_sum, inputs.lse_neg, inputs.row_scale,
-                  inputs.col_scale)
-    ]
-    dummy = vectors[0]
-    tensor_args = (
-        x, weight, inputs.labels.contiguous(),
-        dummy if bias is None else bias.contiguous(),
-        dummy if class_index is None else class_index.contiguous(),
-        dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
-        *vectors,
-    )
-    scalars = (float(params.scale), float(params.alpha), float(params.delta), float(params.margin))
+
+    def vector(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32).contiguous()
+
     fp32_operands = dot_in_fp32(x.dtype, weight.dtype)
-    meta = dict(
+    return KernelArguments(
+        x_ptr=x, w_ptr=weight, labels_ptr=saved.labels.contiguous(),
+        bias_ptr=None if saved.bias is None else saved.bias.contiguous(),
+        class_index_ptr=None if saved.class_index is None else saved.class_index.contiguous(),
+        threshold_ptr=vector(row_threshold) if curricular else None,
+        grad_lse_ptr=vector(grads.grad_lse), grad_target_ptr=vector(grads.grad_target_u),
+        grad_sum_ptr=vector(grads.grad_sum), lse_ptr=vector(saved.lse_neg), row_scale_ptr=vector(saved.row_scale),
+        col_scale_ptr=vector(saved.col_scale),
+        stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wr=weight.stride(0), stride_wd=weight.stride(1),
+        scale=float(params.scale), alpha=float(params.alpha), delta=float(params.delta), margin=float(params.margin),
         K=params.num_subcenters, KIND=int(params.kind), NORMALIZE_X=params.normalize_x,
-        NORMALIZE_W=params.normalize_w, HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
-        DOT_FP32=fp32_operands, GRAD_DOT_FP32=fp32_operands or grad_dot_fp32, INPUT_PRECISION=input_precision,
+        NORMALIZE_W=params.normalize_w, DOT_FP32=fp32_operands, GRAD_DOT_FP32=fp32_operands or grad_dot_fp32,
+        INPUT_PRECISION=input_precision,
     )
-    return tensor_args, scalars, meta

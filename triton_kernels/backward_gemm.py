@@ -43,6 +43,7 @@ from .backward_common import (
     _logit_grads,
     gradient_buffers,
     kernel_arguments,
+    optional_inputs,
     zero_gradients,
 )
 from .common import (
@@ -56,6 +57,7 @@ from .common import (
     launch,
 )
 from .lse_forward import num_classes_in_use
+from .optim_update import UpdateArguments, _update_rows, no_update, step_with_zero_gradient
 
 __all__ = ["GEMM_WORKSPACE_BYTES", "margin_lse_bwd_gemm"]
 
@@ -75,6 +77,7 @@ def _weight_rows(local_rows, mask, c_begin, class_index_ptr, K: tl.constexpr, HA
     return rows
 
 
+@optional_inputs
 @triton.jit
 def _dot_grad_kernel(
     # pointers: inputs
@@ -143,6 +146,7 @@ def _dot_grad_kernel(
         )
 
 
+@triton.heuristics({"HAS_INDEX": lambda args: args["class_index_ptr"] is not None})
 @triton.jit
 def _gemm_dx_kernel(
     # pointers: M (B, chunk_rows), W, class_index; fp32 partials (splits, B, D) and
@@ -187,6 +191,10 @@ def _gemm_dx_kernel(
         tl.store(rho_ptr + offs_m, rho, mask=mask_m)
 
 
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["grad_bias_ptr"] is not None,
+    "HAS_INDEX": lambda args: args["class_index_ptr"] is not None,
+})
 @triton.jit
 def _gemm_dw_kernel(
     # pointers: M (B, chunk_rows), x, W, class_index, col_scale; this chunk's partial sums
@@ -202,6 +210,13 @@ def _gemm_dw_kernel(
     K: tl.constexpr, NORMALIZE_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # a fused optimizer step (optim_update.py; UPDATE = 0: write dW to grad_w instead):
+    # its state (W's shape), strides and scalars
+    state1_ptr, state2_ptr, stride_sr, stride_sd,
+    lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+    step_size, bias_correction2_sqrt,
+    UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -234,11 +249,20 @@ def _gemm_dw_kernel(
             mask=mask_r[:, None] & mask_n[None, :], other=0.0,
         ).to(tl.float32)
         acc = acc - (kappa * q * q)[:, None] * wt
-    tl.store(
-        grad_w_ptr + rows[:, None] * stride_gr + offs_n[None, :] * stride_gd,
-        acc.to(grad_w_ptr.dtype.element_ty),
-        mask=mask_r[:, None] & mask_n[None, :],
-    )
+    if UPDATE == 0:
+        tl.store(
+            grad_w_ptr + rows[:, None] * stride_gr + offs_n[None, :] * stride_gd,
+            acc.to(grad_w_ptr.dtype.element_ty),
+            mask=mask_r[:, None] & mask_n[None, :],
+        )
+    else:  # the step on this tile of W (and its state) instead of storing dW
+        _update_rows(
+            acc, rows, offs_n, mask_r[:, None] & mask_n[None, :],
+            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd,
+            lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2,
+            eps, step_size, bias_correction2_sqrt,
+            UPDATE, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, FIRST_STEP, DECOUPLED,
+        )
     if HAS_BIAS:
         if pid_n == 0:  # the class of each sub-center-0 row: its bias gradient, row blocks in order
             first = mask_r & (local_rows % K == 0)
@@ -264,35 +288,45 @@ def margin_lse_bwd_gemm(
     input_precision: str = "ieee",
     grad_dot_fp32: bool = False,
     tiles: dict[str, TileConfig] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    update: UpdateArguments | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The backward of :mod:`fused_margin.kernel_params`, like
     :func:`~fused_margin.triton_kernels.backward.margin_lse_bwd` (same arguments and
     results, bitwise reproducible), through a bounded workspace of ``dL/d<x, w>``.
     ``tiles``: optional :class:`TileConfig` overrides keyed 'gemm_logits', 'gemm_dx'
-    (its ``splits``: the number of split-K partials of dx), 'gemm_dw'."""
+    (its ``splits``: the number of split-K partials of dx), 'gemm_dw'. ``update``: a
+    fused optimizer step (:mod:`.optim_update`) that the dW kernel applies to the
+    weight rows in use (W and the state in place) instead of writing their gradient:
+    the weight's gradient is then None, and none of W's shape is allocated."""
     tiles = tiles or {}
-    x, weight, bias, class_index, params = inputs.x, inputs.weight, inputs.bias, inputs.class_index, inputs.params
+    saved, params = inputs.saved, inputs.params
+    x, weight, bias, class_index = saved.x, saved.weight, saved.bias, saved.class_index
     k = params.num_subcenters
     batch, dim = x.shape
     num_classes = num_classes_in_use(weight, class_index, k)
     device = x.device
     f32 = torch.float32
     if batch == 0 or num_classes == 0:
-        return zero_gradients(x, weight, bias)
-    grad_w, grad_bias = gradient_buffers(weight, bias, class_index)
+        if update is not None:  # dW = 0: weight decay and momentum still move the rows in use
+            step_with_zero_gradient(update, weight, class_index, k)
+        grad_x, grad_w, grad_b = zero_gradients(x, weight, bias)
+        return grad_x, None if update is not None else grad_w, grad_b
+    if update is None:
+        grad_w, grad_bias = gradient_buffers(weight, bias, class_index)
+    else:  # no gradient of W's shape: the dW kernel updates W instead
+        grad_w = None
+        grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
 
-    tensor_args, scalars, meta = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
-    dummy = tensor_args[6]  # any pointer for the arguments a constexpr flag leaves unread
-    class_index_arg = tensor_args[4]
-    grad_fp32 = meta["GRAD_DOT_FP32"]
+    args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
+    grad_fp32 = args.GRAD_DOT_FP32
     kind = dict(input_precision=input_precision)
     t_logits = tiles.get("gemm_logits") or default_tiles(
-        "gemm_logits", batch, num_classes, dim, device, fp32_operands=meta["DOT_FP32"], **kind
+        "gemm_logits", batch, num_classes, dim, device, fp32_operands=args.DOT_FP32, **kind
     )
     t_dx = tiles.get("gemm_dx") or default_tiles("gemm_dx", batch, num_classes * k, dim, device,
                                                  fp32_operands=grad_fp32, **kind)
-    t_dw = tiles.get("gemm_dw") or default_tiles("gemm_dw", batch, num_classes * k, dim, device,
-                                                 fp32_operands=grad_fp32, **kind)
+    t_dw = tiles.get("gemm_dw") or default_tiles("gemm_dw" if update is None else "gemm_dw_update", batch,
+                                                 num_classes * k, dim, device, fp32_operands=grad_fp32, **kind)
 
     # The workspace holds dU r q in the dtype the gradient GEMMs multiply in.
     ws_dtype = f32 if grad_fp32 else weight.dtype
@@ -302,51 +336,49 @@ def margin_lse_bwd_gemm(
     dot_grad = torch.empty((batch, chunk * k), device=device, dtype=ws_dtype)
     rho_partial = torch.empty((class_blocks, batch), device=device, dtype=f32)
     kappa_partial = torch.empty((row_blocks, chunk * k), device=device, dtype=f32)
-    bias_partial = torch.empty((row_blocks, chunk), device=device, dtype=f32) if bias is not None else dummy
+    bias_partial = torch.empty((row_blocks, chunk), device=device, dtype=f32) if bias is not None else None
     rho = torch.zeros(batch, device=device, dtype=f32)
     # dx's split-K partials: one fixed count for every chunk, within the dx workspace
     splits = max(1, min(t_dx.splits, DX_WORKSPACE_BYTES // (4 * batch * dim), triton.cdiv(chunk * k, t_dx.block_c)))
     gx_partial = torch.zeros((splits, batch, dim), device=device, dtype=f32)
+
+    updating = (update or no_update()).kwargs()
+
+    def launch_gemm_dw(c_begin: int, chunk_rows: int) -> None:
+        # after the chunk's other kernels: they have read its rows of W
+        launch(
+            _gemm_dw_kernel, (triton.cdiv(chunk_rows, t_dw.block_c), triton.cdiv(dim, t_dw.block_do)), t_dw,
+            **args.for_kernel(_gemm_dw_kernel), dot_grad_ptr=dot_grad, kappa_partial_ptr=kappa_partial,
+            bias_partial_ptr=bias_partial, grad_w_ptr=grad_w, grad_bias_ptr=grad_bias,
+            B=batch, D=dim, c_begin=c_begin, chunk_rows=chunk_rows, row_blocks=row_blocks,
+            stride_gr=0 if grad_w is None else grad_w.stride(0), stride_gd=0 if grad_w is None else grad_w.stride(1),
+            BLOCK_R=t_dw.block_c, BLOCK_N=t_dw.block_do, BLOCK_B=t_dw.block_b, **updating,
+        )
 
     for c_begin in range(0, num_classes, chunk):
         chunk_classes = min(chunk, num_classes - c_begin)
         chunk_rows = chunk_classes * k
         launch(
             _dot_grad_kernel, (row_blocks, triton.cdiv(chunk_classes, t_logits.block_c)), t_logits,
-            *tensor_args, dot_grad, rho_partial, kappa_partial, bias_partial,
-            batch, dim, c_begin, chunk_classes,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            *scalars,
-            K=k, KIND=meta["KIND"], NORMALIZE_X=meta["NORMALIZE_X"], NORMALIZE_W=meta["NORMALIZE_W"],
-            HAS_BIAS=meta["HAS_BIAS"], HAS_INDEX=meta["HAS_INDEX"],
+            **args.for_kernel(_dot_grad_kernel), dot_grad_ptr=dot_grad, rho_partial_ptr=rho_partial,
+            kappa_partial_ptr=kappa_partial, bias_partial_ptr=bias_partial,
+            B=batch, D=dim, c_begin=c_begin, chunk_classes=chunk_classes,
             BLOCK_B=t_logits.block_b, BLOCK_C=t_logits.block_c, BLOCK_D=t_logits.block_d,
-            DOT_FP32=meta["DOT_FP32"], INPUT_PRECISION=input_precision,
         )
         rows_per_split = triton.cdiv(triton.cdiv(chunk_rows, splits), t_dx.block_c) * t_dx.block_c
         launch(
             _gemm_dx_kernel,
             (triton.cdiv(batch, t_dx.block_b), triton.cdiv(dim, t_dx.block_do), splits), t_dx,
-            dot_grad, weight, class_index_arg, gx_partial, rho, rho_partial,
-            batch, dim, c_begin, chunk_rows, rows_per_split, triton.cdiv(chunk_classes, t_logits.block_c),
-            weight.stride(0), weight.stride(1),
-            K=k, HAS_INDEX=meta["HAS_INDEX"],
+            **args.for_kernel(_gemm_dx_kernel), dot_grad_ptr=dot_grad, gx_partial_ptr=gx_partial, rho_ptr=rho,
+            rho_partial_ptr=rho_partial, B=batch, D=dim, c_begin=c_begin, chunk_rows=chunk_rows,
+            rows_per_split=rows_per_split, rho_blocks=triton.cdiv(chunk_classes, t_logits.block_c),
             BLOCK_M=t_dx.block_b, BLOCK_N=t_dx.block_do, BLOCK_K=t_dx.block_c,
-            GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision,
         )
-        launch(
-            _gemm_dw_kernel, (triton.cdiv(chunk_rows, t_dw.block_c), triton.cdiv(dim, t_dw.block_do)), t_dw,
-            dot_grad, x, weight, class_index_arg, tensor_args[11], kappa_partial, bias_partial,
-            grad_w, dummy if grad_bias is None else grad_bias,
-            batch, dim, c_begin, chunk_rows, row_blocks,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
-            K=k, NORMALIZE_W=meta["NORMALIZE_W"], HAS_BIAS=meta["HAS_BIAS"], HAS_INDEX=meta["HAS_INDEX"],
-            BLOCK_R=t_dw.block_c, BLOCK_N=t_dw.block_do, BLOCK_B=t_dw.block_b,
-            GRAD_DOT_FP32=grad_fp32, INPUT_PRECISION=input_precision,
-        )
+        launch_gemm_dw(c_begin, chunk_rows)
 
     grad_x = gx_partial.sum(dim=0)  # a fresh tensor also for one split: no view of the workspace
     if params.normalize_x:
-        r = tensor_args[10]  # row_scale in fp32
+        r = args.row_scale_ptr  # row_scale in fp32
         grad_x = grad_x - (rho * r * r)[:, None] * x.to(f32)
     grad_b = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_x.to(x.dtype), grad_w, grad_b

@@ -137,6 +137,16 @@ _GPU_TILES = {
     ("gemm_dw", "16"): (64, 128, 0, 128, 8, 4),
     ("gemm_dw", "tf32"): (32, 128, 0, 128, 8, 4),
     ("gemm_dw", "ieee"): (16, 64, 0, 64, 4, 2),
+    # the dW kernels with a fused optimizer step (optim_update.py): the epilogue holds the
+    # tiles of W and of up to two state tensors beside the fp32 gradient, so the gradient
+    # tile is halved (gemm: fewer columns; recompute: fewer rows, its D slice must still
+    # cover D) to keep spills at zero
+    ("dw_update", "16"): (64, 16, 64, 512, 8, 2),
+    ("dw_update", "tf32"): (64, 16, 32, 256, 8, 2),
+    ("dw_update", "ieee"): (32, 16, 16, 128, 8, 2),
+    ("gemm_dw_update", "16"): (64, 128, 0, 64, 8, 4),
+    ("gemm_dw_update", "tf32"): (32, 64, 0, 64, 8, 4),
+    ("gemm_dw_update", "ieee"): (16, 64, 0, 32, 4, 2),
 }
 
 
@@ -151,7 +161,8 @@ def default_tiles(
     input_precision: str = "ieee",
 ) -> TileConfig:
     """Tile sizes for ``kernel`` in {'forward', 'dx', 'dw', 'atomic', 'gemm_logits',
-    'gemm_dx', 'gemm_dw'} (every ``tl.dot`` side >= 16).
+    'gemm_dx', 'gemm_dw', 'dw_update', 'gemm_dw_update'} (every ``tl.dot`` side >= 16;
+    the ``_update`` ones: the dW kernels with a fused optimizer step).
 
     Interpreter: larger tiles (each Triton op costs a NumPy call, so fewer, larger ones
     are faster), still small enough that the tests' odd shapes take several blocks."""
@@ -160,7 +171,7 @@ def default_tiles(
         block_b, block_c, block_d, block_do, num_warps, num_stages = _GPU_TILES[(kernel, operands)]
     else:
         block_b, block_d, block_do, num_warps, num_stages = 64, 32, 256, 4, 1
-        block_c = 64 if kernel == "dw" else 128
+        block_c = 64 if kernel in ("dw", "dw_update") else 128
     block_b = min(block_b, _pow2_at_least(batch))
     block_d = min(block_d, _pow2_at_least(dim))
     block_do = min(block_do, _pow2_at_least(dim))

@@ -22,6 +22,9 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Heuristics
+
+from fused_margin.spec import NonTargetKind
 
 from .backward import _margin_lse_bwd_dw_kernel, _margin_lse_bwd_dx_kernel
 from .backward_atomic import _margin_lse_bwd_atomic_kernel
@@ -29,11 +32,16 @@ from .backward_gemm import _dot_grad_kernel, _gemm_dw_kernel, _gemm_dx_kernel
 from .common import _GPU_TILES
 from .lse_forward import _margin_lse_fwd_kernel
 
-__all__ = ["KERNELS", "VARIANTS", "compile_variants", "main", "matrix_instructions"]
+__all__ = ["KERNELS", "UPDATE_VARIANTS", "VARIANTS", "compile_variants", "main", "matrix_instructions"]
 
 KERNELS = ("forward", "dx", "dw", "atomic", "gemm_logits", "gemm_dx", "gemm_dw")
 
-_SCALARS = ("scale", "alpha", "delta", "margin")
+_SCALARS = (
+    "scale", "alpha", "delta", "margin",
+    # a fused optimizer step's (optim_update.py)
+    "lr", "weight_decay", "decay_factor", "momentum", "one_minus_dampening", "beta2", "one_minus_beta1",
+    "one_minus_beta2", "eps", "step_size", "bias_correction2_sqrt",
+)
 _UNIT_STRIDES = ("stride_xd", "stride_wd", "stride_gd")
 _BLOCK_COUNTS = ("blocks_per_split", "rho_blocks", "row_blocks")
 _BACKWARD_VECTORS = ("grad_lse_ptr", "grad_target_ptr", "grad_sum_ptr", "lse_ptr", "row_scale_ptr", "col_scale_ptr")
@@ -52,13 +60,36 @@ VARIANTS = [
 ]
 
 
-def _compile(kernel: str, variant: tuple, target: GPUTarget):
-    x_dtype, w_dtype, grad_fp32, precision, kind, normalize_x, normalize_w, bias, index, k = variant
+#: the dW kernels ('dw', 'gemm_dw') with a fused optimizer step: (a variant above, the
+#: step's name in UPDATES, the state's dtype, None: no state); every rule, flag and state
+#: dtype once, on variants with K = 1 (the only ones the 'dw' kernel updates in)
+UPDATE_VARIANTS = [
+    (VARIANTS[0], "nesterov", "bf16"),
+    (VARIANTS[1], "sgd_wd_maximize", None),
+    (VARIANTS[3], "adamw", "fp32"),
+    (VARIANTS[2], "momentum_first_step", "fp32"),
+    (VARIANTS[5], "adam", "bf16"),
+]
+_NO_UPDATE = dict(UPDATE=0, MAXIMIZE=False, HAS_WEIGHT_DECAY=False, HAS_MOMENTUM=False, NESTEROV=False,
+                  FIRST_STEP=False, DECOUPLED=False)
+#: the constexprs of each named step
+UPDATES = {
+    "nesterov": dict(_NO_UPDATE, UPDATE=1, HAS_WEIGHT_DECAY=True, HAS_MOMENTUM=True, NESTEROV=True),
+    "sgd_wd_maximize": dict(_NO_UPDATE, UPDATE=1, HAS_WEIGHT_DECAY=True, MAXIMIZE=True),
+    "adamw": dict(_NO_UPDATE, UPDATE=2, HAS_WEIGHT_DECAY=True, DECOUPLED=True),
+    "momentum_first_step": dict(_NO_UPDATE, UPDATE=1, HAS_MOMENTUM=True, FIRST_STEP=True),
+    "adam": dict(_NO_UPDATE, UPDATE=2, HAS_WEIGHT_DECAY=True, MAXIMIZE=True),
+}
+
+
+def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, str | None] | None = None):
+    x_dtype, w_dtype, grad_fp32, precision, kind, normalize_x, normalize_w, bias, index, k = variant[:10]
     dot_fp32 = x_dtype != w_dtype or x_dtype == "fp32"
     grad_dot_fp32 = dot_fp32 or grad_fp32
     fp32_operands = dot_fp32 if kernel in ("forward", "gemm_logits") else grad_dot_fp32
     operands = "16" if not fp32_operands else ("ieee" if precision == "ieee" else "tf32")
-    block_b, block_c, block_d, block_do, num_warps, num_stages = _GPU_TILES[(kernel, operands)]
+    tiles_key = f"{kernel}_update" if update is not None else kernel
+    block_b, block_c, block_d, block_do, num_warps, num_stages = _GPU_TILES[(tiles_key, operands)]
     constants = dict(
         K=k, KIND=kind, NORMALIZE_X=normalize_x, NORMALIZE_W=normalize_w, HAS_BIAS=bias, HAS_INDEX=index,
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
@@ -96,6 +127,23 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget):
         else:
             fn = _margin_lse_bwd_dw_kernel
             pointers.update(grad_w_ptr=f"*{w_dtype}", grad_bias_ptr="*fp32")
+    if isinstance(fn, Heuristics):  # HAS_BIAS / HAS_INDEX from the pointers: given below
+        fn = fn.fn
+    # absent optional tensors are None, which the JIT specializes as constexpr None
+    absent = [] if bias else ["bias_ptr", "bias_partial_ptr", "grad_bias_ptr"]
+    absent += [] if index else ["class_index_ptr"]
+    absent += [] if kind == int(NonTargetKind.CURRICULAR) else ["threshold_ptr"]  # read by CurricularFace only
+    absent += ["grad_w_ptr"] if update is not None else []
+    if kernel != "forward":  # the forward's launcher still passes a stand-in tensor
+        constants.update({name: None for name in absent if name in fn.arg_names})
+    if kernel in ("dw", "gemm_dw"):
+        name, state_dtype = update or ("none", None)
+        constants.update(UPDATES.get(name, _NO_UPDATE))
+        for ptr in ("state1_ptr", "state2_ptr"):
+            if state_dtype is None:
+                constants[ptr] = None
+            else:
+                pointers[ptr] = f"*{state_dtype}"
     signature = {
         name: "constexpr" if name in constants else pointers.get(
             name, "fp32" if name in _SCALARS else "*fp32" if name.endswith("_ptr") else "i32"
@@ -156,6 +204,9 @@ def _compiled_variants(arch: int, variants: list[tuple] | None):
     for kernel in KERNELS:
         for variant in variants or VARIANTS:
             yield kernel, variant, _compile(kernel, variant, target)
+        if kernel in ("dw", "gemm_dw") and variants is None:
+            for variant, update, state_dtype in UPDATE_VARIANTS:
+                yield kernel, (*variant, update), _compile(kernel, variant, target, (update, state_dtype))
 
 
 def compile_variants(

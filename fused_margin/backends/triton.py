@@ -36,6 +36,15 @@ None):
   - ``'atomic'``: one kernel that recomputes once and adds both gradients with fp32
     atomics (``triton_kernels/backward_atomic.py``): 6 B C D flops, last bits vary from
     run to run; with a bf16/fp16 W it keeps an fp32 buffer of W's shape.
+
+  With a fused optimizer (``backward(..., update=...)``: ``fused_updates`` is True), the
+  dW kernel applies the step to each tile of weight rows as soon as the tile's gradient
+  is formed, in fp32, and stores the new W and optimizer state instead of dW
+  (``triton_kernels/optim_update.py``): no gradient of W's shape is allocated. 'gemm'
+  updates a chunk's rows after the chunk's other kernels have read them; 'recompute'
+  updates from its dW kernel when each program owns whole rows (K = 1, D within one
+  slice) and otherwise runs the 'gemm' backward; 'atomic', whose programs each add a
+  part of a row's gradient, runs the 'gemm' backward too.
 * ``grad_dot_fp32`` / ``FUSED_MARGIN_TRITON_GRAD_FP32=1``: the backward's two
   gradient GEMMs take ``dU`` in fp32 instead of rounding it to the bf16/fp16 input
   dtype (fp32 GEMMs: on CUDA cores under 'ieee', as above). Unset, it is on for fp16
@@ -155,26 +164,38 @@ class TritonBackend(Backend):
             input_precision=self.precision(), tiles=self.tiles.get("forward"),
         )
 
+    #: the dW kernels of the 'gemm' and 'recompute' modes apply a fused optimizer step
+    fused_updates = True
+
     def backward(self, grads, saved, params, update=None):
         from ..triton_kernels.backward_common import BackwardInputs
 
         inputs = BackwardInputs(grads, saved, params)
+        step = None
+        if update is not None:
+            from ..triton_kernels.optim_update import update_arguments
+
+            step = update_arguments(update, saved.weight)
         x, weight = saved.x, saved.weight
         options = dict(input_precision=self.precision(), grad_dot_fp32=self.gradient_dot_fp32(x.dtype, weight.dtype))
         if self._fp16_range_safe(x.dtype, weight.dtype):
             options["input_precision"] = "tf32"
         mode = self.backward_implementation()
-        if mode == "gemm":
+        if mode == "gemm" or (mode == "atomic" and step is not None):
+            # 'atomic' adds dW from many programs: no program holds a row's whole
+            # gradient, so a fused update runs through the 'gemm' backward
             from ..triton_kernels.backward_gemm import margin_lse_bwd_gemm
 
-            return margin_lse_bwd_gemm(inputs, **options, tiles=self.tiles)
+            return margin_lse_bwd_gemm(inputs, **options, tiles=self.tiles, update=step)
         if mode == "atomic":
             from ..triton_kernels.backward_atomic import margin_lse_bwd_atomic
 
             return margin_lse_bwd_atomic(inputs, **options, tiles=self.tiles.get("atomic"))
         from ..triton_kernels.backward import margin_lse_bwd
 
-        return margin_lse_bwd(inputs, **options, dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"))
+        return margin_lse_bwd(
+            inputs, **options, dx_tiles=self.tiles.get("dx"), dw_tiles=self.tiles.get("dw"), update=step
+        )
 
 
 def torch_fp32_matmul_precision() -> str:
