@@ -8,11 +8,10 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import resolve_backend
+from .backends import get_backend, resolve_backend
 from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
 from .ops import OpOptions, forward_args, margin_lse, prepare_labels
 from .optim.registry import fused_optimizer_handle
-from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = ["margin_cross_entropy", "fused_terms", "loss_from_terms", "Reduction", "BackendName"]
@@ -143,12 +142,11 @@ def fused_terms(
     if row_threshold is None and params.kind == NonTargetKind.CURRICULAR:
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
         row_threshold = spec.non_target.row_terms(target_cos)
-    if backend == "eager":
-        # as a user writes it: 16-bit GEMMs in the input dtype, the softmax in fp32
-        outputs = margin_lse_terms(embeddings, weight, labels, bias, class_index, row_threshold, params,
-                                   native_gemm=True)
+    name = resolve_backend(backend, embeddings, weight, params)
+    chosen = get_backend(name)
+    if chosen.autograd_native:  # outside the custom op: plain autograd through its terms
+        outputs = chosen.terms(embeddings, weight, labels, bias, class_index, row_threshold, params)
     else:
-        name = resolve_backend(backend, embeddings, weight, params)
         args = forward_args(embeddings, weight, labels, bias, class_index, row_threshold, params,
                             OpOptions(name, fused_optimizer_handle(weight)))
         if torch.compiler.is_compiling():

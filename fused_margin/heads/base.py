@@ -62,7 +62,7 @@ class MarginHead(nn.Module):
         self.ignore_index = _checks.integer("ignore_index", ignore_index)
         self.label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
         self.return_accuracy = bool(return_accuracy)
-        self.backend = _checks.choice("backend", backend, ["auto", "eager", *available_backends()])
+        self.backend = _checks.choice("backend", backend, ["auto", *available_backends()])
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.weight = nn.Parameter(torch.empty(num_classes * num_subcenters, embedding_size, **factory))
         if bias:
