@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import BackendName, margin_cross_entropy
-from .reference import logits_reference
+from .logits import margin_free_logits
 from .spec import LinearTarget, MarginSpec, MultiplicativeAngularTarget, TargetContext
 
 __all__ = [
@@ -154,7 +154,7 @@ class _FusedPMLLoss(nn.Module):
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """Margin-free logits ``(B, num_classes)`` (max over sub-centers). Materializes B x C."""
-        return logits_reference(embeddings, self.W.t(), self.spec(), None)
+        return margin_free_logits(embeddings, self.W.t(), self.spec(), None)
 
 
 class CosFaceLoss(_FusedPMLLoss):

@@ -1,12 +1,13 @@
 """The eager PyTorch reference: materializes the (B, C) logits, written for clarity.
 
-It is the ground truth every backend is tested against (run it in float64) and the
-"eager PyTorch" baseline of the benchmarks. Two layers, mirroring docs/design.md section 1:
-
-* :func:`margin_lse_terms` computes what a fused kernel computes
-  (``lse_neg, target_u, sum_neg, argmax, row_scale, col_scale``) with autograd;
-* :func:`margin_cross_entropy_reference` adds the target transform and the loss, calling
-  :func:`fused_margin.functional.loss_from_terms` just as the fused path does.
+It is the ground truth every backend is tested against (run it in float64):
+:func:`margin_lse_terms` computes what a fused kernel computes
+(``lse_neg, target_u, sum_neg, argmax, row_scale, col_scale``) with autograd, and
+:func:`reference_backward` its backward with the formulas of
+:mod:`fused_margin.kernel_params`. The ``'reference'`` backend runs them through the
+custom op; the ``'eager'`` backend runs :func:`margin_lse_terms` with plain autograd (the
+benchmarks' eager baseline). The target transform and the loss are the functional API's
+(:func:`fused_margin.margin_cross_entropy`), the same for every backend.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import torch
 from torch import Tensor
 
 from .kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype
-from .spec import MarginSpec, NonTarget, NonTargetKind
+from .spec import NonTarget, NonTargetKind
 
 __all__ = [
     "margin_lse_terms",
     "reference_backward",
-    "margin_cross_entropy_reference",
-    "logits_reference",
 ]
 
 _NORM_EPS = 1e-12
@@ -213,29 +212,3 @@ def _lse_neg_forward(z: Tensor, not_negative: Tensor) -> Tensor:
     z_neg = torch.where(has_negative[:, None], z_neg, torch.zeros_like(z_neg))
     lse_neg = torch.logsumexp(z_neg, dim=1)
     return torch.where(has_negative, lse_neg, torch.full_like(lse_neg, float("-inf")))
-
-
-def logits_reference(
-    x: Tensor, weight: Tensor, spec: MarginSpec, bias: Tensor | None = None
-) -> Tensor:
-    """Margin-free logits ``s * u + bias`` (B, C): what a trained head predicts with."""
-    params = KernelParams.from_spec(spec)
-    u, _, _ = cosine_matrix(x, weight, None, params)
-    z = spec.scale * u
-    if bias is not None:
-        z = z + bias.to(z.dtype)
-    return z
-
-
-def margin_cross_entropy_reference(
-    embeddings: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    spec: MarginSpec,
-    **kwargs,
-):
-    """`fused_margin.margin_cross_entropy` with ``backend='reference'`` but without the
-    custom op: plain autograd through eager PyTorch (the benchmarks' eager baseline)."""
-    from .functional import margin_cross_entropy
-
-    return margin_cross_entropy(embeddings, weight, labels, spec, backend="eager", **kwargs)

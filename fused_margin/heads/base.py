@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from .. import _checks
 from ..backends import available_backends
 from ..functional import BackendName, Reduction, margin_cross_entropy
+from ..logits import margin_free_logits
 from ..ops import snapshot
-from ..reference import logits_reference
 from ..spec import MarginSpec
 
 __all__ = ["MarginHead"]
@@ -162,7 +162,7 @@ class MarginHead(nn.Module):
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """Margin-free logits (B, num_classes) for inference. Materializes B x C."""
         self._check_inputs(embeddings)
-        return logits_reference(embeddings, self.weight, self.spec(), self.bias)
+        return margin_free_logits(embeddings, self.weight, self.spec(), self.bias)
 
     def extra_repr(self) -> str:
         k = f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else ""
