@@ -81,12 +81,8 @@ def validate_inputs(
             raise ValueError("class_index must name at least one class, got an empty tensor")
     if num_classes < 1:
         raise ValueError(f"there must be at least one class, got weight of shape {_shape(weight)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)  # numpy or 0-dim tensor: checked, then used
-    elif not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    _checks.reduction(reduction)
+    _checks.label_smoothing(label_smoothing)
     return num_classes
 
 
@@ -224,8 +220,7 @@ def margin_cross_entropy(
     num_classes = validate_inputs(embeddings, weight, labels, spec, bias, class_index, reduction, label_smoothing)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # 1.5 is refused, not truncated
         ignore_index = _checks.integer("ignore_index", ignore_index)
-    if not isinstance(label_smoothing, (int, float)):
-        label_smoothing = _checks.real("label_smoothing", label_smoothing)
+    label_smoothing = _checks.label_smoothing(label_smoothing)  # numpy or 0-dim tensor: a float from here on
     internal_labels = prepare_labels(
         labels, num_classes, ignore_index, class_index, weight.shape[0] // spec.num_subcenters
     )

@@ -56,11 +56,9 @@ class MarginHead(nn.Module):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.embedding_size = _positive_int("embedding_size", embedding_size)
         self.num_subcenters = _positive_int("num_subcenters", num_subcenters)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.reduction = reduction
+        self.reduction = _checks.reduction(reduction)
         self.ignore_index = _checks.integer("ignore_index", ignore_index)
-        self.label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+        self.label_smoothing = _checks.label_smoothing(label_smoothing)
         self.return_accuracy = bool(return_accuracy)
         self.backend = _checks.choice("backend", backend, ["auto", *available_backends()])
         factory = {"dtype": dtype or torch.float32, "device": device}
