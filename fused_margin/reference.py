@@ -26,7 +26,7 @@ __all__ = [
 _NORM_EPS = 1e-12
 
 
-def used_rows(class_index: Tensor | None, num_rows: int, k: int, device: torch.device) -> Tensor | None:
+def used_rows(class_index: Tensor | None, k: int, device: torch.device) -> Tensor | None:
     """Row indices of ``weight`` in use, in order (class-major, sub-center minor)."""
     if class_index is None:
         return None
@@ -46,7 +46,7 @@ def cosine_matrix(
     native = native_gemm and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
     xf, wf = x.to(dtype), weight.to(dtype)
     w_gemm = weight if native else wf
-    rows = used_rows(class_index, weight.shape[0], params.num_subcenters, x.device)
+    rows = used_rows(class_index, params.num_subcenters, x.device)
     if rows is not None:
         wf = wf.index_select(0, rows)
         w_gemm = w_gemm.index_select(0, rows) if native else wf
@@ -137,7 +137,7 @@ def reference_backward(
     k = params.num_subcenters
     ignored = labels <= IGNORED_LABEL
     xf = torch.where(ignored[:, None], torch.zeros((), dtype=dtype, device=x.device), x.to(dtype))
-    rows = used_rows(class_index, weight.shape[0], k, x.device)
+    rows = used_rows(class_index, k, x.device)
     wf = weight.to(dtype) if rows is None else weight.to(dtype).index_select(0, rows)
     r = 1.0 / torch.linalg.vector_norm(xf, dim=1).clamp_min(_NORM_EPS) if params.normalize_x else None
     q = 1.0 / torch.linalg.vector_norm(wf, dim=1).clamp_min(_NORM_EPS) if params.normalize_w else None
