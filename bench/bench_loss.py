@@ -203,7 +203,7 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
     ``check_rows`` (on the same inputs the measurements use; a row's loss depends on its
     own embedding only, so a subset checks every implementation at a fraction of the
     float64 cost) and the time of the three plain GEMMs."""
-    from fused_margin.reference import margin_cross_entropy_reference
+    import fused_margin as fm
 
     device = _worker_setup(job)
     dtype = DTYPES[job["dtype"]]
@@ -233,8 +233,8 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
                 w64 = w.double().requires_grad_(True)
                 losses = []
                 for i in range(0, batch, chunk):
-                    part = margin_cross_entropy_reference(x64[i : i + chunk], w64, y[i : i + chunk], spec,
-                                                          reduction="none")
+                    part = fm.margin_cross_entropy(x64[i : i + chunk], w64, y[i : i + chunk], spec,
+                                                   reduction="none", backend="eager")
                     (part.sum() / batch).backward()
                     losses.append(part.detach())
                 all_losses = torch.cat(losses)
@@ -249,8 +249,8 @@ def worker_reference(job: dict[str, Any]) -> dict[str, Any]:
                 with torch.no_grad():
                     w64 = w.double()
                     losses = [
-                        margin_cross_entropy_reference(xc[i : i + chunk].double(), w64, yc[i : i + chunk], spec,
-                                                       reduction="none")
+                        fm.margin_cross_entropy(xc[i : i + chunk].double(), w64, yc[i : i + chunk], spec,
+                                                reduction="none", backend="eager")
                         for i in range(0, xc.shape[0], chunk)
                     ]
                     entry["losses"] = torch.cat(losses).cpu().tolist()

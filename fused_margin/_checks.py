@@ -15,7 +15,13 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["flag", "integer", "positive_integer", "real", "positive", "non_negative", "in_range", "choice"]
+__all__ = [
+    "flag", "integer", "positive_integer", "real", "positive", "non_negative", "in_range", "choice", "reduction",
+    "label_smoothing", "REDUCTIONS",
+]
+
+#: the loss reductions every loss function and head accepts
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _scalar(value: object) -> object:
@@ -95,3 +101,18 @@ def choice(name: str, value: object, options: Iterable[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def reduction(value: object) -> str:
+    """A loss reduction: ``'mean'``, ``'sum'`` or ``'none'``."""
+    if not isinstance(value, str) or value not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {value!r}")
+    return value
+
+
+def label_smoothing(value: object) -> float:
+    """A label smoothing factor, a finite real in ``[0, 1)``."""
+    # a Python number in range needs no conversion (and traces as a constant when compiled)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0:
+        return float(value)
+    return in_range("label_smoothing", value, 0.0, 1.0)

@@ -65,6 +65,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks
 from .functional import BackendName, Reduction, detached_target_cos, fused_terms, loss_from_terms
 from .heads.base import MarginHead
 from .kernel_params import IGNORED_LABEL, acc_dtype
@@ -425,10 +426,8 @@ class ShardedMarginLoss(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+        reduction = _checks.reduction(reduction)
+        label_smoothing = _checks.label_smoothing(label_smoothing)
         if embedding_grad not in ("exact", "ddp"):
             raise ValueError(f"embedding_grad must be 'exact' or 'ddp', got {embedding_grad!r}")
         if not timeout > 0:

@@ -8,12 +8,11 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import resolve_backend
+from .backends import get_backend, resolve_backend
 from .kernel_params import IGNORED_LABEL, KernelParams, acc_dtype
 from .ops import OpOptions, forward_args, margin_lse, prepare_labels
 from .optim.registry import fused_optimizer_handle
 from .optim.rules import check_fused_forward, check_target_reads_no_weight
-from .reference import margin_lse_terms
 from .spec import MarginSpec, NonTargetKind, TargetContext
 
 __all__ = ["margin_cross_entropy", "fused_terms", "loss_from_terms", "Reduction", "BackendName"]
@@ -83,12 +82,8 @@ def validate_inputs(
             raise ValueError("class_index must name at least one class, got an empty tensor")
     if num_classes < 1:
         raise ValueError(f"there must be at least one class, got weight of shape {_shape(weight)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)  # numpy or 0-dim tensor: checked, then used
-    elif not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    _checks.reduction(reduction)
+    _checks.label_smoothing(label_smoothing)
     return num_classes
 
 
@@ -147,12 +142,11 @@ def fused_terms(
     if row_threshold is None and params.kind == NonTargetKind.CURRICULAR:
         target_cos = detached_target_cos(embeddings, weight, labels, spec, class_index)
         row_threshold = spec.non_target.row_terms(target_cos)
-    if backend == "eager":
-        # as a user writes it: 16-bit GEMMs in the input dtype, the softmax in fp32
-        outputs = margin_lse_terms(embeddings, weight, labels, bias, class_index, row_threshold, params,
-                                   native_gemm=True)
+    name = resolve_backend(backend, embeddings, weight, params)
+    chosen = get_backend(name)
+    if chosen.autograd_native:  # outside the custom op: plain autograd through its terms
+        outputs = chosen.terms(embeddings, weight, labels, bias, class_index, row_threshold, params)
     else:
-        name = resolve_backend(backend, embeddings, weight, params)
         args = forward_args(embeddings, weight, labels, bias, class_index, row_threshold, params,
                             OpOptions(name, handle))
         if torch.compiler.is_compiling():
@@ -230,8 +224,7 @@ def margin_cross_entropy(
     num_classes = validate_inputs(embeddings, weight, labels, spec, bias, class_index, reduction, label_smoothing)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # 1.5 is refused, not truncated
         ignore_index = _checks.integer("ignore_index", ignore_index)
-    if not isinstance(label_smoothing, (int, float)):
-        label_smoothing = _checks.real("label_smoothing", label_smoothing)
+    label_smoothing = _checks.label_smoothing(label_smoothing)  # numpy or 0-dim tensor: a float from here on
     internal_labels = prepare_labels(
         labels, num_classes, ignore_index, class_index, weight.shape[0] // spec.num_subcenters
     )

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from .functional import BackendName, margin_cross_entropy
-from .reference import logits_reference
-from .spec import LinearTarget, MarginSpec, MultiplicativeAngularTarget, TargetContext
+from .logits import margin_free_logits
+from .spec import MarginSpec, TargetContext
 
 __all__ = [
     "ArcFaceLoss",
@@ -154,7 +154,7 @@ class _FusedPMLLoss(nn.Module):
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """Margin-free logits ``(B, num_classes)`` (max over sub-centers). Materializes B x C."""
-        return logits_reference(embeddings, self.W.t(), self.spec(), None)
+        return margin_free_logits(embeddings, self.W.t(), self.spec(), None)
 
 
 class CosFaceLoss(_FusedPMLLoss):
@@ -208,7 +208,9 @@ class LargeMarginSoftmaxLoss(_FusedPMLLoss):
             raise ValueError(f"margin must be at least 1 (the angle multiplier), got {margin!r}")
         if self.scale <= 0:
             raise ValueError(f"scale must be positive, got {scale!r}")
-        target = MultiplicativeAngularTarget(self.margin, self._include_weight_norm, 0.0)
+        # the core head's target with lambda = 0 (no annealing)
+        core = MarginSpec.lsoftmax if self._include_weight_norm else MarginSpec.sphereface
+        target = core(self.margin, 0.0).target
         self._spec = MarginSpec(
             self.scale, _ScaledTarget(target, self.scale), normalize_embeddings=False,
             normalize_weight=not self._include_weight_norm, name=type(self).__name__,
@@ -233,7 +235,7 @@ class NormalizedSoftmaxLoss(_FusedPMLLoss):
         self.temperature = _number("temperature", temperature)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
-        self._spec = MarginSpec(1.0 / self.temperature, LinearTarget(1.0 / self.temperature), name="normface")
+        self._spec = MarginSpec.normface(1.0 / self.temperature)
 
     def spec(self) -> MarginSpec:
         return self._spec

@@ -1,12 +1,13 @@
 """The eager PyTorch reference: materializes the (B, C) logits, written for clarity.
 
-It is the ground truth every backend is tested against (run it in float64) and the
-"eager PyTorch" baseline of the benchmarks. Two layers, mirroring docs/design.md section 1:
-
-* :func:`margin_lse_terms` computes what a fused kernel computes
-  (``lse_neg, target_u, sum_neg, argmax, row_scale, col_scale``) with autograd;
-* :func:`margin_cross_entropy_reference` adds the target transform and the loss, calling
-  :func:`fused_margin.functional.loss_from_terms` just as the fused path does.
+It is the ground truth every backend is tested against (run it in float64):
+:func:`margin_lse_terms` computes what a fused kernel computes
+(``lse_neg, target_u, sum_neg, argmax, row_scale, col_scale``) with autograd, and
+:func:`reference_backward` its backward with the formulas of
+:mod:`fused_margin.kernel_params`. The ``'reference'`` backend runs them through the
+custom op; the ``'eager'`` backend runs :func:`margin_lse_terms` with plain autograd (the
+benchmarks' eager baseline). The target transform and the loss are the functional API's
+(:func:`fused_margin.margin_cross_entropy`), the same for every backend.
 """
 
 from __future__ import annotations
@@ -15,19 +16,17 @@ import torch
 from torch import Tensor
 
 from .kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype
-from .spec import MarginSpec, NonTarget
+from .spec import NonTarget
 
 __all__ = [
     "margin_lse_terms",
     "reference_backward",
-    "margin_cross_entropy_reference",
-    "logits_reference",
 ]
 
 _NORM_EPS = 1e-12
 
 
-def used_rows(class_index: Tensor | None, num_rows: int, k: int, device: torch.device) -> Tensor | None:
+def used_rows(class_index: Tensor | None, k: int, device: torch.device) -> Tensor | None:
     """Row indices of ``weight`` in use, in order (class-major, sub-center minor)."""
     if class_index is None:
         return None
@@ -47,7 +46,7 @@ def cosine_matrix(
     native = native_gemm and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
     xf, wf = x.to(dtype), weight.to(dtype)
     w_gemm = weight if native else wf
-    rows = used_rows(class_index, weight.shape[0], params.num_subcenters, x.device)
+    rows = used_rows(class_index, params.num_subcenters, x.device)
     if rows is not None:
         wf = wf.index_select(0, rows)
         w_gemm = w_gemm.index_select(0, rows) if native else wf
@@ -120,7 +119,7 @@ def reference_backward(
     k = params.num_subcenters
     ignored = labels <= IGNORED_LABEL
     xf = torch.where(ignored[:, None], torch.zeros((), dtype=dtype, device=x.device), x.to(dtype))
-    rows = used_rows(class_index, weight.shape[0], k, x.device)
+    rows = used_rows(class_index, k, x.device)
     wf = weight.to(dtype) if rows is None else weight.to(dtype).index_select(0, rows)
     r = 1.0 / torch.linalg.vector_norm(xf, dim=1).clamp_min(_NORM_EPS) if params.normalize_x else None
     q = 1.0 / torch.linalg.vector_norm(wf, dim=1).clamp_min(_NORM_EPS) if params.normalize_w else None
@@ -195,29 +194,3 @@ def _lse_neg_forward(z: Tensor, not_negative: Tensor) -> Tensor:
     z_neg = torch.where(has_negative[:, None], z_neg, torch.zeros_like(z_neg))
     lse_neg = torch.logsumexp(z_neg, dim=1)
     return torch.where(has_negative, lse_neg, torch.full_like(lse_neg, float("-inf")))
-
-
-def logits_reference(
-    x: Tensor, weight: Tensor, spec: MarginSpec, bias: Tensor | None = None
-) -> Tensor:
-    """Margin-free logits ``s * u + bias`` (B, C): what a trained head predicts with."""
-    params = KernelParams.from_spec(spec)
-    u, _, _ = cosine_matrix(x, weight, None, params)
-    z = spec.scale * u
-    if bias is not None:
-        z = z + bias.to(z.dtype)
-    return z
-
-
-def margin_cross_entropy_reference(
-    embeddings: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    spec: MarginSpec,
-    **kwargs,
-):
-    """`fused_margin.margin_cross_entropy` with ``backend='reference'`` but without the
-    custom op: plain autograd through eager PyTorch (the benchmarks' eager baseline)."""
-    from .functional import margin_cross_entropy
-
-    return margin_cross_entropy(embeddings, weight, labels, spec, backend="eager", **kwargs)

@@ -11,6 +11,11 @@ A head is split in two (docs/design.md section 1):
 Because the target side is arbitrary PyTorch, a user can express a new margin as a
 `MarginSpec` with their own ``target`` callable and one of the built-in non-target
 transforms, without writing a kernel.
+
+This module holds the shared vocabulary only (the spec, the non-target transforms, the
+target's context and the numerics of angular targets). Each built-in head lives in one
+module of :mod:`fused_margin.heads`, with its target transform and its factory, which
+it registers as ``MarginSpec.<name>(...)`` (:meth:`MarginSpec.register_factory`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -33,6 +37,9 @@ __all__ = [
     "MarginSpec",
     "NonTarget",
     "NonTargetKind",
+    "RowRegularizer",
+    "SpecFactory",
+    "StraightThroughTarget",
     "TargetContext",
     "TargetTransform",
     "lambda_schedule",
@@ -325,130 +332,6 @@ def lambda_schedule(step: int, base: float, gamma: float, power: float, lambda_m
     return max(lambda_min, base * (1.0 + gamma * step) ** (-power))
 
 
-# ----------------------------------------------------------------------------------
-# Built-in target transforms. Frozen dataclasses (not closures) so that a spec has a
-# readable repr, compares by value, and pickles.
-# ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinearTarget:
-    """``z_y = s * u_y``: Softmax (s = 1) and NormFace."""
-
-    scale: float
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        return self.scale * ctx.u
-
-
-_BEYOND_PI = ("fallback", "easy_margin", "none")
-
-
-@dataclass(frozen=True)
-class CosineMarginTarget:
-    """``z_y = s * (cos(m1 * theta + m2) - m3)``, the InsightFace combined margin.
-
-    With ``m1 = 1``, ``beyond_pi`` says what happens where ``theta + m2 > pi`` (where
-    ``cos(theta + m2)`` would grow again as ``theta`` grows): ``'fallback'`` the monotonic
-    ``c - m2 * sin m2`` (InsightFace's former ``th``/``mm``), ``'easy_margin'`` (then the
-    margin applies only where ``c > 0``), ``'none'`` ``cos(theta + m2)`` as written, as
-    InsightFace's arcface_torch computes it. ``easy_margin=True`` is
-    ``beyond_pi='easy_margin'``. ``straight_through`` applies the margin in the forward
-    pass only (the gradient is that of ``s * c``), as arcface_torch's ArcFace does.
-    CosFace and CS-Softmax are ``m1 = 1, m2 = 0``.
-    """
-
-    scale: float
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.0
-    easy_margin: bool = False
-    straight_through: bool = False
-    beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback"
-
-    def __post_init__(self) -> None:
-        if self.beyond_pi not in _BEYOND_PI:
-            raise ValueError(f"beyond_pi must be one of {_BEYOND_PI}, got {self.beyond_pi!r}")
-        if self.easy_margin and self.beyond_pi == "none":
-            raise ValueError("easy_margin=True contradicts beyond_pi='none'")
-        if self.easy_margin or self.beyond_pi == "easy_margin":
-            object.__setattr__(self, "easy_margin", True)
-            object.__setattr__(self, "beyond_pi", "easy_margin")
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        c = ctx.clamped_cos() if (self.m1 != 1.0 or self.m2 != 0.0) else ctx.cos
-        z = self.margin_cos(c)
-        if self.straight_through:
-            z = c + (z - c).detach()
-        return self.scale * z
-
-    def margin_cos(self, c: Tensor) -> Tensor:
-        m1, m2, m3 = self.m1, self.m2, self.m3
-        if m1 == 1.0 and m2 == 0.0:
-            return c - m3
-        if m1 == 1.0:
-            # cos(theta + m) = c cos m - sin(theta) sin m, with no acos (exact gradient).
-            sin_theta = sin_from_cos(c)
-            arc = c * math.cos(m2) - sin_theta * math.sin(m2)
-            if self.beyond_pi == "easy_margin":
-                arc = torch.where(c > 0, arc, c)
-            elif self.beyond_pi == "fallback":
-                arc = torch.where(c > math.cos(math.pi - m2), arc, c - m2 * math.sin(m2))
-            return arc - m3
-        return torch.cos(m1 * safe_acos(c) + m2) - m3
-
-
-@dataclass(frozen=True)
-class MultiplicativeAngularTarget:
-    """SphereFace / L-Softmax: ``z_y = N * (lambda * c + psi_m(theta)) / (1 + lambda)``
-    with ``N = ||x||`` (SphereFace) or ``||w_y|| * ||x||`` (L-Softmax)."""
-
-    margin: int
-    include_weight_norm: bool
-    #: ``lambda(step) = max(lambda_min, lambda_base * (1 + gamma * step)^-power)``;
-    #: gamma = 0 gives the constant ``max(lambda_min, lambda_base)``.
-    lambda_base: float
-    lambda_gamma: float = 0.0
-    lambda_power: float = 1.0
-    lambda_min: float = 0.0
-
-    def lambda_at(self, step: int | Tensor) -> float | Tensor:
-        if isinstance(step, Tensor):  # a head's step buffer: stay on the device, no sync
-            decay = (1.0 + self.lambda_gamma * step.double()) ** (-self.lambda_power)
-            return (self.lambda_base * decay).clamp_min(self.lambda_min)
-        return lambda_schedule(step, self.lambda_base, self.lambda_gamma, self.lambda_power, self.lambda_min)
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        c = ctx.clamped_cos()
-        magnitude = ctx.embedding_norm
-        if self.include_weight_norm:
-            magnitude = magnitude * ctx.weight_norm
-        lam = self.lambda_at(ctx.step)
-        if isinstance(lam, Tensor):
-            lam = lam.to(c.dtype)
-        blended = (lam * c + psi_multiple_angle(c, self.margin)) / (1.0 + lam)
-        return magnitude * blended
-
-
-@dataclass(frozen=True)
-class GoalOrientedTarget:
-    """SO-Softmax's positive transform ``s * (m^2 - (1 - c)^2)`` (reconstructed from the
-    abstract: the positive similarity is pulled toward 1). With ``detached=True`` it is
-    the Circle loss proxy form ``s * [1 + m - c]_+ * (c - (1 - m))`` whose weight
-    ``[1 + m - c]_+`` carries no gradient (Sun et al. 2020, eq. 4 with O_p = 1 + m)."""
-
-    scale: float
-    margin: float
-    detached: bool = False
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        c = ctx.cos
-        m = self.margin
-        if self.detached:
-            return self.scale * torch.relu(1.0 + m - c).detach() * (c - (1.0 - m))
-        return self.scale * (m * m - (1.0 - c) ** 2)
-
-
 @dataclass(frozen=True)
 class StraightThroughTarget:
     """``target``'s value with the gradient of ``scale * c_y``: the margin in the forward
@@ -461,62 +344,6 @@ class StraightThroughTarget:
         z = self.target(ctx)
         base = self.scale * ctx.clamped_cos().to(z.dtype)
         return base + (z - base).detach()
-
-
-@dataclass(frozen=True)
-class AdaptiveMarginTarget:
-    """AdaFace (Kim et al. 2022, eq. 11): with ``g = norm_scaler(||x||)`` in [-1, 1] (the
-    head maps the detached feature norms through its batch statistics),
-    ``z_y = s * (cos(clip(theta - m*g, eps, pi - eps)) - (m + m*g))``."""
-
-    scale: float
-    margin: float
-    norm_scaler: Callable[[Tensor], Tensor] = field(compare=False)
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        c = ctx.clamped_cos()
-        g = self.norm_scaler(ctx.embedding_norm.detach()).to(c.dtype)
-        # the authors clip theta to [eps, pi - eps] with eps = 1e-3
-        theta = (safe_acos(c) - self.margin * g).clamp(1e-3, math.pi - 1e-3)
-        return self.scale * (torch.cos(theta) - (self.margin + self.margin * g))
-
-
-@dataclass(frozen=True)
-class MagnitudeAwareTarget:
-    """MagFace (Meng et al. 2021): ArcFace with margin ``m(a)`` growing linearly in the
-    clamped feature norm ``a = clamp(||x||, l_a, u_a)``, with the ArcFace fallback."""
-
-    scale: float
-    lower_norm: float
-    upper_norm: float
-    lower_margin: float
-    upper_margin: float
-
-    def margin_of(self, ctx: TargetContext) -> Tensor:
-        a = ctx.embedding_norm.clamp(self.lower_norm, self.upper_norm)
-        slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
-        return slope * (a - self.lower_norm) + self.lower_margin
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        c = ctx.clamped_cos()
-        m = self.margin_of(ctx)
-        sin_theta = sin_from_cos(c)
-        arc = c * torch.cos(m) - sin_theta * torch.sin(m)
-        fallback = c - m * torch.sin(m)
-        return self.scale * torch.where(c > torch.cos(math.pi - m), arc, fallback)
-
-
-@dataclass(frozen=True)
-class MagFaceRegularizer:
-    """MagFace's ``lambda_g * g(a)`` with ``g(a) = a / u_a^2 + 1 / a``."""
-
-    weight: float
-    lower_norm: float
-    upper_norm: float
-
-    def __call__(self, ctx: TargetContext) -> Tensor:
-        a = ctx.embedding_norm.clamp(self.lower_norm, self.upper_norm)
-        return self.weight * (a / self.upper_norm**2 + 1.0 / a)
 
 
 @dataclass(frozen=True)
@@ -555,150 +382,40 @@ class MarginSpec:
         except TypeError as e:
             raise ValueError(str(e)) from None
 
-    # ---- the heads of the README's table, as stateless specs -------------------
+    # ---- factories: one per head, defined and registered by its module in heads/ ----
 
     @classmethod
-    def softmax(cls) -> MarginSpec:
-        return cls(1.0, LinearTarget(1.0), normalize_embeddings=False, normalize_weight=False, name="softmax")
+    def register_factory(cls, name: str) -> Callable[[SpecFactory], SpecFactory]:
+        """Decorator that makes a head module's spec factory ``MarginSpec.<name>(...)``.
 
-    @classmethod
-    def normface(cls, scale: float = 30.0, *, interclass_filtering_threshold: float = 0.0) -> MarginSpec:
-        s = _checks.positive("scale", scale)
-        return cls(s, LinearTarget(s), NonTarget.interclass_filtering(interclass_filtering_threshold), name="normface")
+        Each module of :mod:`fused_margin.heads` registers its own (importing
+        ``fused_margin`` imports them all); registering a name twice, or one that
+        :class:`MarginSpec` already uses, raises."""
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"a factory name must be a public identifier, got {name!r}")
 
-    @classmethod
-    def cosface(
-        cls, scale: float = 64.0, margin: float = 0.35, *, interclass_filtering_threshold: float = 0.0
-    ) -> MarginSpec:
-        s = _checks.positive("scale", scale)
-        return cls(
-            s, CosineMarginTarget(s, m3=_checks.real("margin", margin)),
-            NonTarget.interclass_filtering(interclass_filtering_threshold),
-            name="cosface",
-        )
+        def register(factory: SpecFactory) -> SpecFactory:
+            if not callable(factory):
+                raise TypeError(f"the factory registered as MarginSpec.{name} must be callable, got {factory!r}")
+            known = _FACTORIES.get(name)
+            same = known is not None and (known.__module__, known.__qualname__) == (
+                factory.__module__, factory.__qualname__)  # the same module imported again
+            if known is not None and not same:
+                raise ValueError(f"MarginSpec.{name} is already registered (by {known.__module__}.{known.__qualname__})")
+            if known is None and (hasattr(cls, name) or name in {f.name for f in fields(cls)}):
+                raise ValueError(f"MarginSpec.{name} is an attribute of MarginSpec, not a free factory name")
+            _FACTORIES[name] = factory
+            setattr(cls, name, staticmethod(factory))
+            return factory
 
-    @classmethod
-    def arcface(
-        cls,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        *,
-        easy_margin: bool = False,
-        straight_through: bool = False,
-        num_subcenters: int = 1,
-        beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback",
-        interclass_filtering_threshold: float = 0.0,
-    ) -> MarginSpec:
-        """``beyond_pi``: the target logit where ``theta + m > pi`` (see
-        :class:`CosineMarginTarget`); ``interclass_filtering_threshold`` > 0: non-target
-        cosines above it count as 0 (:meth:`NonTarget.filtered`; 0 turns it off)."""
-        s = _checks.positive("scale", scale)
-        target = CosineMarginTarget(
-            s,
-            m2=_checks.in_range("margin", margin, 0.0, math.pi),
-            easy_margin=easy_margin,
-            straight_through=_checks.flag("straight_through", straight_through),
-            beyond_pi=beyond_pi,
-        )
-        name = "arcface" if num_subcenters == 1 else "subcenter_arcface"
-        return cls(
-            s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), num_subcenters=num_subcenters,
-            name=name,
-        )
+        return register
 
-    @classmethod
-    def combined(
-        cls,
-        scale: float = 64.0,
-        margins: tuple[float, float, float] = (1.0, 0.3, 0.2),
-        *,
-        straight_through: bool = False,
-        beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback",
-        interclass_filtering_threshold: float = 0.0,
-    ) -> MarginSpec:
-        """``z_y = s * (cos(m1 * theta + m2) - m3)``; ``beyond_pi`` applies when ``m1 = 1``
-        (:class:`CosineMarginTarget`), ``straight_through`` gives the gradient of ``s * c``."""
-        s = _checks.positive("scale", scale)
-        if not isinstance(margins, (tuple, list)) or len(margins) != 3:
-            raise ValueError(f"margins must be (m1, m2, m3), got {margins!r}")
-        m1 = _checks.positive("margins[0] (m1)", margins[0])
-        m2 = _checks.in_range("margins[1] (m2)", margins[1], 0.0, math.pi)
-        m3 = _checks.real("margins[2] (m3)", margins[2])
-        target = CosineMarginTarget(
-            s, m1=m1, m2=m2, m3=m3, straight_through=_checks.flag("straight_through", straight_through), beyond_pi=beyond_pi
-        )
-        return cls(s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="combined")
-
-    @classmethod
-    def sphereface(
-        cls, margin: int = 4, lam: float = 5.0, *, gamma: float = 0.0, power: float = 1.0, lam_min: float = 0.0
-    ) -> MarginSpec:
-        """``lam`` is the constant lambda, or with ``gamma > 0`` the base of the annealing
-        ``max(lam_min, lam * (1 + gamma * step)^-power)`` (the step comes from the head)."""
-        target = MultiplicativeAngularTarget(
-            _integer_margin(margin), False, *_lambda_schedule_args(lam, gamma, power, lam_min)
-        )
-        return cls(1.0, target, normalize_embeddings=False, normalize_weight=True, name="sphereface")
-
-    @classmethod
-    def lsoftmax(
-        cls, margin: int = 2, lam: float = 0.0, *, gamma: float = 0.0, power: float = 1.0, lam_min: float = 0.0
-    ) -> MarginSpec:
-        """As :meth:`sphereface`, for L-Softmax (nothing normalized)."""
-        target = MultiplicativeAngularTarget(
-            _integer_margin(margin), True, *_lambda_schedule_args(lam, gamma, power, lam_min)
-        )
-        return cls(1.0, target, normalize_embeddings=False, normalize_weight=False, name="lsoftmax")
-
-    @classmethod
-    def cs_softmax(cls, scale: float = 30.0, margin: float = 0.35, weight_update_factor: float = 1.0) -> MarginSpec:
-        s = _checks.positive("scale", scale)
-        alpha = _checks.positive("weight_update_factor", weight_update_factor)
-        return cls(
-            s,
-            CosineMarginTarget(s, m3=_checks.real("margin", margin)),
-            NonTarget(NonTargetKind.AFFINE, alpha=alpha),
-            name="cs_softmax",
-        )
-
-    @classmethod
-    def so_softmax(cls, scale: float = 64.0, margin: float = 0.25) -> MarginSpec:
-        s = _checks.positive("scale", scale)
-        m = _checks.real("margin", margin)
-        return cls(s, GoalOrientedTarget(s, m), NonTarget(NonTargetKind.QUADRATIC, margin=m), name="so_softmax")
-
-    @classmethod
-    def circle(cls, scale: float = 256.0, margin: float = 0.25) -> MarginSpec:
-        s = _checks.positive("scale", scale)
-        m = _checks.real("margin", margin)
-        return cls(
-            s,
-            GoalOrientedTarget(s, m, detached=True),
-            NonTarget(NonTargetKind.QUADRATIC_DETACHED, margin=m),
-            name="circle",
-        )
-
-    @classmethod
-    def curricularface(
-        cls, scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0, *, straight_through: bool = False
-    ) -> MarginSpec:
-        s = _checks.positive("scale", scale)
-        m = _checks.in_range("margin", margin, 0.0, math.pi)
-        return cls(
-            s,
-            CosineMarginTarget(s, m2=m, straight_through=_checks.flag("straight_through", straight_through)),
-            NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _checks.real("t", t)),
-            name="curricularface",
-        )
+    @staticmethod
+    def factories() -> dict[str, SpecFactory]:
+        """The registered factories, by name (``MarginSpec.<name>``)."""
+        return dict(_FACTORIES)
 
 
-def _lambda_schedule_args(lam: float, gamma: float, power: float, lam_min: float) -> tuple[float, ...]:
-    values = (lam, gamma, power, lam_min)
-    return tuple(_checks.non_negative(name, value) for name, value in zip(("lam", "gamma", "power", "lam_min"), values))
-
-
-def _integer_margin(margin: int) -> int:
-    try:
-        return _checks.positive_integer("margin", margin)
-    except (TypeError, ValueError):
-        raise ValueError(f"margin must be a positive integer (the angle multiplier m), got {margin!r}") from None
+#: A head's spec factory: its constructor arguments -> :class:`MarginSpec`.
+SpecFactory = Callable[..., MarginSpec]
+_FACTORIES: dict[str, SpecFactory] = {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_margin as fm
-from fused_margin.spec import AdaptiveMarginTarget
+from fused_margin.heads.adaface import AdaptiveMarginTarget
 from tests.utils import assert_rel_close, make_inputs
 
 ALL_HEADS = [

@@ -245,3 +245,27 @@ def test_head_input_errors_name_the_users_argument():
 def test_empty_class_index_is_named():
     with pytest.raises(ValueError, match=r"class_index must name at least one class"):
         _call(class_index=torch.empty(0, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, float("nan"), float("inf"), "0.1", True, np.float64(1.5),
+                                   torch.tensor(1.0), None])
+def test_label_smoothing_is_checked_alike_everywhere(value):
+    """One rule for label_smoothing: the functional API and the heads raise the same
+    error, naming the argument and the value."""
+    errors = []
+    for build in (lambda: _call(label_smoothing=value), lambda: fm.CosFaceLoss(5, 3, label_smoothing=value)):
+        with pytest.raises((TypeError, ValueError), match=r"^label_smoothing must ") as info:
+            build()
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+    assert repr(value) in errors[0][1]
+
+
+@pytest.mark.parametrize("value", ["avg", "MEAN", None, 0])
+def test_reduction_is_checked_alike_everywhere(value):
+    errors = []
+    for build in (lambda: _call(reduction=value), lambda: fm.CosFaceLoss(5, 3, reduction=value)):
+        with pytest.raises(ValueError, match=r"^reduction must be 'mean', 'sum' or 'none', got ") as info:
+            build()
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] == f"reduction must be 'mean', 'sum' or 'none', got {value!r}"

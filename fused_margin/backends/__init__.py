@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,9 +36,25 @@ class Backend:
     name: str = ""
     #: device type -> priority for ``'auto'`` (lower first); absent: never auto-picked
     auto_priority: dict[str, int] = {}
+    #: True for a backend that runs outside the custom op: :meth:`terms` returns the
+    #: forward's outputs with autograd through them (no :meth:`forward`/:meth:`backward`)
+    autograd_native: bool = False
 
     def not_supported_reasons(self, x: Tensor, weight: Tensor, params: KernelParams) -> list[str]:
         return []
+
+    def terms(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        bias: Tensor | None,
+        class_index: Tensor | None,
+        row_threshold: Tensor | None,
+        params: KernelParams,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The forward's outputs, differentiable: for an :attr:`autograd_native` backend."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -66,15 +81,22 @@ class Backend:
     fused_updates: bool = False
 
 
-@cache
+#: name -> backend, filled on first use. A plain dict, not a cached function: a compiled
+#: graph that looks a backend up (after ``resolve_backend`` has filled it at trace time)
+#: reads it as a constant instead of tracing the module discovery.
+_REGISTRY: dict[str, Backend] = {}
+
+
 def _registry() -> dict[str, Backend]:
-    found: dict[str, Backend] = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        backend = getattr(module, "BACKEND", None)
-        if isinstance(backend, Backend):
-            found[backend.name] = backend
-    return found
+    if not _REGISTRY:
+        found: dict[str, Backend] = {}
+        for info in pkgutil.iter_modules(__path__):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            backend = getattr(module, "BACKEND", None)
+            if isinstance(backend, Backend):
+                found[backend.name] = backend
+        _REGISTRY.update(found)
+    return _REGISTRY
 
 
 def available_backends() -> list[str]:
@@ -85,7 +107,7 @@ def available_backends() -> list[str]:
 def get_backend(name: str) -> Backend:
     registry = _registry()
     if name not in registry:
-        raise ValueError(f"backend must be one of {['auto', 'eager', *sorted(registry)]}, got {name!r}")
+        raise ValueError(f"backend must be one of {['auto', *sorted(registry)]}, got {name!r}")
     return registry[name]
 
 

@@ -6,14 +6,57 @@ of the batch's norm statistics, momentum ``t_alpha``), the target logit is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .. import _checks
 from ..ops import prepare_labels
-from ..spec import AdaptiveMarginTarget, MarginSpec, NonTarget, StraightThroughTarget
+from ..spec import MarginSpec, NonTarget, StraightThroughTarget, TargetContext, safe_acos
 from .base import MarginHead
+
+__all__ = ["AdaFaceLoss", "AdaptiveMarginTarget", "adaface_spec"]
+
+
+@dataclass(frozen=True)
+class AdaptiveMarginTarget:
+    """AdaFace (Kim et al. 2022, eq. 11): with ``g = norm_scaler(||x||)`` in [-1, 1] (the
+    head maps the detached feature norms through its batch statistics),
+    ``z_y = s * (cos(clip(theta - m*g, eps, pi - eps)) - (m + m*g))``."""
+
+    scale: float
+    margin: float
+    norm_scaler: Callable[[Tensor], Tensor] = field(compare=False)
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        c = ctx.clamped_cos()
+        g = self.norm_scaler(ctx.embedding_norm.detach()).to(c.dtype)
+        # the authors clip theta to [eps, pi - eps] with eps = 1e-3
+        theta = (safe_acos(c) - self.margin * g).clamp(1e-3, math.pi - 1e-3)
+        return self.scale * (torch.cos(theta) - (self.margin + self.margin * g))
+
+
+@MarginSpec.register_factory("adaface")
+def adaface_spec(
+    scale: float = 64.0,
+    margin: float = 0.4,
+    *,
+    norm_scaler: Callable[[Tensor], Tensor],
+    straight_through: bool = False,
+    interclass_filtering_threshold: float = 0.0,
+) -> MarginSpec:
+    """``norm_scaler`` maps the detached feature norms (B,) to ``g`` in [-1, 1]
+    (:meth:`AdaFaceLoss.norm_scaler`, from the head's running statistics)."""
+    s = _checks.positive("scale", scale)
+    m = _checks.in_range("margin", margin, 0.0, math.pi)
+    if not callable(norm_scaler):
+        raise TypeError(f"norm_scaler must be callable (feature norms -> g in [-1, 1]), got {norm_scaler!r}")
+    target = AdaptiveMarginTarget(s, m, norm_scaler)
+    if _checks.flag("straight_through", straight_through):
+        target = StraightThroughTarget(target, s)
+    return MarginSpec(s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="adaface")
 
 
 class AdaFaceLoss(MarginHead):
@@ -35,23 +78,21 @@ class AdaFaceLoss(MarginHead):
         straight_through: bool = False,
         **kwargs,
     ) -> None:
-        scale = _checks.positive("scale", scale)
-        margin = _checks.in_range("margin", margin, 0.0, math.pi)
+        # The target reads the statistics through this bound method, so the spec stays
+        # one constant object (and follows the buffers across .to(device)).
+        self._spec = adaface_spec(
+            scale, margin, norm_scaler=self.norm_scaler, straight_through=straight_through,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+        )
         h = _checks.positive("h", h)
         t_alpha = _checks.in_range("t_alpha", t_alpha, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin, self.h, self.t_alpha = scale, margin, h, t_alpha
+        self.scale, self.margin, self.h, self.t_alpha = self._spec.scale, _checks.real("margin", margin), h, t_alpha
         device = self.weight.device
         # The authors' initial statistics.
         f32 = torch.float32  # running statistics stay fp32 whatever the weight's dtype
         self.register_buffer("batch_mean", torch.full((), self._STATE_INIT["batch_mean"], dtype=f32, device=device))
         self.register_buffer("batch_std", torch.full((), self._STATE_INIT["batch_std"], dtype=f32, device=device))
-        # The target reads the statistics through this bound method, so the spec stays
-        # one constant object (and follows the buffers across .to(device)).
-        target = AdaptiveMarginTarget(scale, margin, self.norm_scaler)
-        if _checks.flag("straight_through", straight_through):
-            target = StraightThroughTarget(target, scale)
-        self._spec = MarginSpec(scale, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="adaface")
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)

@@ -12,10 +12,43 @@ gradient (arcface_torch's option of that name).
 
 from __future__ import annotations
 
-from typing import Literal
+import math
 
-from ..spec import MarginSpec
+from .. import _checks
+from ..spec import MarginSpec, NonTarget
 from .base import MarginHead
+from .combined import BeyondPi, CosineMarginTarget
+
+__all__ = ["ArcFaceLoss", "arcface_spec"]
+
+
+@MarginSpec.register_factory("arcface")
+def arcface_spec(
+    scale: float = 64.0,
+    margin: float = 0.5,
+    *,
+    easy_margin: bool = False,
+    straight_through: bool = False,
+    num_subcenters: int = 1,
+    beyond_pi: BeyondPi = "fallback",
+    interclass_filtering_threshold: float = 0.0,
+) -> MarginSpec:
+    """``beyond_pi``: the target logit where ``theta + m > pi`` (see
+    :class:`~fused_margin.heads.combined.CosineMarginTarget`); ``interclass_filtering_threshold``
+    > 0: non-target cosines above it count as 0 (:meth:`NonTarget.filtered`; 0 turns it off)."""
+    s = _checks.positive("scale", scale)
+    target = CosineMarginTarget(
+        s,
+        m2=_checks.in_range("margin", margin, 0.0, math.pi),
+        easy_margin=easy_margin,
+        straight_through=_checks.flag("straight_through", straight_through),
+        beyond_pi=beyond_pi,
+    )
+    name = "arcface" if num_subcenters == 1 else "subcenter_arcface"
+    return MarginSpec(
+        s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), num_subcenters=num_subcenters,
+        name=name,
+    )
 
 
 class ArcFaceLoss(MarginHead):
@@ -28,11 +61,11 @@ class ArcFaceLoss(MarginHead):
         margin: float = 0.5,
         easy_margin: bool = False,
         straight_through: bool = False,
-        beyond_pi: Literal["fallback", "easy_margin", "none"] = "fallback",
+        beyond_pi: BeyondPi = "fallback",
         interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ) -> None:
-        self._spec = MarginSpec.arcface(
+        self._spec = arcface_spec(
             scale, margin, easy_margin=easy_margin, straight_through=straight_through,
             num_subcenters=kwargs.get("num_subcenters", 1), beyond_pi=beyond_pi,
             interclass_filtering_threshold=interclass_filtering_threshold,

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from .. import _checks
 from ..backends import available_backends
 from ..functional import BackendName, Reduction, margin_cross_entropy
+from ..logits import margin_free_logits
 from ..ops import snapshot
-from ..reference import logits_reference
 from ..spec import MarginSpec
 
 __all__ = ["MarginHead"]
@@ -56,13 +56,11 @@ class MarginHead(nn.Module):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.embedding_size = _positive_int("embedding_size", embedding_size)
         self.num_subcenters = _positive_int("num_subcenters", num_subcenters)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.reduction = reduction
+        self.reduction = _checks.reduction(reduction)
         self.ignore_index = _checks.integer("ignore_index", ignore_index)
-        self.label_smoothing = _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+        self.label_smoothing = _checks.label_smoothing(label_smoothing)
         self.return_accuracy = bool(return_accuracy)
-        self.backend = _checks.choice("backend", backend, ["auto", "eager", *available_backends()])
+        self.backend = _checks.choice("backend", backend, ["auto", *available_backends()])
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.weight = nn.Parameter(torch.empty(num_classes * num_subcenters, embedding_size, **factory))
         if bias:
@@ -162,7 +160,7 @@ class MarginHead(nn.Module):
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """Margin-free logits (B, num_classes) for inference. Materializes B x C."""
         self._check_inputs(embeddings)
-        return logits_reference(embeddings, self.weight, self.spec(), self.bias)
+        return margin_free_logits(embeddings, self.weight, self.spec(), self.bias)
 
     def extra_repr(self) -> str:
         k = f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else ""

@@ -4,15 +4,31 @@ with the weights ``[.]_+`` detached from the gradient, as in the paper."""
 
 from __future__ import annotations
 
-from ..spec import MarginSpec
+from .. import _checks
+from ..spec import MarginSpec, NonTarget, NonTargetKind
 from .base import MarginHead
+from .so_softmax import GoalOrientedTarget
+
+__all__ = ["CircleLoss", "circle_spec"]
+
+
+@MarginSpec.register_factory("circle")
+def circle_spec(scale: float = 256.0, margin: float = 0.25) -> MarginSpec:
+    s = _checks.positive("scale", scale)
+    m = _checks.real("margin", margin)
+    return MarginSpec(
+        s,
+        GoalOrientedTarget(s, m, detached=True),
+        NonTarget(NonTargetKind.QUADRATIC_DETACHED, margin=m),
+        name="circle",
+    )
 
 
 class CircleLoss(MarginHead):
     def __init__(
         self, num_classes: int, embedding_size: int, *, scale: float = 256.0, margin: float = 0.25, **kwargs
     ) -> None:
-        self._spec = MarginSpec.circle(scale, margin)
+        self._spec = circle_spec(scale, margin)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin = scale, margin
 

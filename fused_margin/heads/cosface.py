@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from ..spec import MarginSpec
+from .. import _checks
+from ..spec import MarginSpec, NonTarget
 from .base import MarginHead
+from .combined import CosineMarginTarget
+
+__all__ = ["CosFaceLoss", "cosface_spec"]
+
+
+@MarginSpec.register_factory("cosface")
+def cosface_spec(scale: float = 64.0, margin: float = 0.35, *, interclass_filtering_threshold: float = 0.0) -> MarginSpec:
+    s = _checks.positive("scale", scale)
+    return MarginSpec(
+        s, CosineMarginTarget(s, m3=_checks.real("margin", margin)),
+        NonTarget.interclass_filtering(interclass_filtering_threshold),
+        name="cosface",
+    )
 
 
 class CosFaceLoss(MarginHead):
@@ -17,7 +31,7 @@ class CosFaceLoss(MarginHead):
         interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ) -> None:
-        self._spec = MarginSpec.cosface(scale, margin, interclass_filtering_threshold=interclass_filtering_threshold)
+        self._spec = cosface_spec(scale, margin, interclass_filtering_threshold=interclass_filtering_threshold)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin = scale, margin
 

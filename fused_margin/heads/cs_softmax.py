@@ -7,8 +7,24 @@ of the non-target class weights."""
 
 from __future__ import annotations
 
-from ..spec import MarginSpec
+from .. import _checks
+from ..spec import MarginSpec, NonTarget, NonTargetKind
 from .base import MarginHead
+from .combined import CosineMarginTarget
+
+__all__ = ["CSSoftmaxLoss", "cs_softmax_spec"]
+
+
+@MarginSpec.register_factory("cs_softmax")
+def cs_softmax_spec(scale: float = 30.0, margin: float = 0.35, weight_update_factor: float = 1.0) -> MarginSpec:
+    s = _checks.positive("scale", scale)
+    alpha = _checks.positive("weight_update_factor", weight_update_factor)
+    return MarginSpec(
+        s,
+        CosineMarginTarget(s, m3=_checks.real("margin", margin)),
+        NonTarget(NonTargetKind.AFFINE, alpha=alpha),
+        name="cs_softmax",
+    )
 
 
 class CSSoftmaxLoss(MarginHead):
@@ -22,7 +38,7 @@ class CSSoftmaxLoss(MarginHead):
         weight_update_factor: float = 1.0,
         **kwargs,
     ) -> None:
-        self._spec = MarginSpec.cs_softmax(scale, margin, weight_update_factor)
+        self._spec = cs_softmax_spec(scale, margin, weight_update_factor)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.weight_update_factor = scale, margin, weight_update_factor
 

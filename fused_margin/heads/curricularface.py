@@ -5,14 +5,35 @@ before the loss as in the authors' code."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _checks
 from ..functional import detached_target_cos
 from ..ops import prepare_labels
-from ..spec import MarginSpec
+from ..spec import MarginSpec, NonTarget, NonTargetKind
 from .base import MarginHead
+from .combined import CosineMarginTarget
+
+__all__ = ["CurricularFaceLoss", "curricularface_spec"]
+
+
+@MarginSpec.register_factory("curricularface")
+def curricularface_spec(
+    scale: float = 64.0, margin: float = 0.5, t: float | Tensor = 0.0, *, straight_through: bool = False
+) -> MarginSpec:
+    """``t``: the modulation coefficient, a number or a 0-dim float tensor (the head's
+    running ``t``, read on the device)."""
+    s = _checks.positive("scale", scale)
+    m = _checks.in_range("margin", margin, 0.0, math.pi)
+    return MarginSpec(
+        s,
+        CosineMarginTarget(s, m2=m, straight_through=_checks.flag("straight_through", straight_through)),
+        NonTarget(NonTargetKind.CURRICULAR, margin=m, t=t if isinstance(t, Tensor) else _checks.real("t", t)),
+        name="curricularface",
+    )
 
 
 class CurricularFaceLoss(MarginHead):
@@ -31,7 +52,7 @@ class CurricularFaceLoss(MarginHead):
         straight_through: bool = False,
         **kwargs,
     ) -> None:
-        MarginSpec.curricularface(scale, margin, straight_through=straight_through)  # validates
+        curricularface_spec(scale, margin, straight_through=straight_through)  # validates
         momentum = _checks.in_range("momentum", momentum, 0.0, 1.0, low_open=True, high_open=False)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale, self.margin, self.momentum = scale, margin, momentum
@@ -42,7 +63,7 @@ class CurricularFaceLoss(MarginHead):
     _STATE_INIT = {**MarginHead._STATE_INIT, "t": 0.0}
 
     def _refresh_spec(self) -> None:
-        self._spec = MarginSpec.curricularface(self.scale, self.margin, self.t, straight_through=self.straight_through)
+        self._spec = curricularface_spec(self.scale, self.margin, self.t, straight_through=self.straight_through)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): a new ``t`` tensor
         super()._apply(fn, recurse)

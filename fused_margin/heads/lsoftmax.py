@@ -5,11 +5,23 @@
 from __future__ import annotations
 
 from ..spec import MarginSpec
-from ._annealed import AnnealedAngularHead
+from ._annealed import AnnealedAngularHead, MultiplicativeAngularTarget
+
+__all__ = ["LSoftmaxLoss", "lsoftmax_spec"]
+
+
+@MarginSpec.register_factory("lsoftmax")
+def lsoftmax_spec(
+    margin: int = 2, lam: float = 0.0, *, gamma: float = 0.0, power: float = 1.0, lam_min: float = 0.0
+) -> MarginSpec:
+    """As :func:`~fused_margin.heads.sphereface.sphereface_spec`, for L-Softmax (nothing
+    normalized)."""
+    target = MultiplicativeAngularTarget.checked(margin, True, lam, gamma, power, lam_min)
+    return MarginSpec(1.0, target, normalize_embeddings=False, normalize_weight=False, name="lsoftmax")
 
 
 class LSoftmaxLoss(AnnealedAngularHead):
-    _factory = staticmethod(MarginSpec.lsoftmax)
+    _factory = staticmethod(lsoftmax_spec)
 
     def __init__(
         self,

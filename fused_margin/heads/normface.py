@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from ..spec import MarginSpec
+from .. import _checks
+from ..spec import MarginSpec, NonTarget
 from .base import MarginHead
+from .softmax import LinearTarget
+
+__all__ = ["NormFaceLoss", "normface_spec"]
+
+
+@MarginSpec.register_factory("normface")
+def normface_spec(scale: float = 30.0, *, interclass_filtering_threshold: float = 0.0) -> MarginSpec:
+    s = _checks.positive("scale", scale)
+    return MarginSpec(s, LinearTarget(s), NonTarget.interclass_filtering(interclass_filtering_threshold), name="normface")
 
 
 class NormFaceLoss(MarginHead):
@@ -16,7 +26,7 @@ class NormFaceLoss(MarginHead):
         interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ) -> None:
-        self._spec = MarginSpec.normface(scale, interclass_filtering_threshold=interclass_filtering_threshold)
+        self._spec = normface_spec(scale, interclass_filtering_threshold=interclass_filtering_threshold)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.scale = scale
 

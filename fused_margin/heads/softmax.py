@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
-from ..spec import MarginSpec
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..spec import MarginSpec, TargetContext
 from .base import MarginHead
+
+__all__ = ["LinearTarget", "SoftmaxLoss", "softmax_spec"]
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    """``z_y = s * u_y``: Softmax (s = 1) and NormFace."""
+
+    scale: float
+
+    def __call__(self, ctx: TargetContext) -> Tensor:
+        return self.scale * ctx.u
+
+
+@MarginSpec.register_factory("softmax")
+def softmax_spec() -> MarginSpec:
+    return MarginSpec(1.0, LinearTarget(1.0), normalize_embeddings=False, normalize_weight=False, name="softmax")
 
 
 class SoftmaxLoss(MarginHead):
@@ -11,7 +32,7 @@ class SoftmaxLoss(MarginHead):
 
     def __init__(self, num_classes: int, embedding_size: int, *, bias: bool = True, **kwargs) -> None:
         super().__init__(num_classes, embedding_size, bias=bias, **kwargs)
-        self._spec = MarginSpec.softmax()
+        self._spec = softmax_spec()
 
     def spec(self) -> MarginSpec:
         return self._spec
