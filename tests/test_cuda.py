@@ -21,6 +21,7 @@ from tests.utils import (
     assert_far_weight_rows_match,
     assert_forward_terms_match,
     assert_matches_reference,
+    assert_rel_close,
     assert_strided_inputs_match,
     chunk_size_fixture,
     forward_terms_case,
