@@ -16,7 +16,10 @@ swappable (``--head-impls``):
 * ``insightface``: an eager head written the way InsightFace's ``arcface_torch``
   computes it (normalize, linear, clamp, margin on the target logit via indexing,
   cross-entropy); written here, for ArcFace and CosFace;
-* each fused backend of the registry that can run here (discovered at run time).
+* each fused backend of the registry that can run here (discovered at run time);
+* ``<backend>+optim`` (e.g. ``cpu+optim``): that backend with the head's SGD step fused
+  into the backward (``fused_margin.optim.apply_optimizer_in_backward``): the class
+  weights' gradient is never allocated; the backbone keeps its own SGD.
 
 All start from the same weights (same seed) and see the same batches.
 
@@ -82,7 +85,13 @@ HEADS = ("arcface", "cosface")
 IMPL_LABELS = {"eager": "eager (backend='eager')", "insightface": "InsightFace-style eager"}
 
 
+#: the suffix of an implementation whose head weight is updated inside the backward
+FUSED_OPTIM = "+optim"
+
+
 def impl_label(impl: str) -> str:
+    if impl.endswith(FUSED_OPTIM):
+        return f"fused [{impl.removesuffix(FUSED_OPTIM)}], SGD in the backward"
     return IMPL_LABELS.get(impl, f"fused [{impl}]")
 
 
@@ -174,6 +183,7 @@ def make_head(impl: str, head: str, num_classes: int, dim: int) -> nn.Module:
         if head == "arcface":
             return InsightFaceStyleHead(num_classes, dim, 64.0, 0.5, 0.0)
         return InsightFaceStyleHead(num_classes, dim, 64.0, 0.0, 0.35)
+    impl = impl.removesuffix(FUSED_OPTIM)
     if head == "arcface":
         # straight_through: the gradient InsightFace's ArcFace uses, so all heads compare like for like
         return fm.ArcFaceLoss(num_classes, dim, straight_through=True, backend=impl, return_accuracy=True)
@@ -206,17 +216,27 @@ def worker_train(job: dict[str, Any]) -> dict[str, Any]:
         if is_oom(error):
             return {"status": "OOM", "reason": "model does not fit"}
         raise
-    if impl != "eager" and impl != "insightface":
+    backend = impl.removesuffix(FUSED_OPTIM)
+    if backend != "eager" and backend != "insightface":
         from fused_margin.backends import get_backend
         from fused_margin.kernel_params import KernelParams
 
         probe_x = torch.zeros(batch, dim, device=device)
-        reasons = get_backend(impl).not_supported_reasons(probe_x, head.weight, KernelParams.from_spec(head.spec()))
+        reasons = get_backend(backend).not_supported_reasons(probe_x, head.weight,
+                                                             KernelParams.from_spec(head.spec()))
         if reasons:
             return {"status": "skipped", "reason": "; ".join(reasons)}
-    optimizer = torch.optim.SGD(
-        [*backbone.parameters(), *head.parameters()], lr=job["lr"], momentum=0.9, weight_decay=5e-4
-    )
+    sgd = {"lr": job["lr"], "momentum": 0.9, "weight_decay": 5e-4}
+    optimizers = []
+    if impl.endswith(FUSED_OPTIM):
+        from fused_margin.optim import apply_optimizer_in_backward
+
+        # the head's weight is updated inside the backward: no gradient buffer of C x D
+        optimizers.append(apply_optimizer_in_backward(torch.optim.SGD, [head.weight], sgd))
+        trained = [*backbone.parameters(), *(p for p in head.parameters() if p is not head.weight)]
+    else:
+        trained = [*backbone.parameters(), *head.parameters()]
+    optimizers.append(torch.optim.SGD(trained, **sgd))
     data_gen = torch.Generator(device=device).manual_seed(job["seed"] + 1)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(job.get("amp")))
     losses, accuracies, step_ms, data_ms = [], [], [], []
@@ -231,9 +251,11 @@ def worker_train(job: dict[str, Any]) -> dict[str, Any]:
                 embeddings = backbone(images)
             # The head runs in float32 with float32 weights, as InsightFace's does.
             loss, accuracy = head(embeddings.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             _sync(device)
             t2 = time.perf_counter()
             losses.append(round(float(loss.detach()), 5))
@@ -465,17 +487,18 @@ def main(argv: list[str] | None = None) -> int:
     available = meminfo_bytes("MemAvailable")
     cpu_limit = int(0.7 * available) if available else None
 
-    fused = [name for name in fm.available_backends() if name != "reference"]
+    fused = [name for name in fm.available_backends() if name not in ("reference", "eager")]
     impls: list[str] = []
     for token in args.head_impls:
         if token == "all":
-            impls += ["eager", "insightface", *fused]
+            impls += ["eager", "insightface", *fused, *(f"{name}{FUSED_OPTIM}" for name in fused)]
         elif token.startswith("-"):
             impls = [i for i in impls if i != token[1:]]
         else:
             impls.append(token)
     impls = list(dict.fromkeys(impls))
-    unknown = [i for i in impls if i not in ("eager", "insightface", "reference", *fused)]
+    unknown = [i for i in impls if i.removesuffix(FUSED_OPTIM) not in ("eager", "insightface", "reference", *fused)
+               or i in (f"eager{FUSED_OPTIM}", f"insightface{FUSED_OPTIM}")]
     if unknown:
         raise SystemExit(f"--head-impls: unknown {unknown}")
 

@@ -27,7 +27,7 @@ BENCH_LOSS_ARGS = (
     "--repeat", "2", "--warmup", "1", "--min-time", "0",
 )
 TRAIN_ARGS = (
-    "--head-impls", "eager,insightface", "--classes", "256", "--batch", "16", "--dim", "16", "--image-size", "8",
+    "--head-impls", "eager,insightface,cpu,cpu+optim", "--classes", "256", "--batch", "16", "--dim", "16", "--image-size", "8",
     "--steps", "6", "--warmup-steps", "2", "--acc-window", "4", "--memory-budget-gb", "0",
 )
 
@@ -124,8 +124,13 @@ def test_train_facerec(started):
         assert run["samples_per_s"] > 0 and run["peak_bytes"] > 0
         assert len(run["losses"]) == 6 and 0.0 <= run["train_accuracy"] <= 1.0
     # Same seed, same initial weights, same first batch: the first losses are one number.
-    [versus] = data["agreement"]
-    assert versus["impl"] == "insightface" and versus["first_loss_rel_diff"] < 1e-5
+    versus = {row["impl"]: row for row in data["agreement"]}
+    assert versus["insightface"]["first_loss_rel_diff"] < 1e-5
+    # The head's SGD step inside the backward is the same step: the same losses all along.
+    fused, plain = runs["cpu+optim"], runs["cpu"]
+    assert fused["status"] == "ok" and plain["status"] == "ok", (fused, plain)
+    assert fused["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+    assert "SGD in the backward" in stdout
     assert "InsightFace-style eager" in stdout
 
 
