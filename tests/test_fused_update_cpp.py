@@ -160,14 +160,10 @@ def check_fused_update(backend, device, layout: dict, update_fields: dict, conti
     assert not torch.equal(weight[rows], weight0[rows]), "the weight did not move"
     for i, (s, want) in enumerate(zip(state, want_state)):
         assert_rel_close(s[rows], want[rows], tol, f"state[{i}] rows")
-    # elementwise: both sides round (nearly) the same value once in the storage dtype; the
-    # last-place differences come from the few operations computed differently (torch's
-    # fp32 sqrt on the CPU is not correctly rounded), on values the size of the operands
-    eps = torch.finfo(weight.dtype).eps
-    for got, want, before in ((weight, want_w, weight0), *zip(state, want_state, state0)):
-        diff = (got[rows].double() - want[rows].double()).abs()
-        bound = 2 * eps * (want[rows].double().abs() + before[rows].double().abs())
-        assert bool((diff <= bound).all()), f"elementwise: max difference {float(diff.max()):.3g}"
+    # Norm-wise only for the updated rows: the fused chunk forms each row's gradient in its
+    # own summation order, and a gradient entry that is a sum with cancellation can differ
+    # from the plain backward's by many of its own last places (seen: 1e-13 relative in
+    # fp64), which an elementwise bound in units of the result cannot allow for.
     # rows not in use: untouched, bit for bit
     unused = torch.ones(weight.shape[0], dtype=torch.bool, device=device)
     unused[rows] = False

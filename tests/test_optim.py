@@ -42,8 +42,8 @@ CONFIGS = {
 }
 #: what runs the 20-step comparison besides the CPU backend and a GPU (every configuration
 #: with and without class_index): the reference and Triton's interpreter are slow on CPU,
-#: so two cases each
-SLOW_BACKEND_CASES = (("sgd_nesterov", True), ("adamw", False))
+#: so SGD (momentum, nesterov, weight decay) and AdamW, each with and without class_index
+SLOW_BACKEND_CASES = (("sgd_nesterov", True), ("sgd_nesterov", False), ("adamw", True), ("adamw", False))
 
 # small problems: the Triton kernels run in the interpreter on CPU
 NUM_CLASSES, DIM, BATCH = 24, 16, 10

@@ -512,38 +512,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
   return backward_impl<float>(a);
 }
 
-std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
-    const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
-    const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
-    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
-    const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
-    double alpha, double delta, double margin, int64_t num_subcenters, int64_t chunk_size) {
-  return backward(backward_args(kChecks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
-                                row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
-                                alpha, delta, margin, num_subcenters, chunk_size));
-}
-
-std::tuple<Tensor, Tensor> margin_lse_bwd_update_cpu(
-    const Tensor& grad_lse, const Tensor& grad_target_u, const Tensor& grad_sum, const Tensor& x,
-    const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
-    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, const Tensor& lse_neg,
-    const Tensor& row_scale, const Tensor& col_scale, bool normalize_x, bool normalize_w, double scale, int64_t kind,
-    double alpha, double delta, double margin, int64_t num_subcenters, at::TensorList state,
-    c10::ArrayRef<double> update, int64_t chunk_size) {
-  BackwardArgs a = backward_args(kChecks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
-                                 row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
-                                 alpha, delta, margin, num_subcenters, chunk_size);
-  a.update = fused_update(kChecks, weight, state, update);
-  auto [grad_x, grad_weight, grad_bias] = backward(a);
-  return {grad_x, grad_bias};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
   m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
-  m.impl("margin_lse_bwd", &margin_lse_bwd_cpu);
-  m.impl("margin_lse_bwd_update", &margin_lse_bwd_update_cpu);
+  m.impl("margin_lse_bwd", &BackwardEntryPoints<kChecks, &backward>::plain);
+  m.impl("margin_lse_bwd_update", &BackwardEntryPoints<kChecks, &backward>::fused);
 }
 
 }  // namespace cpu
