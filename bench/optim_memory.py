@@ -9,7 +9,7 @@ training steps (forward, backward, step); the figure is the process's peak memor
 head was built.
 
     python -m bench.optim_memory                       # C = 262144, D = 512, CPU
-    python -m bench.optim_memory --json bench/results/optim_memory_cpu.json
+    python -m bench.optim_memory --json bench/results/optim/optim_memory_cpu.json
 """
 
 from __future__ import annotations
