@@ -261,11 +261,7 @@ def margin_lse_bwd(
     if batch == 0 or num_classes == 0:
         grad_x, grad_w, grad_b = zero_gradients(x, weight, bias)
         return grad_x, None if update is not None else grad_w, grad_b
-    if update is None:
-        grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index)
-    else:  # no gradient of W's shape: the dW kernel updates W instead
-        grad_w = None
-        grad_bias_acc = None if bias is None else torch.zeros(bias.shape[0], device=device, dtype=f32)
+    grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index, fused_update=update is not None)
 
     args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
 

@@ -89,12 +89,16 @@ def zero_gradients(
 
 
 def gradient_buffers(
-    weight: torch.Tensor, bias: torch.Tensor | None, class_index: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight: torch.Tensor, bias: torch.Tensor | None, class_index: torch.Tensor | None, *, fused_update: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(grad_w, grad_bias)`` for kernels that write each weight row in use once: dW in
     W's dtype (zeros first with ``class_index``: the rows not in use must read 0) and an
-    fp32 bias gradient (zeros: classes not in use get 0)."""
-    grad_w = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+    fp32 bias gradient (zeros: classes not in use get 0). With ``fused_update`` there is
+    no gradient of W's shape (None): the dW kernel updates W instead."""
+    if fused_update:
+        grad_w = None
+    else:
+        grad_w = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
     grad_bias = None if bias is None else torch.zeros(bias.shape[0], device=weight.device, dtype=torch.float32)
     return grad_w, grad_bias
 
