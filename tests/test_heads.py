@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import os
@@ -11,6 +12,7 @@ import torch
 
 import fused_margin as fm
 from fused_margin.heads.adaface import AdaptiveMarginTarget
+from fused_margin.spec import MarginSpec
 from tests.utils import assert_rel_close, make_inputs
 
 ALL_HEADS = [
@@ -75,6 +77,99 @@ def test_constructor_names_and_defaults():
     assert fm.ArcFaceLoss(10, 4).bias is None
     assert fm.ArcFaceLoss(10, 4, dtype=torch.bfloat16).weight.dtype == torch.bfloat16
     assert "num_classes=10" in repr(fm.CosFaceLoss(10, 4))
+
+
+#: the keywords every head takes after (num_classes, embedding_size), MarginHead's own
+HEAD_KEYWORDS = ["num_subcenters", "bias", "reduction", "ignore_index", "label_smoothing", "return_accuracy",
+                 "backend", "dtype", "device"]
+#: heads whose spec holds state (AdaFace's statistics, CurricularFace's t) next to the factory's arguments
+STATEFUL_SPECS = (fm.AdaFaceLoss, fm.CurricularFaceLoss)
+
+
+@pytest.mark.parametrize("head_cls", ALL_HEADS, ids=lambda c: c.__name__)
+def test_head_keywords_are_its_factorys(head_cls):
+    """A head's margin keywords are its factory's (under the head's names, with the head's
+    defaults): the signature lists them, then MarginHead's; passing each at the default the
+    signature shows builds the same head as passing none."""
+    assert issubclass(head_cls, fm.SpecHead)
+    params = inspect.signature(head_cls).parameters
+    assert list(params)[:2] == ["num_classes", "embedding_size"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(params.values())[2:])
+    assert [n for n in params if n in HEAD_KEYWORDS] == HEAD_KEYWORDS
+    factory = inspect.signature(head_cls._factory).parameters
+    margin = head_cls._margin_keywords
+    assert {head_cls._factory_names[n] for n in margin} <= set(factory) and set(margin) <= set(params)
+    # the defaults a head sets apart from its factory's: the authors' lambda schedules
+    overridden = {
+        "SubCenterArcFaceLoss": {"num_subcenters": 3},
+        "SphereFaceLoss": {"lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_min": 5.0},
+        "LSoftmaxLoss": {"lambda_base": 1000.0, "lambda_gamma": 2.5e-5, "lambda_power": 35.0},
+    }.get(head_cls.__name__, {})
+    for name in margin:
+        want = overridden.get(name, factory[head_cls._factory_names[name]].default)
+        assert params[name].default == want, (name, params[name].default, want)
+    assert params["bias"].default is (head_cls is fm.SoftmaxLoss)
+    explicit = {n: p.default for n, p in list(params.items())[2:] if n not in ("device",)}
+    plain, spelled = head_cls(7, 3), head_cls(7, 3, **explicit)
+    assert type(plain.spec()) is MarginSpec
+    if head_cls not in STATEFUL_SPECS:
+        assert spelled.spec() == plain.spec() == head_cls._factory(**plain.margin_arguments())
+    assert repr(spelled) == repr(plain)
+    for name in margin:
+        if name not in HEAD_KEYWORDS:
+            assert getattr(plain, name) == params[name].default, name
+
+
+def test_head_keyword_errors_name_the_keyword():
+    with pytest.raises(TypeError, match=r"ArcFaceLoss\(\) got an unexpected keyword argument 'margn'"):
+        fm.ArcFaceLoss(10, 4, margn=0.3)
+    # the factory arguments a head fills in itself are not the user's to pass
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'norm_scaler'"):
+        fm.AdaFaceLoss(10, 4, norm_scaler=lambda n: n)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 't'"):
+        fm.CurricularFaceLoss(10, 4, t=0.5)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'lam'"):  # the head calls it lambda_base
+        fm.SphereFaceLoss(10, 4, lam=3.0)
+    # checked before the weight is allocated: no 4 TB tensor is asked for
+    with pytest.raises(ValueError, match=r"scale must be positive, got 0"):
+        fm.CosFaceLoss(10**12, 1024, scale=0)
+
+
+def _toy_spec(scale: float = 10.0, *, margin: float = 0.1) -> MarginSpec:
+    return MarginSpec.cosface(scale, margin)
+
+
+def test_user_head_from_a_factory():
+    """A user's own factory makes a head in one class statement, with the built-in heads'
+    keywords, checks and attributes."""
+
+    class ToyLoss(fm.SpecHead, factory=_toy_spec, label_smoothing=0.1):
+        pass
+
+    assert list(inspect.signature(ToyLoss).parameters)[2:4] == ["scale", "margin"]
+    assert inspect.signature(ToyLoss).parameters["label_smoothing"].default == 0.1
+    head = ToyLoss(9, 5, margin=0.25, backend="cpu")
+    assert (head.scale, head.margin, head.label_smoothing) == (10.0, 0.25, 0.1)
+    twin = fm.CosFaceLoss(9, 5, scale=10.0, margin=0.25, label_smoothing=0.1, backend="cpu")
+    twin.load_state_dict(head.state_dict())
+    x, y = torch.randn(6, 5), torch.tensor([0, 8, 3, -100, 5, 5])
+    torch.testing.assert_close(head(x, y), twin(x, y))
+    with pytest.raises(ValueError, match=r"scale must be positive"):
+        ToyLoss(9, 5, scale=-1.0)
+
+    def required(*, scale: float) -> MarginSpec:
+        return MarginSpec.normface(scale)
+
+    class NeedsScale(fm.SpecHead, factory=required):
+        pass
+
+    with pytest.raises(TypeError, match=r"NeedsScale\(\) needs the keyword argument 'scale'"):
+        NeedsScale(4, 2)
+    assert NeedsScale(4, 2, scale=3.0).spec() == MarginSpec.normface(3.0)
+    with pytest.raises(TypeError, match=r"\['nope'\] are not keywords of _toy_spec or MarginHead"):
+        type("Bad", (fm.SpecHead,), {}, factory=_toy_spec, nope=1)
+    with pytest.raises(TypeError, match=r"must take named arguments only"):
+        type("Bad", (fm.SpecHead,), {}, factory=lambda **kw: _toy_spec(**kw))
 
 
 def test_adaface_margin_follows_norm_statistics():

@@ -2,7 +2,7 @@
 
 from .adaface import AdaFaceLoss
 from .arcface import ArcFaceLoss
-from .base import MarginHead
+from .base import MarginHead, SpecHead
 from .circle import CircleLoss
 from .combined import CombinedMarginLoss
 from .cosface import CosFaceLoss
@@ -19,5 +19,5 @@ from .subcenter_arcface import SubCenterArcFaceLoss
 __all__ = [
     "AdaFaceLoss", "ArcFaceLoss", "CSSoftmaxLoss", "CircleLoss", "CombinedMarginLoss", "CosFaceLoss",
     "CurricularFaceLoss", "LSoftmaxLoss", "MagFaceLoss", "MarginHead", "NormFaceLoss", "SOSoftmaxLoss",
-    "SoftmaxLoss", "SphereFaceLoss", "SubCenterArcFaceLoss",
+    "SoftmaxLoss", "SpecHead", "SphereFaceLoss", "SubCenterArcFaceLoss",
 ]

@@ -4,14 +4,13 @@ blends ``c_y`` and ``psi_m(theta_y)`` with a weight ``lambda`` annealed by the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from .. import _checks
-from ..spec import MarginSpec, TargetContext, lambda_schedule, psi_multiple_angle
-from .base import MarginHead
+from ..spec import TargetContext, lambda_schedule, psi_multiple_angle
+from .base import SpecHead
 
 __all__ = ["AnnealedAngularHead", "MultiplicativeAngularTarget"]
 
@@ -62,36 +61,19 @@ class MultiplicativeAngularTarget:
         return magnitude * blended
 
 
-class AnnealedAngularHead(MarginHead):
-    #: the head's spec factory, ``(margin, lam, *, gamma, power, lam_min) -> MarginSpec``
-    _factory: Callable[..., MarginSpec]
+#: the annealed heads' names of the factories' schedule arguments
+_SCHEDULE_KEYWORDS = {"lam": "lambda_base", "gamma": "lambda_gamma", "power": "lambda_power", "lam_min": "lambda_min"}
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        margin: int,
-        lambda_base: float,
-        lambda_gamma: float,
-        lambda_power: float,
-        lambda_min: float,
-        **kwargs,
-    ) -> None:
-        # validates margin and the schedule before allocating the weight
-        self._spec = self._factory(
-            margin, lambda_base, gamma=lambda_gamma, power=lambda_power, lam_min=lambda_min
-        )
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.margin = int(margin)
-        self.lambda_base, self.lambda_gamma = lambda_base, lambda_gamma
-        self.lambda_power, self.lambda_min = lambda_power, lambda_min
+
+class AnnealedAngularHead(SpecHead, renames=_SCHEDULE_KEYWORDS):
+    """The base of SphereFace and L-Softmax: the factory's ``lam, gamma, power, lam_min``
+    are the head's ``lambda_base, lambda_gamma, lambda_power, lambda_min``."""
+
+    def __init__(self, num_classes: int, embedding_size: int, **keywords) -> None:
+        super().__init__(num_classes, embedding_size, **keywords)
+        self.margin = int(self.margin)
 
     @property
     def lam(self) -> float:
         """The current ``lambda = max(lambda_min, base * (1 + gamma * step)^-power)``."""
         return lambda_schedule(int(self.step), self.lambda_base, self.lambda_gamma, self.lambda_power, self.lambda_min)
-
-    def spec(self) -> MarginSpec:
-        # constant: lambda is computed from the step buffer inside the target transform
-        return self._spec

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _checks
 from ..ops import prepare_labels
 from ..spec import MarginSpec, NonTarget, StraightThroughTarget, TargetContext, safe_acos
-from .base import MarginHead
+from .base import MarginHead, SpecHead
 
 __all__ = ["AdaFaceLoss", "AdaptiveMarginTarget", "adaface_spec"]
 
@@ -59,40 +59,31 @@ def adaface_spec(
     return MarginSpec(s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="adaface")
 
 
-class AdaFaceLoss(MarginHead):
+class AdaFaceLoss(SpecHead, factory=adaface_spec, supplied=("norm_scaler",)):
+    """AdaFace head: ``h`` scales the standardized feature norm, ``t_alpha`` is the
+    momentum of the batch norm statistics (fp32 buffers, in ``state_dict()``)."""
+
     batch_mean: Tensor
     batch_std: Tensor
 
     _STATE_INIT = {**MarginHead._STATE_INIT, "batch_mean": 20.0, "batch_std": 100.0}
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        margin: float = 0.4,
-        h: float = 0.333,
-        t_alpha: float = 0.01,
-        interclass_filtering_threshold: float = 0.0,
-        straight_through: bool = False,
-        **kwargs,
-    ) -> None:
-        # The target reads the statistics through this bound method, so the spec stays
-        # one constant object (and follows the buffers across .to(device)).
-        self._spec = adaface_spec(
-            scale, margin, norm_scaler=self.norm_scaler, straight_through=straight_through,
-            interclass_filtering_threshold=interclass_filtering_threshold,
-        )
+    def __init__(self, num_classes: int, embedding_size: int, *, h: float = 0.333, t_alpha: float = 0.01,
+                 **keywords) -> None:
         h = _checks.positive("h", h)
         t_alpha = _checks.in_range("t_alpha", t_alpha, 0.0, 1.0, low_open=True, high_open=False)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin, self.h, self.t_alpha = self._spec.scale, _checks.real("margin", margin), h, t_alpha
+        super().__init__(num_classes, embedding_size, **keywords)
+        self.scale, self.margin, self.h, self.t_alpha = self._spec.scale, _checks.real("margin", self.margin), h, t_alpha
         device = self.weight.device
         # The authors' initial statistics.
         f32 = torch.float32  # running statistics stay fp32 whatever the weight's dtype
         self.register_buffer("batch_mean", torch.full((), self._STATE_INIT["batch_mean"], dtype=f32, device=device))
         self.register_buffer("batch_std", torch.full((), self._STATE_INIT["batch_std"], dtype=f32, device=device))
+
+    def make_spec(self, **arguments) -> MarginSpec:
+        # The target reads the statistics through this bound method, so the spec stays
+        # one constant object (and follows the buffers across .to(device)).
+        return self._factory(norm_scaler=self.norm_scaler, **arguments)
 
     def update_state(self, embeddings: Tensor, labels: Tensor) -> None:
         internal = prepare_labels(labels, self.num_classes, self.ignore_index)
@@ -119,6 +110,3 @@ class AdaFaceLoss(MarginHead):
         norms = norms.clamp(0.001, 100.0)
         mean, std = self.batch_mean.to(norms.dtype), self.batch_std.to(norms.dtype)
         return ((norms - mean) / (std + 1e-3) * self.h).clamp(-1.0, 1.0)
-
-    def spec(self) -> MarginSpec:
-        return self._spec

@@ -16,7 +16,7 @@ import math
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget
-from .base import MarginHead
+from .base import SpecHead
 from .combined import BeyondPi, CosineMarginTarget
 
 __all__ = ["ArcFaceLoss", "arcface_spec"]
@@ -51,27 +51,5 @@ def arcface_spec(
     )
 
 
-class ArcFaceLoss(MarginHead):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        easy_margin: bool = False,
-        straight_through: bool = False,
-        beyond_pi: BeyondPi = "fallback",
-        interclass_filtering_threshold: float = 0.0,
-        **kwargs,
-    ) -> None:
-        self._spec = arcface_spec(
-            scale, margin, easy_margin=easy_margin, straight_through=straight_through,
-            num_subcenters=kwargs.get("num_subcenters", 1), beyond_pi=beyond_pi,
-            interclass_filtering_threshold=interclass_filtering_threshold,
-        )
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin = scale, margin
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class ArcFaceLoss(SpecHead, factory=arcface_spec):
+    """ArcFace head (with ``num_subcenters > 1``, sub-center ArcFace)."""

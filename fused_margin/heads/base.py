@@ -1,6 +1,11 @@
-"""`MarginHead`: the base of every head module."""
+"""`MarginHead`, the base of every head module, and `SpecHead`, the base of the heads
+whose spec is one constant built by their factory."""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +17,7 @@ from ..logits import margin_free_logits
 from ..ops import snapshot
 from ..spec import MarginSpec
 
-__all__ = ["MarginHead"]
+__all__ = ["MarginHead", "SpecHead"]
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -168,3 +173,116 @@ class MarginHead(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}{k}, "
             f"spec={self.spec()!r}, backend={self.backend!r}"
         )
+
+
+_Parameter = inspect.Parameter
+
+
+def _keyword_only(signature: inspect.Signature) -> dict[str, _Parameter]:
+    return {name: p for name, p in signature.parameters.items() if p.kind is _Parameter.KEYWORD_ONLY}
+
+
+#: MarginHead's own keyword arguments (after ``num_classes`` and ``embedding_size``)
+_HEAD_KEYWORDS = _keyword_only(inspect.signature(MarginHead.__init__))
+
+
+class SpecHead(MarginHead):
+    """A head whose spec is built by the :class:`MarginSpec` factory named in the class
+    statement, from the head's margin keywords.
+
+    The margin keywords, their defaults and their checks are the factory's, defined once:
+    the head takes them keyword-only, with its own constructor's keywords (if it defines
+    one) and :class:`MarginHead`'s, and keeps each as an attribute (``head.scale``,
+    ``head.margin``). ``inspect.signature`` and ``help()`` show the whole list::
+
+        class CosFaceLoss(SpecHead, factory=cosface_spec): ...
+        class SubCenterArcFaceLoss(ArcFaceLoss, num_subcenters=3): ...
+
+    Class keywords: ``factory``; ``supplied``, the factory's arguments the head fills in
+    itself (AdaFace's ``norm_scaler``: see :meth:`make_spec`), which users do not pass;
+    ``renames``, ``{factory argument: head keyword}`` where the head's name differs; any
+    other keyword overrides a default (of the factory or of :class:`MarginHead`) for this
+    head. A margin keyword that :class:`MarginHead` also takes (``num_subcenters``) goes to
+    both. A class with no factory of its own or inherited is an abstract base.
+    """
+
+    #: the spec factory; the head's margin keywords (head name -> parameter with this
+    #: head's default), and the factory's name of each
+    _factory: ClassVar[Callable[..., MarginSpec]]
+    _margin_keywords: ClassVar[dict[str, _Parameter]] = {}
+    _factory_names: ClassVar[dict[str, str]] = {}
+    _renames: ClassVar[dict[str, str]] = {}
+    #: defaults of MarginHead's keywords that this head overrides (SoftmaxLoss: ``bias=True``)
+    _head_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(
+        cls,
+        *,
+        factory: Callable[..., MarginSpec] | None = None,
+        supplied: tuple[str, ...] = (),
+        renames: dict[str, str] | None = None,
+        **defaults: Any,
+    ) -> None:
+        super().__init_subclass__()
+        cls._renames = {**cls._renames, **(renames or {})}
+        if factory is not None:
+            params = inspect.signature(factory).parameters.values()
+            if any(p.kind in (_Parameter.VAR_POSITIONAL, _Parameter.VAR_KEYWORD, _Parameter.POSITIONAL_ONLY)
+                   for p in params):
+                raise TypeError(f"{cls.__name__}: the factory {factory.__name__} must take named arguments only")
+            cls._factory = staticmethod(factory)
+            named = {cls._renames.get(p.name, p.name): p for p in params if p.name not in supplied}
+            cls._factory_names = {name: p.name for name, p in named.items()}
+            cls._margin_keywords = {
+                name: p.replace(name=name, kind=_Parameter.KEYWORD_ONLY) for name, p in named.items()
+            }
+        elif not hasattr(cls, "_factory"):
+            return  # an abstract base
+        unknown = sorted(set(defaults) - set(cls._margin_keywords) - set(_HEAD_KEYWORDS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {unknown} are not keywords of {cls._factory.__name__} or MarginHead")
+        cls._margin_keywords = {
+            name: p.replace(default=defaults.get(name, p.default)) for name, p in cls._margin_keywords.items()
+        }
+        cls._head_defaults = {
+            **cls._head_defaults,
+            **{k: v for k, v in defaults.items() if k in _HEAD_KEYWORDS and k not in cls._margin_keywords},
+        }
+        own = _keyword_only(inspect.signature(cls.__init__)) if "__init__" in cls.__dict__ else {}
+        head = [p.replace(default=cls._head_defaults.get(name, p.default))
+                for name, p in _HEAD_KEYWORDS.items() if name not in cls._margin_keywords]
+        positional = [_Parameter(name, _Parameter.POSITIONAL_OR_KEYWORD, annotation="int")
+                      for name in ("num_classes", "embedding_size")]
+        cls.__signature__ = inspect.Signature(
+            [*positional, *cls._margin_keywords.values(), *own.values(), *head], return_annotation="None"
+        )
+
+    def __init__(self, num_classes: int, embedding_size: int, **keywords: Any) -> None:
+        keywords = {**self._head_defaults, **keywords}
+        margin = {}
+        for name, p in self._margin_keywords.items():
+            value = keywords.setdefault(name, p.default) if name in _HEAD_KEYWORDS else keywords.pop(name, p.default)
+            if value is _Parameter.empty:
+                raise TypeError(f"{type(self).__name__}() needs the keyword argument {name!r}")
+            margin[name] = value
+        unknown = sorted(set(keywords) - set(_HEAD_KEYWORDS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        # the factory checks the margin keywords before the weight is allocated
+        self._spec = self.make_spec(**{self._factory_names[name]: value for name, value in margin.items()})
+        super().__init__(num_classes, embedding_size, **keywords)
+        for name, value in margin.items():
+            if name not in _HEAD_KEYWORDS:
+                setattr(self, name, tuple(value) if isinstance(value, list) else value)
+
+    def make_spec(self, **arguments: Any) -> MarginSpec:
+        """The spec from the factory's ``arguments`` (the margin keywords under the
+        factory's names). A head with ``supplied`` arguments adds them here."""
+        return self._factory(**arguments)
+
+    def margin_arguments(self) -> dict[str, Any]:
+        """The factory's arguments as the head holds them now (under the factory's names)."""
+        return {self._factory_names[name]: getattr(self, name) for name in self._margin_keywords}
+
+    def spec(self) -> MarginSpec:
+        return self._spec

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget, NonTargetKind
-from .base import MarginHead
+from .base import SpecHead
 from .so_softmax import GoalOrientedTarget
 
 __all__ = ["CircleLoss", "circle_spec"]
@@ -24,13 +24,5 @@ def circle_spec(scale: float = 256.0, margin: float = 0.25) -> MarginSpec:
     )
 
 
-class CircleLoss(MarginHead):
-    def __init__(
-        self, num_classes: int, embedding_size: int, *, scale: float = 256.0, margin: float = 0.25, **kwargs
-    ) -> None:
-        self._spec = circle_spec(scale, margin)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin = scale, margin
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class CircleLoss(SpecHead, factory=circle_spec):
+    """Circle loss head (proxy form)."""

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget, TargetContext, safe_acos, sin_from_cos
-from .base import MarginHead
+from .base import SpecHead
 
 __all__ = ["BeyondPi", "CombinedMarginLoss", "CosineMarginTarget", "combined_spec"]
 
@@ -105,25 +105,5 @@ def combined_spec(
     return MarginSpec(s, target, NonTarget.interclass_filtering(interclass_filtering_threshold), name="combined")
 
 
-class CombinedMarginLoss(MarginHead):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        margins: tuple[float, float, float] = (1.0, 0.3, 0.2),
-        straight_through: bool = False,
-        beyond_pi: BeyondPi = "fallback",
-        interclass_filtering_threshold: float = 0.0,
-        **kwargs,
-    ) -> None:
-        self._spec = combined_spec(
-            scale, tuple(margins), straight_through=straight_through, beyond_pi=beyond_pi,
-            interclass_filtering_threshold=interclass_filtering_threshold,
-        )
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margins = scale, tuple(margins)
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class CombinedMarginLoss(SpecHead, factory=combined_spec):
+    """InsightFace's combined-margin head, ``margins=(m1, m2, m3)``."""

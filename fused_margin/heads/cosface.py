@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget
-from .base import MarginHead
+from .base import SpecHead
 from .combined import CosineMarginTarget
 
 __all__ = ["CosFaceLoss", "cosface_spec"]
@@ -20,20 +20,5 @@ def cosface_spec(scale: float = 64.0, margin: float = 0.35, *, interclass_filter
     )
 
 
-class CosFaceLoss(MarginHead):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        margin: float = 0.35,
-        interclass_filtering_threshold: float = 0.0,
-        **kwargs,
-    ) -> None:
-        self._spec = cosface_spec(scale, margin, interclass_filtering_threshold=interclass_filtering_threshold)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin = scale, margin
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class CosFaceLoss(SpecHead, factory=cosface_spec):
+    """CosFace / AM-Softmax head."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget, NonTargetKind
-from .base import MarginHead
+from .base import SpecHead
 from .combined import CosineMarginTarget
 
 __all__ = ["CSSoftmaxLoss", "cs_softmax_spec"]
@@ -27,20 +27,5 @@ def cs_softmax_spec(scale: float = 30.0, margin: float = 0.35, weight_update_fac
     )
 
 
-class CSSoftmaxLoss(MarginHead):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 30.0,
-        margin: float = 0.35,
-        weight_update_factor: float = 1.0,
-        **kwargs,
-    ) -> None:
-        self._spec = cs_softmax_spec(scale, margin, weight_update_factor)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin, self.weight_update_factor = scale, margin, weight_update_factor
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class CSSoftmaxLoss(SpecHead, factory=cs_softmax_spec):
+    """CS-Softmax head (``weight_update_factor`` is ``alpha``)."""

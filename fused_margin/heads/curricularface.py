@@ -14,7 +14,7 @@ from .. import _checks
 from ..functional import detached_target_cos
 from ..ops import prepare_labels
 from ..spec import MarginSpec, NonTarget, NonTargetKind
-from .base import MarginHead
+from .base import MarginHead, SpecHead
 from .combined import CosineMarginTarget
 
 __all__ = ["CurricularFaceLoss", "curricularface_spec"]
@@ -36,34 +36,22 @@ def curricularface_spec(
     )
 
 
-class CurricularFaceLoss(MarginHead):
+class CurricularFaceLoss(SpecHead, factory=curricularface_spec, supplied=("t",)):
     """``t`` is a 0-dim float32 buffer: it travels with ``state_dict()``, and its update
     runs on the embeddings' device with no host sync, so a compiled training step
-    (``fullgraph=True``) keeps it in the graph."""
+    (``fullgraph=True``) keeps it in the graph. ``momentum``: that of its average."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        momentum: float = 0.01,
-        straight_through: bool = False,
-        **kwargs,
-    ) -> None:
-        curricularface_spec(scale, margin, straight_through=straight_through)  # validates
+    def __init__(self, num_classes: int, embedding_size: int, *, momentum: float = 0.01, **keywords) -> None:
         momentum = _checks.in_range("momentum", momentum, 0.0, 1.0, low_open=True, high_open=False)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin, self.momentum = scale, margin, momentum
-        self.straight_through = straight_through
+        super().__init__(num_classes, embedding_size, **keywords)  # checks the margin keywords with t = 0
+        self.momentum = momentum
         self.register_buffer("t", torch.zeros((), dtype=torch.float32, device=self.weight.device))
         self._refresh_spec()
 
     _STATE_INIT = {**MarginHead._STATE_INIT, "t": 0.0}
 
     def _refresh_spec(self) -> None:
-        self._spec = curricularface_spec(self.scale, self.margin, self.t, straight_through=self.straight_through)
+        self._spec = self.make_spec(**self.margin_arguments(), t=self.t)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): a new ``t`` tensor
         super()._apply(fn, recurse)

@@ -20,22 +20,7 @@ def lsoftmax_spec(
     return MarginSpec(1.0, target, normalize_embeddings=False, normalize_weight=False, name="lsoftmax")
 
 
-class LSoftmaxLoss(AnnealedAngularHead):
-    _factory = staticmethod(lsoftmax_spec)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        margin: int = 2,
-        lambda_base: float = 1000.0,
-        lambda_gamma: float = 2.5e-5,
-        lambda_power: float = 35.0,
-        lambda_min: float = 0.0,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            num_classes, embedding_size, margin=margin, lambda_base=lambda_base, lambda_gamma=lambda_gamma,
-            lambda_power=lambda_power, lambda_min=lambda_min, **kwargs,
-        )
+class LSoftmaxLoss(
+    AnnealedAngularHead, factory=lsoftmax_spec, lambda_base=1000.0, lambda_gamma=2.5e-5, lambda_power=35.0, lambda_min=0.0
+):
+    """The lambda schedule's defaults are the authors'; ``head.lam`` is the current lambda."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget, StraightThroughTarget, TargetContext, sin_from_cos
-from .base import MarginHead
+from .base import SpecHead
 
 __all__ = ["MagFaceLoss", "MagFaceRegularizer", "MagnitudeAwareTarget", "magface_spec"]
 
@@ -85,27 +85,5 @@ def magface_spec(
     )
 
 
-class MagFaceLoss(MarginHead):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        lower_norm: float = 10.0,
-        upper_norm: float = 110.0,
-        lower_margin: float = 0.45,
-        upper_margin: float = 0.8,
-        regularizer_weight: float = 35.0,
-        interclass_filtering_threshold: float = 0.0,
-        straight_through: bool = False,
-        **kwargs,
-    ) -> None:
-        self._spec = magface_spec(
-            scale, lower_norm, upper_norm, lower_margin, upper_margin, regularizer_weight,
-            interclass_filtering_threshold=interclass_filtering_threshold, straight_through=straight_through,
-        )
-        super().__init__(num_classes, embedding_size, **kwargs)
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class MagFaceLoss(SpecHead, factory=magface_spec):
+    """MagFace head."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget
-from .base import MarginHead
+from .base import SpecHead
 from .softmax import LinearTarget
 
 __all__ = ["NormFaceLoss", "normface_spec"]
@@ -16,19 +16,5 @@ def normface_spec(scale: float = 30.0, *, interclass_filtering_threshold: float 
     return MarginSpec(s, LinearTarget(s), NonTarget.interclass_filtering(interclass_filtering_threshold), name="normface")
 
 
-class NormFaceLoss(MarginHead):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 30.0,
-        interclass_filtering_threshold: float = 0.0,
-        **kwargs,
-    ) -> None:
-        self._spec = normface_spec(scale, interclass_filtering_threshold=interclass_filtering_threshold)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale = scale
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class NormFaceLoss(SpecHead, factory=normface_spec):
+    """NormFace head."""

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..spec import MarginSpec, NonTarget, NonTargetKind, TargetContext
-from .base import MarginHead
+from .base import SpecHead
 
 __all__ = ["GoalOrientedTarget", "SOSoftmaxLoss", "so_softmax_spec"]
 
@@ -45,13 +45,5 @@ def so_softmax_spec(scale: float = 64.0, margin: float = 0.25) -> MarginSpec:
     return MarginSpec(s, GoalOrientedTarget(s, m), NonTarget(NonTargetKind.QUADRATIC, margin=m), name="so_softmax")
 
 
-class SOSoftmaxLoss(MarginHead):
-    def __init__(
-        self, num_classes: int, embedding_size: int, *, scale: float = 64.0, margin: float = 0.25, **kwargs
-    ) -> None:
-        self._spec = so_softmax_spec(scale, margin)
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.scale, self.margin = scale, margin
-
-    def spec(self) -> MarginSpec:
-        return self._spec
+class SOSoftmaxLoss(SpecHead, factory=so_softmax_spec):
+    """SO-Softmax head."""

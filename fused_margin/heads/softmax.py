@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..spec import MarginSpec, TargetContext
-from .base import MarginHead
+from .base import SpecHead
 
 __all__ = ["LinearTarget", "SoftmaxLoss", "softmax_spec"]
 
@@ -27,12 +27,5 @@ def softmax_spec() -> MarginSpec:
     return MarginSpec(1.0, LinearTarget(1.0), normalize_embeddings=False, normalize_weight=False, name="softmax")
 
 
-class SoftmaxLoss(MarginHead):
+class SoftmaxLoss(SpecHead, factory=softmax_spec, bias=True):
     """Plain linear softmax cross-entropy (a fused ``nn.Linear`` + ``cross_entropy``)."""
-
-    def __init__(self, num_classes: int, embedding_size: int, *, bias: bool = True, **kwargs) -> None:
-        super().__init__(num_classes, embedding_size, bias=bias, **kwargs)
-        self._spec = softmax_spec()
-
-    def spec(self) -> MarginSpec:
-        return self._spec

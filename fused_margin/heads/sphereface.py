@@ -20,22 +20,7 @@ def sphereface_spec(
     return MarginSpec(1.0, target, normalize_embeddings=False, normalize_weight=True, name="sphereface")
 
 
-class SphereFaceLoss(AnnealedAngularHead):
-    _factory = staticmethod(sphereface_spec)
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        margin: int = 4,
-        lambda_base: float = 1000.0,
-        lambda_gamma: float = 0.12,
-        lambda_power: float = 1.0,
-        lambda_min: float = 5.0,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            num_classes, embedding_size, margin=margin, lambda_base=lambda_base, lambda_gamma=lambda_gamma,
-            lambda_power=lambda_power, lambda_min=lambda_min, **kwargs,
-        )
+class SphereFaceLoss(
+    AnnealedAngularHead, factory=sphereface_spec, lambda_base=1000.0, lambda_gamma=0.12, lambda_power=1.0, lambda_min=5.0
+):
+    """The lambda schedule's defaults are the authors'; ``head.lam`` is the current lambda."""

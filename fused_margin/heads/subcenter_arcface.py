@@ -6,18 +6,8 @@ from __future__ import annotations
 
 from .arcface import ArcFaceLoss
 
+__all__ = ["SubCenterArcFaceLoss"]
 
-class SubCenterArcFaceLoss(ArcFaceLoss):
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        num_subcenters: int = 3,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            num_classes, embedding_size, scale=scale, margin=margin, num_subcenters=num_subcenters, **kwargs
-        )
+
+class SubCenterArcFaceLoss(ArcFaceLoss, num_subcenters=3):
+    """Sub-center ArcFace head: ArcFace with three sub-centers per class by default."""
