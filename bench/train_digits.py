@@ -39,14 +39,10 @@ seed, the same recipe otherwise, as directions on the unit sphere with the class
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/train_digits.py): run the module bench.train_digits
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/train_digits.py): run it as the module bench.train_digits
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.train_digits", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import datetime as dt

@@ -36,14 +36,10 @@ training steps in a fresh process, and the answer is the largest C measured to f
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/train_facerec.py): run the module bench.train_facerec
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/train_facerec.py): run it as the module bench.train_facerec
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.train_facerec", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import datetime as dt
