@@ -50,7 +50,6 @@ import copy
 import datetime as dt
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -75,20 +74,19 @@ from .cases import (
     split_impl,
 )
 from .harness import (
-    REPO_ROOT,
     RESULTS_DIR,
     MemoryMeter,
     Timer,
     csv_list,
+    default_cpu_memory_limit,
     device_info,
     device_slug,
     first_line,
-    git_info,
     is_oom,
     limit_cpu_memory,
     load_average,
-    meminfo_bytes,
     parse_classes,
+    provenance,
     run_child,
     time_iterations,
     versions,
@@ -551,11 +549,7 @@ def _result(args, started, load_start, probe, impls, check_rows, rows, complete,
         "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
         "complete": complete,
         "interrupted": interrupted,
-        "device": probe["device"],
-        "versions": probe["versions"],
-        "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
-        "git": git_info(),
-        "load_average": {"start": load_start, "end": load_average()},
+        **provenance(probe["device"], probe["versions"], load_start),
         "note": args.note,
         # backend options set through the environment (e.g. the Triton backward mode)
         "environment": {k: v for k, v in sorted(os.environ.items())
@@ -685,8 +679,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.cpu_memory_limit_gb is not None:
         args.cpu_memory_limit_bytes = int(args.cpu_memory_limit_gb * 2**30)
     else:
-        available = meminfo_bytes("MemAvailable")
-        args.cpu_memory_limit_bytes = int(0.7 * available) if available else None
+        args.cpu_memory_limit_bytes = default_cpu_memory_limit()
     return args
 
 
