@@ -17,14 +17,10 @@ markdown table; ``--json`` writes the figures.
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/bench_dropin.py): run the module bench.bench_dropin
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/bench_dropin.py): run it as the module bench.bench_dropin
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.bench_dropin", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import datetime

@@ -40,21 +40,16 @@ number: device, versions, command line, git commit, date, machine load.
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/bench_loss.py): run the module bench.bench_loss
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/bench_loss.py): run it as the module bench.bench_loss
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.bench_loss", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import copy
 import datetime as dt
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -79,20 +74,19 @@ from .cases import (
     split_impl,
 )
 from .harness import (
-    REPO_ROOT,
     RESULTS_DIR,
     MemoryMeter,
     Timer,
     csv_list,
+    default_cpu_memory_limit,
     device_info,
     device_slug,
     first_line,
-    git_info,
     is_oom,
     limit_cpu_memory,
     load_average,
-    meminfo_bytes,
     parse_classes,
+    provenance,
     run_child,
     time_iterations,
     versions,
@@ -555,11 +549,7 @@ def _result(args, started, load_start, probe, impls, check_rows, rows, complete,
         "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
         "complete": complete,
         "interrupted": interrupted,
-        "device": probe["device"],
-        "versions": probe["versions"],
-        "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
-        "git": git_info(),
-        "load_average": {"start": load_start, "end": load_average()},
+        **provenance(probe["device"], probe["versions"], load_start),
         "note": args.note,
         # backend options set through the environment (e.g. the Triton backward mode)
         "environment": {k: v for k, v in sorted(os.environ.items())
@@ -689,8 +679,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.cpu_memory_limit_gb is not None:
         args.cpu_memory_limit_bytes = int(args.cpu_memory_limit_gb * 2**30)
     else:
-        available = meminfo_bytes("MemAvailable")
-        args.cpu_memory_limit_bytes = int(0.7 * available) if available else None
+        args.cpu_memory_limit_bytes = default_cpu_memory_limit()
     return args
 
 

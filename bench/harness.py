@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,13 @@ def limit_cpu_memory(limit_bytes: int | None) -> None:
     if limit_bytes:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+
+def default_cpu_memory_limit() -> int | None:
+    """The memory limit of a measuring child on the CPU unless one is asked for: 70% of
+    the memory available now (None where /proc/meminfo does not say)."""
+    available = meminfo_bytes("MemAvailable")
+    return int(0.7 * available) if available else None
 
 
 def is_oom(error: BaseException) -> bool:
@@ -277,6 +285,19 @@ def load_average() -> list[float] | None:
     with contextlib.suppress(OSError, AttributeError):
         return [round(v, 2) for v in os.getloadavg()]
     return None
+
+
+def command_line() -> str:
+    """This run's command line, the script's path relative to the repository's root."""
+    return shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
+
+
+def provenance(device: dict[str, Any], versions: dict[str, Any], load_start: list[float] | None) -> dict[str, Any]:
+    """The fields of a result that say where and how it was measured: the device and the
+    versions (as the caller found them), the command line, the git commit, and the load
+    average when the run started (``load_start``) and now, as it ends."""
+    return {"device": device, "versions": versions, "command": command_line(), "git": git_info(),
+            "load_average": {"start": load_start, "end": load_average()}}
 
 
 # ---------------------------------------------------------------------------------

@@ -14,19 +14,13 @@ head was built.
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/optim_memory.py): run the module bench.optim_memory
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/optim_memory.py): run it as the module bench.optim_memory
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.optim_memory", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import datetime as dt
-import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +28,7 @@ from typing import Any
 import torch
 
 from .harness import (
-    REPO_ROOT,
+    command_line,
     current_rss_bytes,
     device_info,
     git_info,
@@ -132,7 +126,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "schema": SCHEMA, "date": started.isoformat(timespec="seconds"), "device": device_info(torch.device(device)),
         "versions": versions(), "git": git_info(), "load_average": load_average(),
-        "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
+        "command": command_line(),
         "config": {"classes": args.classes, "dim": args.dim, "batch": args.batch, "steps": args.steps,
                    "backend": args.backend, "dtype": "float32", "weight_bytes": weight_bytes},
         "rows": rows,

@@ -12,14 +12,10 @@ newest file of each kind, unless ``--all`` asks for every file.
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/report.py): run the module bench.report
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/report.py): run it as the module bench.report
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.report", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import json

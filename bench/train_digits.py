@@ -39,22 +39,16 @@ seed, the same recipe otherwise, as directions on the unit sphere with the class
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/train_digits.py): run the module bench.train_digits
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/train_digits.py): run it as the module bench.train_digits
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.train_digits", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import datetime as dt
 import json
 import math
-import os
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -68,13 +62,12 @@ from torch import Tensor, nn
 
 from . import report
 from .harness import (
-    REPO_ROOT,
     RESULTS_DIR,
     csv_list,
     device_info,
     device_slug,
-    git_info,
     load_average,
+    provenance,
     versions,
 )
 
@@ -520,11 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "train_digits",
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round(wall, 1),
-        "device": dev_info,
-        "versions": {**versions(), "scikit_learn": _sklearn_version()},
-        "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
-        "git": git_info(),
-        "load_average": {"start": load_start, "end": load_average()},
+        **provenance(dev_info, {**versions(), "scikit_learn": _sklearn_version()}, load_start),
         "note": args.note,
         "config": {**cfg, "backend": args.backend, "seeds": seeds, "split_seed": args.split_seed,
                    "test_size": args.test_size, "train_samples": int(data["x_train"].shape[0]),

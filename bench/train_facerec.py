@@ -36,21 +36,15 @@ training steps in a fresh process, and the answer is the largest C measured to f
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (python bench/train_facerec.py): run the module bench.train_facerec
-    import runpy
-    import sys
-    from pathlib import Path
+if not __package__:  # run as a file (python bench/train_facerec.py): run it as the module bench.train_facerec
+    from cli import run_as_module  # bench/ is sys.path[0] when a file in it runs
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    runpy.run_module("bench.train_facerec", run_name="__main__", alter_sys=True)
-    raise SystemExit(0)
+    run_as_module(__file__)
 
 import argparse
 import datetime as dt
 import json
 import math
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -62,18 +56,17 @@ from torch import Tensor, nn
 
 from . import report
 from .harness import (
-    REPO_ROOT,
     RESULTS_DIR,
     csv_list,
+    default_cpu_memory_limit,
     device_info,
     device_slug,
-    git_info,
     is_oom,
     limit_cpu_memory,
     load_average,
-    meminfo_bytes,
     parse_classes,
     peak_rss_bytes,
+    provenance,
     run_child,
     sample_stats,
     versions,
@@ -484,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = int(0.9 * total) if gpu else total
     else:
         budget = int(args.memory_budget_gb * 2**30)
-    available = meminfo_bytes("MemAvailable")
-    cpu_limit = int(0.7 * available) if available else None
+    cpu_limit = default_cpu_memory_limit()
 
     fused = [name for name in fm.available_backends() if name not in ("reference", "eager")]
     impls: list[str] = []
@@ -528,11 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "train_facerec",
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
-        "device": dev_info,
-        "versions": versions(),
-        "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
-        "git": git_info(),
-        "load_average": {"start": load_start, "end": load_average()},
+        **provenance(dev_info, versions(), load_start),
         "note": args.note,
         "config": {"head": args.head, "impls": impls, "classes": args.classes, "batch": args.batch, "dim": args.dim,
                    "image_size": args.image_size, "width": args.width, "steps": args.steps,
