@@ -35,10 +35,9 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("impl", fm.available_backends())
 def test_forward_backward(benchmark, inputs, impl):
     x, w, labels = inputs
-    if impl != "eager":
-        reasons = get_backend(impl).not_supported_reasons(x, w, KernelParams.from_spec(SPEC))
-        if reasons:
-            pytest.skip("; ".join(reasons))
+    reasons = get_backend(impl).not_supported_reasons(x, w, KernelParams.from_spec(SPEC))
+    if reasons:
+        pytest.skip("; ".join(reasons))
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
 
     def step() -> torch.Tensor:
