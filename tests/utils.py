@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -553,3 +556,21 @@ def stepped_copies(update: WeightUpdate, weight: Tensor, rows: Tensor,
     for s, new in zip(state, state_rows):
         s[rows] = new
     return w, state
+
+
+# ---- process groups ----------------------------------------------------------------------
+
+
+def run_ranks(worker, args: tuple, world_size: int, folder: Path, what: str, deadline_s: float = 150.0) -> list:
+    """Runs ``worker(rank, *args)`` in ``world_size`` fresh (spawned) processes and returns
+    what each rank saved to ``folder/rank{r}.pt``. Past ``deadline_s`` the processes still
+    running are terminated and the test fails, naming ``what`` (the process group)."""
+    context = mp.start_processes(worker, args=args, nprocs=world_size, join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    while not context.join(timeout=max(0.1, end - time.monotonic())):
+        if time.monotonic() > end:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            pytest.fail(f"{what} did not finish within {deadline_s:g} s")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
