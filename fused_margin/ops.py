@@ -53,6 +53,17 @@ def label_checks() -> str:
     return mode
 
 
+def _refuse_any(bad: Tensor, entries: Tensor, rule: str, on_device: bool, host_detail: str = "") -> None:
+    """Refuses ``entries`` where ``bad`` holds, ``rule`` saying what they must be: on the
+    device, an assertion without a sync; on the host, a ValueError naming the first bad
+    entry and its position (after ``host_detail``)."""
+    if on_device:
+        torch._assert_async(~bad.any(), rule)
+    elif bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{rule}{host_detail}; got {int(entries[position])} at position {position}")
+
+
 @torch.library.custom_op("fused_margin::prepare_labels", mutates_args=(), tags=_HOST_SYNC_TAGS)
 def prepare_labels(
     labels: Tensor, num_classes: int, ignore_index: int, class_index: Tensor | None = None, num_weight_classes: int = 0
@@ -68,25 +79,12 @@ def prepare_labels(
     on_device = label_checks() == "device"
     if class_index is not None and class_index.numel() > 0:
         bad_index = (class_index < 0) | (class_index >= num_weight_classes)
-        if on_device:
-            torch._assert_async(~bad_index.any(), f"class_index entries must lie in [0, {num_weight_classes})")
-        elif bool(bad_index.any()):
-            position = int(bad_index.nonzero()[0, 0])
-            raise ValueError(
-                f"class_index entries must lie in [0, {num_weight_classes}) (the classes of weight); "
-                f"got {int(class_index[position])} at position {position}"
-            )
+        _refuse_any(bad_index, class_index, f"class_index entries must lie in [0, {num_weight_classes})", on_device,
+                    " (the classes of weight)")
     labels64 = labels.to(torch.int64)
     ignored = labels64 == ignore_index
     bad = ~ignored & ((labels64 < 0) | (labels64 >= num_classes))
-    if on_device:
-        torch._assert_async(~bad.any(), f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
-    elif bool(bad.any()):
-        position = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-            f"got {int(labels64[position])} at position {position}"
-        )
+    _refuse_any(bad, labels64, f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}", on_device)
     return torch.where(ignored, torch.full_like(labels64, IGNORED_LABEL), labels64)
 
 

@@ -23,25 +23,21 @@ from fused_margin import BackendUnavailableError, MarginSpec, _ext
 from fused_margin.backends import resolve_backend
 from fused_margin.backends.cpu import BACKEND
 from fused_margin.kernel_params import KernelParams
-from fused_margin.reference import margin_lse_terms
 from tests.utils import (
     HEAD_SPECS,
     assert_far_weight_rows_match,
-    assert_forward_terms_match,
+    assert_forward_matches_reference,
     assert_matches_reference,
     assert_rel_close,
     assert_strided_inputs_match,
     chunk_size_fixture,
-    forward_terms_case,
+    class_index_case,
     loss_and_grads,
     make_inputs,
+    needs_ext,
     op_samples,
     problems,
     tolerance,
-)
-
-needs_ext = pytest.mark.skipif(
-    _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
 )
 
 #: fp32 inputs against the float64 reference on the same (fp32-rounded) inputs
@@ -94,15 +90,8 @@ def test_reduction_none_random_upstream(head, dtype):
 def test_class_index(head, repeated):
     """Negative-class sampling: rows read through class_index (distinct entries are
     written in place; repeated ones go through index_add_), unused rows get zero."""
-    spec = HEAD_SPECS[head]
+    spec, x, w, labels, class_index, bias = class_index_case(head, repeated)
     k = spec.num_subcenters
-    x, w, _ = make_inputs(37, 1500, 67, num_subcenters=k)
-    class_index = torch.randperm(1500)[:700]
-    if repeated:
-        class_index[100:110] = class_index[0]
-    labels = torch.randint(0, 700, (37,))
-    labels[-2:] = -100
-    bias = torch.randn(1500, dtype=torch.float64) if head == "softmax" else None
     for dtype, tol in ((torch.float64, FP64_TOL), (torch.float32, FP32_TOL)):
         out = _compare(x, w, labels, spec, dtype=dtype, tol=tol, bias=bias, class_index=class_index, what=head)
         unused = torch.ones(1500, dtype=torch.bool)
@@ -122,10 +111,7 @@ def test_label_smoothing(head):
 @pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "softmax"])
 def test_forward_terms(head):
     """The op's six outputs, argmax included, against the reference's."""
-    x, w, labels, bias, threshold, params = forward_terms_case(head)
-    got = BACKEND.forward(x, w, labels, bias, None, threshold, params)
-    want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
-    assert_forward_terms_match(got, want, FP64_TOL)
+    assert_forward_matches_reference(BACKEND, head, "cpu", FP64_TOL)
 
 
 @needs_ext

@@ -11,22 +11,21 @@ import torch
 
 from fused_margin import MarginSpec, _ext
 from fused_margin.backends.cuda import BACKEND
-from fused_margin.optim.update import WeightUpdate, apply_update_
-from fused_margin.reference import margin_lse_terms
+from fused_margin.optim.update import WeightUpdate
 from tests.test_fused_update_cpp import LAYOUTS as FUSED_LAYOUTS
 from tests.test_fused_update_cpp import UPDATES as FUSED_UPDATES
-from tests.test_fused_update_cpp import check_fused_update, make_problem, random_state
+from tests.test_fused_update_cpp import check_empty_batch_update, check_fused_update, make_problem
 from tests.utils import (
     HEAD_SPECS,
     assert_far_weight_rows_match,
-    assert_forward_terms_match,
+    assert_forward_matches_reference,
     assert_matches_reference,
-    assert_rel_close,
     assert_strided_inputs_match,
     chunk_size_fixture,
-    forward_terms_case,
+    class_index_case,
     loss_and_grads,
     make_inputs,
+    random_state,
     tolerance,
 )
 
@@ -87,28 +86,14 @@ def test_reduction_none_label_smoothing_small_chunks(head, chunk_size):
 @pytest.mark.parametrize("head", ["cosface", "subcenter_arcface", "softmax"])
 def test_class_index(head, repeated, chunk_size):
     chunk_size(300)
-    spec = HEAD_SPECS[head]
-    x, w, _ = make_inputs(37, 1500, 67, num_subcenters=spec.num_subcenters)
-    class_index = torch.randperm(1500)[:700]
-    if repeated:
-        class_index[100:110] = class_index[0]
-    labels = torch.randint(0, 700, (37,))
-    labels[-2:] = -100
-    bias = torch.randn(1500, dtype=torch.float64) if head == "softmax" else None
+    spec, x, w, labels, class_index, bias = class_index_case(head, repeated)
     _compare(x, w, labels, spec, dtype=torch.float64, tol=FP64_TOL, bias=bias, class_index=class_index.cuda(),
              what=head)
 
 
 @pytest.mark.parametrize("head", ["cosface", "curricularface", "subcenter_arcface", "softmax"])
 def test_forward_terms(head):
-    x, w, labels, bias, threshold, params = forward_terms_case(head)
-
-    def cuda(t):
-        return None if t is None else t.cuda()
-
-    got = BACKEND.forward(x.cuda(), w.cuda(), labels.cuda(), cuda(bias), None, cuda(threshold), params)
-    want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
-    assert_forward_terms_match(got, want, FP64_TOL)
+    assert_forward_matches_reference(BACKEND, head, "cuda", FP64_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -174,21 +159,7 @@ def test_fused_update_matches_backward_then_rule(rule, layout, chunk_size):
 
 def test_fused_update_empty_batch_and_large_chunks(chunk_size):
     """No rows (a zero gradient: the step still applies), then one chunk for all classes."""
-    fields = FUSED_UPDATES["sgd_momentum"]
-    problem = make_problem(BACKEND, "cuda", x_dtype=torch.float32, w_dtype=torch.float32, batch=0,
-                           class_index=True)
-    update = WeightUpdate(**fields, state=random_state(fields, problem.saved.weight))
-    want = problem.saved.weight.clone()
-    want_state = tuple(s.clone() for s in update.state)
-    rows = problem.rows_in_use
-    w_rows, s_rows = want[rows], tuple(s[rows] for s in want_state)
-    apply_update_(update, w_rows, s_rows, torch.zeros_like(w_rows))
-    want[rows] = w_rows
-    for s, r in zip(want_state, s_rows):
-        s[rows] = r
-    BACKEND.backward(problem.grads, problem.saved, problem.params, update)
-    assert_rel_close(problem.saved.weight, want, 1e-6, "weight")
-    assert_rel_close(update.state[0], want_state[0], 1e-6, "momentum_buffer")
+    check_empty_batch_update(BACKEND, "cuda")
     chunk_size(100_000)
     check_fused_update(BACKEND, "cuda", FUSED_LAYOUTS["fp32_k2"], FUSED_UPDATES["adam"])
 

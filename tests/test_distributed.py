@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fused_margin as fm
@@ -29,7 +28,7 @@ from fused_margin.distributed import (
     shard_range,
     shard_weight,
 )
-from tests.utils import HEAD_SPECS, assert_rel_close, tolerance
+from tests.utils import HEAD_SPECS, assert_rel_close, run_ranks, tolerance
 
 # Heads with state (updated from the global batch), built in the workers from a name.
 HEAD_MODULES = {
@@ -311,18 +310,8 @@ def _spawn(folder: Path, world_size: int, scenario: str, data: dict[str, Any], *
     """Runs ``scenario`` on ``world_size`` fresh processes; returns each rank's result."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(data, folder / "data.pt")
-    context = mp.start_processes(
-        _worker, args=(world_size, str(folder), scenario, backend), nprocs=world_size, join=False,
-        start_method="spawn",
-    )
-    end = time.monotonic() + deadline_s
-    while not context.join(timeout=max(0.1, end - time.monotonic())):
-        if time.monotonic() > end:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"the {scenario!r} process group did not finish within {deadline_s:g} s")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return run_ranks(_worker, (world_size, str(folder), scenario, backend), world_size, folder,
+                     f"the {scenario!r} process group", deadline_s)
 
 
 # ----------------------------------------------------------------------------------

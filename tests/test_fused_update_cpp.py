@@ -17,13 +17,17 @@ import torch
 
 from fused_margin import _ext
 from fused_margin.backends.cpu import BACKEND
-from fused_margin.kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype, values
-from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate, apply_update_
+from fused_margin.kernel_params import KernelParams, acc_dtype, values
+from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate
 from fused_margin.spec import NonTargetKind
-from tests.utils import assert_rel_close, chunk_size_fixture
-
-needs_ext = pytest.mark.skipif(
-    _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
+from tests.utils import (
+    FusedUpdateProblem,
+    assert_rel_close,
+    chunk_size_fixture,
+    fused_update_problem,
+    needs_ext,
+    random_state,
+    stepped_copies,
 )
 
 #: the update rules, as (name, WeightUpdate fields); the state is drawn at random
@@ -59,62 +63,19 @@ LAYOUTS = {
 TOLERANCES = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
 
-@dataclasses.dataclass
-class Problem:
-    grads: UpstreamGrads
-    saved: SavedTensors
-    params: KernelParams
-    rows_in_use: torch.Tensor  # weight rows the update applies to
-
-
-def make_problem(backend, device, *, x_dtype, w_dtype, k=1, class_index=False, strided=False, normalize_w=True,
-                 bias=False, batch=13, classes_all=203, dim=19) -> Problem:
-    """A random problem (fresh inputs: odd shapes, ignored rows, a row without target),
-    its forward run on ``backend``."""
-    rows_all = classes_all * k
-    if strided:  # the transposed view of a (D, R) parameter
-        weight = torch.randn(dim, rows_all, dtype=torch.float64).to(device, w_dtype).t()
-    else:
-        weight = torch.randn(rows_all, dim, dtype=torch.float64).to(device, w_dtype)
-    index = None
-    classes = classes_all
-    if class_index:
-        index = torch.randperm(classes_all)[: classes_all // 2 + 7].to(device)
-        classes = index.numel()
-    x = torch.randn(batch, dim, dtype=torch.float64).to(device, x_dtype)
-    labels = torch.randint(0, classes, (batch,))
-    if batch >= 3:
-        labels[0], labels[1], labels[2] = classes - 1, IGNORED_LABEL, -1
-    labels = labels.to(device)
-    b = torch.randn(classes_all, dtype=torch.float64).to(device, x_dtype) if bias else None
+def make_problem(backend, device, *, x_dtype, w_dtype, k=1, class_index=False, normalize_w=True, batch=13,
+                 classes_all=203, dim=19, **layout) -> FusedUpdateProblem:
+    """A random problem (:func:`tests.utils.fused_update_problem`: odd shapes, ignored rows,
+    a row without target; with ``class_index``, half the classes plus seven in use), the
+    identity transform at scale 8, its forward run on ``backend``."""
     params = KernelParams(normalize_x=True, normalize_w=normalize_w, scale=8.0, kind=NonTargetKind.IDENTITY,
                           num_subcenters=k)
-    lse_neg, _t, _s, _a, row_scale, col_scale = backend.forward(x, weight, labels, b, index, None, params)
-    acc = acc_dtype(x, weight)
-    grads = UpstreamGrads(*(torch.randn(batch, dtype=torch.float64).to(device, acc) for _ in range(3)))
-    saved = SavedTensors(x, weight, labels, b, index, None, lse_neg, row_scale, col_scale)
-    if index is None:
-        rows_in_use = torch.arange(rows_all, device=device)
-    else:
-        rows_in_use = (index[:, None] * k + torch.arange(k, device=device)).reshape(-1)
-    return Problem(grads, saved, params, rows_in_use)
+    return fused_update_problem(backend, device, params, x_dtype=x_dtype, w_dtype=w_dtype, batch=batch,
+                                classes_all=classes_all, dim=dim,
+                                num_used=classes_all // 2 + 7 if class_index else None, **layout)
 
 
-def random_state(update_fields: dict, weight: torch.Tensor, contiguous: bool = False) -> tuple[torch.Tensor, ...]:
-    """Random state tensors of weight's shape, dtype and strides (or contiguous ones),
-    exp_avg_sq >= 0."""
-    def like():
-        values = torch.randn(weight.shape, dtype=torch.float64)
-        if contiguous:
-            return values.to(weight.device, weight.dtype)
-        return torch.empty_like(weight).copy_(values)
-
-    if update_fields["kind"] == UPDATE_ADAM:
-        return like(), like().abs_()
-    return (like(),) if update_fields.get("momentum", 0.0) != 0.0 else ()
-
-
-def expected_update(backend, problem: Problem, update: WeightUpdate):
+def expected_update(backend, problem: FusedUpdateProblem, update: WeightUpdate):
     """The plain backward, then ``apply_update_`` on the rows in use: (weight, state, grad_x,
     grad_bias). The plain backward runs on the weight in the accumulation dtype, whose
     gradient is the one the fused backward forms (an fp32 gradient for a 16-bit weight)."""
@@ -123,14 +84,7 @@ def expected_update(backend, problem: Problem, update: WeightUpdate):
     acc = acc_dtype(saved.x, weight)
     saved_acc = dataclasses.replace(saved, weight=weight.to(acc))
     grad_x, grad_w, grad_b = backend.backward(problem.grads, saved_acc, problem.params)
-    w = weight.clone()
-    state = tuple(s.clone() for s in update.state)
-    rows = problem.rows_in_use
-    w_rows, state_rows = w[rows], tuple(s[rows] for s in state)
-    apply_update_(update, w_rows, state_rows, grad_w[rows])
-    w[rows] = w_rows
-    for s, s_rows in zip(state, state_rows):
-        s[rows] = s_rows
+    w, state = stepped_copies(update, weight, problem.rows_in_use, grad_w[problem.rows_in_use])
     return w, state, grad_x, grad_b
 
 
@@ -240,25 +194,23 @@ def test_no_weight_sized_allocation(chunk_size):
     assert fused and max(fused) < w_bytes / 8, (max(fused), w_bytes)
 
 
-@needs_ext
-def test_empty_batch_applies_the_zero_gradient_update():
+def check_empty_batch_update(backend, device) -> None:
     """With no rows the gradient is zero, and the step (weight decay, momentum) still
     applies to the rows in use."""
-    problem = make_problem(BACKEND, "cpu", x_dtype=torch.float32, w_dtype=torch.float32, batch=0, class_index=True)
+    problem = make_problem(backend, device, x_dtype=torch.float32, w_dtype=torch.float32, batch=0, class_index=True)
     fields = UPDATES["sgd_momentum"]
     update = WeightUpdate(**fields, state=random_state(fields, problem.saved.weight))
     weight = problem.saved.weight.clone()
-    want = weight.clone()
-    want_state = tuple(s.clone() for s in update.state)
     rows = problem.rows_in_use
-    w_rows, s_rows = want[rows], tuple(s[rows] for s in want_state)
-    apply_update_(update, w_rows, s_rows, torch.zeros_like(w_rows))
-    want[rows] = w_rows
-    for s, r in zip(want_state, s_rows):
-        s[rows] = r
-    BACKEND.backward(problem.grads, dataclasses.replace(problem.saved, weight=weight), problem.params, update)
+    want, want_state = stepped_copies(update, weight, rows, torch.zeros_like(weight[rows]))
+    backend.backward(problem.grads, dataclasses.replace(problem.saved, weight=weight), problem.params, update)
     assert_rel_close(weight, want, 1e-6, "weight")
     assert_rel_close(update.state[0], want_state[0], 1e-6, "momentum_buffer")
+
+
+@needs_ext
+def test_empty_batch_applies_the_zero_gradient_update():
+    check_empty_batch_update(BACKEND, "cpu")
 
 
 def _run(problem, update):

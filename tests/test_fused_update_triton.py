@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from fused_margin.backends.triton import BACKEND
-from fused_margin.kernel_params import KernelParams, SavedTensors, UpstreamGrads
-from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate, apply_update_
-from tests.utils import HEAD_SPECS
+from fused_margin.kernel_params import KernelParams, UpstreamGrads
+from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate
+from tests.utils import HEAD_SPECS, fused_update_problem, random_state, rows_in_use, stepped_copies
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -44,39 +44,20 @@ UPDATES = {
 }
 
 
-def _state_count(config: dict) -> int:
-    if config["kind"] == UPDATE_ADAM:
-        return 2
-    return 1 if config.get("momentum", 0) else 0
-
-
 def _problem(batch, num_classes, dim, *, head="arcface", k=1, dtype=torch.float32, state_dtype=None,
              config="momentum", bias=False, index=False):
     """A forward's saved tensors, random upstream gradients, the params and an update
-    whose state is random (not zeros: a first step must ignore it, the others read it)."""
+    whose state is random (:func:`tests.utils.fused_update_problem`, ``random_state``);
+    with ``index``, ``num_classes`` of ``num_classes + 5`` in use."""
     spec = HEAD_SPECS[head] if k == 1 else replace(HEAD_SPECS[head], num_subcenters=k)
-    params = KernelParams.from_spec(spec)
-    classes_all = num_classes + 5 if index else num_classes
-    x = torch.randn(batch, dim, device=DEVICE).to(dtype)
-    w = torch.randn(classes_all * k, dim, device=DEVICE).to(dtype)
-    labels = torch.randint(0, num_classes, (batch,), device=DEVICE)
-    labels[0] = -2  # an ignored row
-    b = torch.randn(classes_all, device=DEVICE).to(dtype) if bias else None
-    class_index = torch.randperm(classes_all, device=DEVICE)[:num_classes] if index else None
-    lse_neg, _, _, _, row_scale, col_scale = BACKEND.forward(x, w, labels, b, class_index, None, params)
-    saved = SavedTensors(x, w, labels, b, class_index, None, lse_neg, row_scale, col_scale)
-    grads = UpstreamGrads(*(torch.randn(batch, device=DEVICE) for _ in range(3)))
+    problem = fused_update_problem(
+        BACKEND, DEVICE, KernelParams.from_spec(spec), x_dtype=dtype, w_dtype=dtype, batch=batch,
+        classes_all=num_classes + 5 if index else num_classes, dim=dim, num_used=num_classes if index else None,
+        bias=bias,
+    )
     settings = UPDATES[config]
-    state = tuple(0.1 * torch.randn(w.shape, device=DEVICE).to(state_dtype or dtype).abs_()
-                  for _ in range(_state_count(settings)))
-    return saved, grads, params, WeightUpdate(**settings, state=state)
-
-
-def _rows_in_use(saved: SavedTensors, k: int) -> torch.Tensor:
-    if saved.class_index is None:
-        return torch.arange(saved.weight.shape[0], device=saved.weight.device)
-    ks = torch.arange(k, device=saved.weight.device)
-    return (saved.class_index[:, None] * k + ks).reshape(-1)
+    update = WeightUpdate(**settings, state=random_state(settings, problem.saved.weight, dtype=state_dtype))
+    return problem.saved, problem.grads, problem.params, update
 
 
 def _expected(saved, grads, params, update):
@@ -90,14 +71,8 @@ def _expected(saved, grads, params, update):
         grad_x, grad_w, grad_b = BACKEND.backward(grads, saved, params)
     finally:
         BACKEND.backward_mode = mode
-    rows = _rows_in_use(saved, params.num_subcenters)
-    w = saved.weight.clone()
-    state = tuple(s.clone() for s in update.state)
-    w_rows, state_rows = w[rows], tuple(s[rows] for s in state)
-    apply_update_(update, w_rows, state_rows, grad_w[rows])
-    w[rows] = w_rows
-    for s, new in zip(state, state_rows):
-        s[rows] = new
+    rows = rows_in_use(saved.weight, saved.class_index, params.num_subcenters)
+    w, state = stepped_copies(update, saved.weight, rows, grad_w[rows])
     return grad_x, grad_b, w, state
 
 
@@ -138,7 +113,7 @@ def _check(saved, grads, params, update):
     if grad_b is not None:
         assert torch.equal(fb, grad_b), "grad_bias differs from the unfused backward's"
     fp32 = saved.weight.dtype == torch.float32
-    rows = _rows_in_use(saved, params.num_subcenters)
+    rows = rows_in_use(saved.weight, saved.class_index, params.num_subcenters)
     _assert_step_close(w_out, w_ref, before_w, rows, "weight", fp32)
     for i, (s_out, s_ref, s_before) in enumerate(zip(state_out, state_ref, before_state)):
         if update.kind == UPDATE_SGD and update.first_step:
@@ -219,11 +194,8 @@ def test_no_rows_still_steps(mode):
         saved, x=saved.x[:0], labels=saved.labels[:0], lse_neg=saved.lse_neg[:0], row_scale=saved.row_scale[:0]
     )
     grads = UpstreamGrads(*(g[:0] for g in vars(grads).values()))
-    rows = _rows_in_use(saved, 1)
-    w_ref, state_ref = saved.weight.clone(), update.state[0].clone()
-    w_rows, s_rows = w_ref[rows], state_ref[rows]
-    apply_update_(update, w_rows, (s_rows,), torch.zeros_like(w_rows))
-    w_ref[rows], state_ref[rows] = w_rows, s_rows
+    rows = rows_in_use(saved.weight, saved.class_index, 1)
+    w_ref, (state_ref,) = stepped_copies(update, saved.weight, rows, torch.zeros_like(saved.weight[rows]))
     (gx, gw, _), w, state = _fused(empty, grads, params, update)
     assert gx.shape == (0, 8) and gw is None
     _assert_step_close(w, w_ref, saved.weight, rows, "weight", True)

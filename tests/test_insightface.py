@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fused_margin as fm
 from fused_margin.distributed import full_weight_from_state_dicts, reshard_state_dicts
 from fused_margin.insightface import ROW_LOSS_CAP, CombinedMarginLoss, PartialFC_V2
-from tests.utils import assert_rel_close, tolerance
+from tests.utils import assert_rel_close, run_ranks, tolerance
 
 # float64. Near theta = 0 the target logit s * cos(theta + m) has condition number
 # ~1/sin(theta) in c, so there a 1e-16 difference in how c is rounded (the kernel's GEMM
@@ -394,16 +392,7 @@ def _worker(rank: int, world_size: int, folder: str) -> None:
 
 def _spawn(folder: Path, world_size: int, cases: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     torch.save(cases, folder / "data.pt")
-    context = mp.start_processes(_worker, args=(world_size, str(folder)), nprocs=world_size, join=False,
-                                 start_method="spawn")
-    end = time.monotonic() + 150.0
-    while not context.join(timeout=max(0.1, end - time.monotonic())):
-        if time.monotonic() > end:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"the {world_size}-process group did not finish within 150 s")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return run_ranks(_worker, (world_size, str(folder)), world_size, folder, f"the {world_size}-process group")
 
 
 @pytest.mark.parametrize("world_size", sorted(DIST_CASES))

@@ -23,7 +23,7 @@ from fused_margin.kernel_params import IGNORED_LABEL, KernelParams, SavedTensors
 from fused_margin.optim import _backward
 from fused_margin.optim.update import apply_update_
 from fused_margin.reference import margin_lse_terms, reference_backward
-from tests.utils import HEAD_SPECS, assert_rel_close
+from tests.utils import HEAD_SPECS, assert_rel_close, rows_in_use
 
 TOL = 1e-5
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -153,7 +153,7 @@ def _row_wise_sparse_model(cls, options, weight0, data, spec):
         lr = options["lr"] / (1.0 + 0.25 * step)
         wr = w.clone().requires_grad_(True)
         _loss(x.double(), wr, labels, spec, class_index, "eager").backward(upstream.double())
-        rows = (class_index[:, None] * k + torch.arange(k)).reshape(-1)  # the sampled rows only
+        rows = rows_in_use(w, class_index, k)  # the sampled rows only
         g = wr.grad[rows]
         if cls is SGD:
             g = g + options.get("weight_decay", 0.0) * w[rows]
@@ -182,7 +182,7 @@ def test_sparse_mode_updates_only_sampled_rows(backend, config):
     weight0, data = _data(8, spec=spec, device="cpu", sampled=True, seed=3)
     touched = torch.zeros(weight0.shape[0], dtype=torch.bool)
     for _x, _labels, class_index, _up in data:
-        touched[(class_index[:, None] * spec.num_subcenters + torch.arange(spec.num_subcenters)).reshape(-1)] = True
+        touched[rows_in_use(weight0, class_index, spec.num_subcenters)] = True
     assert not bool(touched.all()), "every row was sampled: the test cannot see the difference"
     weight, opt = _train(cls, options, weight0, data, spec, backend, fused=True, sparse=True)
     want_w, want_m, want_v = _row_wise_sparse_model(cls, options, weight0, data, spec)
@@ -218,9 +218,7 @@ class _UpdatingReference(ReferenceBackend):
         if update is None:
             return grad_x, grad_w, grad_b
         self.calls += 1
-        k = params.num_subcenters
-        rows = (torch.arange(saved.weight.shape[0]) if saved.class_index is None else
-                (saved.class_index[:, None] * k + torch.arange(k)).reshape(-1))
+        rows = rows_in_use(saved.weight, saved.class_index, params.num_subcenters)
         w = saved.weight.index_select(0, rows)
         state = tuple(s.index_select(0, rows) for s in update.state)
         apply_update_(update, w, state, grad_w.index_select(0, rows).float())

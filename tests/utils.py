@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from hypothesis import strategies as st
 from torch import Tensor
 
 import fused_margin as fm
-from fused_margin import MarginSpec
-from fused_margin.kernel_params import KernelParams
+from fused_margin import MarginSpec, _ext
+from fused_margin.kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads, acc_dtype
+from fused_margin.optim.update import UPDATE_ADAM, WeightUpdate, apply_update_
+from fused_margin.reference import margin_lse_terms
+
+#: skips a test of the compiled backends when the extension is not built
+needs_ext = pytest.mark.skipif(
+    _ext.load_error() is not None, reason=f"fused_margin._C is not built ({_ext.load_error()})"
+)
 
 #: Every head as a stateless spec, with the parameters the tests use. The angular
 #: heads keep their defaults; SphereFace and L-Softmax at a mid-range lambda.
@@ -276,6 +286,35 @@ def assert_forward_terms_match(got: tuple, want: tuple, tol: float) -> None:
             assert_rel_close(g.cpu(), r, tol, name)
 
 
+def assert_forward_matches_reference(backend, head: str, device: str, tol: float) -> None:
+    """``backend.forward`` on ``device`` against the float64 reference on the CPU, on
+    :func:`forward_terms_case` (:func:`assert_forward_terms_match`)."""
+    x, w, labels, bias, threshold, params = forward_terms_case(head)
+
+    def on_device(t):
+        return None if t is None else t.to(device)
+
+    got = backend.forward(on_device(x), on_device(w), on_device(labels), on_device(bias), None, on_device(threshold),
+                          params)
+    want = margin_lse_terms(x, w, labels, bias, None, threshold, params)
+    assert_forward_terms_match(got, want, tol)
+
+
+def class_index_case(head: str, repeated: bool) -> tuple[MarginSpec, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """``(spec, x, w, labels, class_index, bias)`` in float64 for negative-class sampling:
+    700 of 1500 classes in use (with ``repeated``, ten entries repeat the first), B=37,
+    D=67, the last two labels ignored (-100), a bias for the linear head."""
+    spec = HEAD_SPECS[head]
+    x, w, _ = make_inputs(37, 1500, 67, num_subcenters=spec.num_subcenters)
+    class_index = torch.randperm(1500)[:700]
+    if repeated:
+        class_index[100:110] = class_index[0]
+    labels = torch.randint(0, 700, (37,))
+    labels[-2:] = -100
+    bias = torch.randn(1500, dtype=torch.float64) if head == "softmax" else None
+    return spec, x, w, labels, class_index, bias
+
+
 def loss_and_grads(
     x: Tensor,
     w: Tensor,
@@ -436,3 +475,102 @@ def chunk_size_fixture(backend):
         return lambda value: monkeypatch.setattr(backend, "chunk_size", value)
 
     return chunk_size
+
+
+# ---- the optimizer step fused into a backward --------------------------------------------
+
+
+def rows_in_use(weight: Tensor, class_index: Tensor | None, k: int) -> Tensor:
+    """The rows of ``weight`` the classes in use own, class-major and sub-center minor
+    (every row without ``class_index``): the rows a fused optimizer step updates."""
+    if class_index is None:
+        return torch.arange(weight.shape[0], device=weight.device)
+    return (class_index[:, None] * k + torch.arange(k, device=class_index.device)).reshape(-1)
+
+
+@dataclass
+class FusedUpdateProblem:
+    """A backward's inputs, from a forward run on the backend under test."""
+
+    grads: UpstreamGrads
+    saved: SavedTensors
+    params: KernelParams
+    rows_in_use: Tensor  # weight rows the update applies to
+
+
+def fused_update_problem(backend, device, params: KernelParams, *, x_dtype: torch.dtype, w_dtype: torch.dtype,
+                         batch: int, classes_all: int, dim: int, num_used: int | None = None, strided: bool = False,
+                         bias: bool = False) -> FusedUpdateProblem:
+    """A random problem for a backward with a fused optimizer step (fresh float64 draws,
+    the same on every device): rows labelled with the last class, ignored
+    (``IGNORED_LABEL``) and without a target (-1); ``num_used`` random classes in use
+    through ``class_index`` (None: all); with ``strided``, the weight is the transposed view
+    of a (D, R) parameter; a bias in x's dtype. Its forward runs on ``backend``."""
+    k = params.num_subcenters
+    rows_all = classes_all * k
+    if strided:
+        weight = torch.randn(dim, rows_all, dtype=torch.float64).to(device, w_dtype).t()
+    else:
+        weight = torch.randn(rows_all, dim, dtype=torch.float64).to(device, w_dtype)
+    index = None if num_used is None else torch.randperm(classes_all)[:num_used].to(device)
+    classes = classes_all if index is None else index.numel()
+    x = torch.randn(batch, dim, dtype=torch.float64).to(device, x_dtype)
+    labels = torch.randint(0, classes, (batch,))
+    if batch >= 3:
+        labels[0], labels[1], labels[2] = classes - 1, IGNORED_LABEL, -1
+    labels = labels.to(device)
+    b = torch.randn(classes_all, dtype=torch.float64).to(device, x_dtype) if bias else None
+    lse_neg, _t, _s, _a, row_scale, col_scale = backend.forward(x, weight, labels, b, index, None, params)
+    acc = acc_dtype(x, weight)
+    grads = UpstreamGrads(*(torch.randn(batch, dtype=torch.float64).to(device, acc) for _ in range(3)))
+    saved = SavedTensors(x, weight, labels, b, index, None, lse_neg, row_scale, col_scale)
+    return FusedUpdateProblem(grads, saved, params, rows_in_use(weight, index, k))
+
+
+def random_state(update_fields: dict, weight: Tensor, contiguous: bool = False,
+                 dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+    """Random optimizer state for ``WeightUpdate(**update_fields)``: tensors of weight's
+    shape and strides (or contiguous ones), in weight's dtype or ``dtype``; exp_avg_sq >= 0.
+    Not zeros: a first step must ignore the momentum buffer, every other step reads it."""
+    def like():
+        values = torch.randn(weight.shape, dtype=torch.float64)
+        if contiguous:
+            return values.to(weight.device, dtype or weight.dtype)
+        return torch.empty_like(weight, dtype=dtype).copy_(values)
+
+    if update_fields["kind"] == UPDATE_ADAM:
+        return like(), like().abs_()
+    return (like(),) if update_fields.get("momentum", 0.0) != 0.0 else ()
+
+
+def stepped_copies(update: WeightUpdate, weight: Tensor, rows: Tensor,
+                   grad_rows: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Copies of ``weight`` and ``update.state`` after the PyTorch rule
+    (:func:`apply_update_`) has stepped their ``rows`` with the gradient ``grad_rows``:
+    what a fused step must leave."""
+    w = weight.clone()
+    state = tuple(s.clone() for s in update.state)
+    w_rows, state_rows = w[rows], tuple(s[rows] for s in state)
+    apply_update_(update, w_rows, state_rows, grad_rows)
+    w[rows] = w_rows
+    for s, new in zip(state, state_rows):
+        s[rows] = new
+    return w, state
+
+
+# ---- process groups ----------------------------------------------------------------------
+
+
+def run_ranks(worker, args: tuple, world_size: int, folder: Path, what: str, deadline_s: float = 150.0) -> list:
+    """Runs ``worker(rank, *args)`` in ``world_size`` fresh (spawned) processes and returns
+    what each rank saved to ``folder/rank{r}.pt``. Past ``deadline_s`` the processes still
+    running are terminated and the test fails, naming ``what`` (the process group)."""
+    context = mp.start_processes(worker, args=args, nprocs=world_size, join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    while not context.join(timeout=max(0.1, end - time.monotonic())):
+        if time.monotonic() > end:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            pytest.fail(f"{what} did not finish within {deadline_s:g} s")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -43,19 +43,6 @@ class Backend:
     def not_supported_reasons(self, x: Tensor, weight: Tensor, params: KernelParams) -> list[str]:
         return []
 
-    def terms(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        bias: Tensor | None,
-        class_index: Tensor | None,
-        row_threshold: Tensor | None,
-        params: KernelParams,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The forward's outputs, differentiable: for an :attr:`autograd_native` backend."""
-        raise NotImplementedError
-
     def forward(
         self,
         x: Tensor,
@@ -66,7 +53,13 @@ class Backend:
         row_threshold: Tensor | None,
         params: KernelParams,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The forward's outputs (see :mod:`fused_margin.kernel_params`), run by the custom op."""
         raise NotImplementedError
+
+    #: The forward's outputs, differentiable: what an :attr:`autograd_native` backend
+    #: defines instead of :meth:`forward`, with the same arguments and outputs (a backend
+    #: that defines only :meth:`forward` has none: the base method raises).
+    terms = forward
 
     def backward(
         self, grads: UpstreamGrads, saved: SavedTensors, params: KernelParams, update: WeightUpdate | None = None
