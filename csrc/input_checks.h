@@ -40,6 +40,28 @@ struct InputChecks {
     return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};
   }
 
+  // The inputs of non_target_transform (the transform alone, for tests): u (rows, cols)
+  // fp32 / fp64, row_threshold (2, rows) in u's dtype (required for CurricularFace).
+  // Returns the transform's parameters.
+  MarginParams transform_inputs(const at::Tensor& u, const c10::optional<at::Tensor>& row_threshold, int64_t kind,
+                                double alpha, double delta, double margin) const {
+    const MarginParams p = params(false, false, 1.0, kind, alpha, delta, margin, 1);
+    TORCH_CHECK(u.dim() == 2, "fused_margin ", backend, " backend: u must have shape (rows, cols), got ", u.sizes());
+    TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "fused_margin ", backend,
+                " backend: u must be float32 or float64, got ", u.scalar_type());
+    TORCH_CHECK(kind != kCurricular || row_threshold.has_value(), "fused_margin ", backend,
+                " backend: the CurricularFace kind needs row_threshold");
+    if (row_threshold.has_value()) {
+      on_device(*row_threshold, "row_threshold", u);
+      TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == u.size(0),
+                  "fused_margin ", backend, " backend: row_threshold must have shape (2, ", u.size(0), "), got ",
+                  row_threshold->sizes());
+      TORCH_CHECK(row_threshold->scalar_type() == u.scalar_type(), "fused_margin ", backend,
+                  " backend: row_threshold must be ", u.scalar_type(), " as u, got ", row_threshold->scalar_type());
+    }
+    return p;
+  }
+
   // The inputs the forward and backward share; returns C, the number of classes in use.
   int64_t inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& class_index,

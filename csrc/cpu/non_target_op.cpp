@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "../input_checks.h"
 #include "../margin_params.h"
 #include "epilogue.h"
 
@@ -24,31 +25,16 @@ namespace fused_margin {
 namespace cpu {
 namespace {
 
+constexpr InputChecks kChecks{"cpu", c10::DeviceType::CPU};
+
 std::tuple<at::Tensor, at::Tensor> non_target_transform_cpu(const at::Tensor& u_in,
                                                             const c10::optional<at::Tensor>& row_threshold,
                                                             int64_t kind, double alpha, double delta,
                                                             double margin) {
-  TORCH_CHECK(kind >= kIdentity && kind <= kFiltered,
-              "fused_margin cpu backend: kind must be a NonTargetKind (0..5), got ", kind);
-  TORCH_CHECK(u_in.dim() == 2, "fused_margin cpu backend: u must have shape (rows, cols), got ", u_in.sizes());
-  TORCH_CHECK(u_in.scalar_type() == at::kFloat || u_in.scalar_type() == at::kDouble,
-              "fused_margin cpu backend: u must be float32 or float64, got ", u_in.scalar_type());
-  TORCH_CHECK(kind != kCurricular || row_threshold.has_value(),
-              "fused_margin cpu backend: the CurricularFace kind needs row_threshold");
+  const MarginParams p = kChecks.transform_inputs(u_in, row_threshold, kind, alpha, delta, margin);
   const at::Tensor u = u_in.contiguous();
   const int64_t rows = u.size(0), cols = u.size(1);
-  at::Tensor thresholds;
-  if (row_threshold.has_value()) {
-    TORCH_CHECK(row_threshold->device() == u.device(), "fused_margin cpu backend: row_threshold must be on ",
-                u.device(), ", got ", row_threshold->device());
-    TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == rows,
-                "fused_margin cpu backend: row_threshold must have shape (2, ", rows, "), got ",
-                row_threshold->sizes());
-    TORCH_CHECK(row_threshold->scalar_type() == u.scalar_type(), "fused_margin cpu backend: row_threshold must be ",
-                u.scalar_type(), " as u, got ", row_threshold->scalar_type());
-    thresholds = row_threshold->contiguous();
-  }
-  const MarginParams p{false, false, 1.0, kind, alpha, delta, margin, 1};
+  const at::Tensor thresholds = row_threshold.has_value() ? row_threshold->contiguous() : at::Tensor();
   at::Tensor value = at::empty_like(u);
   at::Tensor derivative = at::empty_like(u);
   if (u.scalar_type() == at::kFloat) {
