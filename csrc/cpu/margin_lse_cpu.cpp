@@ -177,6 +177,39 @@ c10::optional<Tensor> bias_in_use(const c10::optional<Tensor>& bias, const c10::
   return b.to(acc).contiguous();
 }
 
+// A thread's workspace for the chunk epilogues (epilogue.h), and the ChunkTile it hands
+// them for each chunk: the chunk's tile, column scales and bias next to the rows' inputs
+// (acc dtype, contiguous) that every chunk reads.
+template <typename T>
+class EpilogueWorkspace {
+ public:
+  EpilogueWorkspace(int64_t chunk, const Tensor& row_scale, const c10::optional<Tensor>& threshold,
+                    const Tensor& labels, const c10::optional<Tensor>& bias)
+      : row_scale_(row_scale.data_ptr<T>()),
+        threshold_(threshold.has_value() ? threshold->data_ptr<T>() : nullptr),
+        labels_(labels.data_ptr<int64_t>()),
+        bias_(bias.has_value() ? bias->data_ptr<T>() : nullptr),
+        scratch_(3 * chunk),
+        best_sub_(chunk),
+        no_bias_(bias.has_value() ? 0 : chunk, T(0)) {}
+
+  // The chunk of classes [c0, c0 + n): `tile` (B, n*K) holds its dot products, `q` its
+  // column scales.
+  ChunkTile<T> chunk(const Tensor& tile, int64_t c0, int64_t n, const T* q) {
+    return ChunkTile<T>{tile.data_ptr<T>(), tile.size(0), n, c0, row_scale_, threshold_, labels_, q,
+                        bias_ != nullptr ? bias_ + c0 : no_bias_.data(), scratch_.data(), best_sub_.data()};
+  }
+
+ private:
+  const T* row_scale_;
+  const T* threshold_;  // nullptr without row_threshold
+  const int64_t* labels_;
+  const T* bias_;  // nullptr without bias: the chunk reads no_bias_
+  std::vector<T> scratch_;
+  std::vector<int32_t> best_sub_;
+  std::vector<T> no_bias_;
+};
+
 // ---------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------
@@ -218,9 +251,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
     SingleThreadedBlas one_blas_thread;
     ChunkRows chunk_rows(weight, class_index, k, acc, plan.chunk * k);
     Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
-    std::vector<T> scratch(3 * plan.chunk);
-    std::vector<int32_t> best_sub(plan.chunk);
-    const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
+    EpilogueWorkspace<T> epilogue(plan.chunk, row_scale, threshold, labels, bias);
     // Groups are handed out one at a time (not the static split of parallel_for): a
     // preempted or slower thread does not hold back the others. The result of a group
     // does not depend on which thread ran it.
@@ -236,19 +267,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
         }
         Tensor tile = tile_buffer.narrow(0, 0, batch * n * k).view({batch, n * k});
         at::mm_out(tile, x, w.t());
-        ChunkTile<T> ct{tile.data_ptr<T>(),
-                        batch,
-                        n,
-                        c0,
-                        row_scale.data_ptr<T>(),
-                        threshold.has_value() ? threshold->data_ptr<T>() : nullptr,
-                        labels.data_ptr<int64_t>(),
-                        q,
-                        bias.has_value() ? bias->data_ptr<T>() + c0 : no_bias.data(),
-                        scratch.data(),
-                        best_sub.data()};
         // Each row's target lies in one chunk: one writer per target_u entry.
-        forward_epilogue(ct, p, states.data() + g * batch, target_u.data_ptr<T>());
+        forward_epilogue(epilogue.chunk(tile, c0, n, q), p, states.data() + g * batch, target_u.data_ptr<T>());
       }
     }
   });
@@ -393,9 +413,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
     Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
     Tensor dw_buffer;
     if (use_dw_buffer) dw_buffer = at::empty({plan.chunk * k, dim}, x.options());
-    std::vector<T> scratch(3 * plan.chunk);
-    std::vector<int32_t> best_sub(plan.chunk);
-    const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
+    EpilogueWorkspace<T> epilogue(plan.chunk, row_scale, threshold, labels, bias);
     // Groups are handed out one at a time (not the static split of parallel_for): a
     // preempted or slower thread does not hold back the others. The result of a group
     // does not depend on which thread ran it.
@@ -407,20 +425,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
         Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
         at::mm_out(tile, x, w.t());
         const T* q = col_scale.data_ptr<T>() + c0 * k;
-        ChunkTile<T> ct{tile.data_ptr<T>(),
-                        batch,
-                        n,
-                        c0,
-                        row_scale.data_ptr<T>(),
-                        threshold.has_value() ? threshold->data_ptr<T>() : nullptr,
-                        labels.data_ptr<int64_t>(),
-                        q,
-                        bias.has_value() ? bias->data_ptr<T>() + c0 : no_bias.data(),
-                        scratch.data(),
-                        best_sub.data()};
         RowGrads<T> rg{grad_lse.data_ptr<T>(), grad_target_u.data_ptr<T>(), grad_sum.data_ptr<T>(),
                        lse_neg.data_ptr<T>(), bias.has_value() ? grad_bias_used.data_ptr<T>() + c0 : nullptr};
-        backward_epilogue(ct, p, rg);  // tile := G = dU * r_b * q_i
+        backward_epilogue(epilogue.chunk(tile, c0, n, q), p, rg);  // tile := G = dU * r_b * q_i
 
         // dX += G W_chunk;  dW_chunk = G^T x (both through the folded scales, see epilogue.h).
         if (c == plan.group_begin(g)) {

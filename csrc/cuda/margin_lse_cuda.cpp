@@ -125,6 +125,22 @@ Prepared prepare(const Tensor& x, const Tensor& weight, const Tensor& labels, co
   return s;
 }
 
+// The kernels' view of the chunk of classes [c0, c0 + n) (K sub-centers each): `tile`
+// (B, n*K) holds its dot products, `q` its column scales; the rows' inputs come from `s`.
+ChunkArgs chunk_args(const Prepared& s, const Tensor& tile, int64_t c0, int64_t n, int64_t k, const Tensor& row_scale,
+                     const Tensor& q) {
+  return ChunkArgs{tile.data_ptr(),
+                   tile.size(0),
+                   n,
+                   c0,
+                   k,
+                   row_scale.data_ptr(),
+                   ptr_or_null(s.threshold),
+                   s.labels.data_ptr<int64_t>(),
+                   q.data_ptr(),
+                   s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
+}
+
 // ---------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------
@@ -173,17 +189,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
     if (p.normalize_w) inverse_row_norms(w.data_ptr(), dtype_of(s.gd), rows, dim, q.data_ptr(), acc, stream);
     Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
     gemm_into(tile, s.x, w.t());
-    const ChunkArgs args{tile.data_ptr(),
-                         batch,
-                         n,
-                         c0,
-                         k,
-                         row_scale.data_ptr(),
-                         ptr_or_null(s.threshold),
-                         s.labels.data_ptr<int64_t>(),
-                         q.data_ptr(),
-                         s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
-    forward_chunk(args, p, acc, states, target_u.data_ptr(), segment_buffer.data_ptr(), stream);
+    forward_chunk(chunk_args(s, tile, c0, n, k, row_scale, q), p, acc, states, target_u.data_ptr(),
+                  segment_buffer.data_ptr(), stream);
   }
   finalize_rows(states, batch, acc, lse_neg.data_ptr(), sum_neg.data_ptr(), argmax.data_ptr<int64_t>(), stream);
   return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
@@ -298,17 +305,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
     Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
     gemm_into(tile, s.x, w.t());
     Tensor grad_tile = grad_tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
-    const ChunkArgs args{tile.data_ptr(),
-                         batch,
-                         n,
-                         c0,
-                         k,
-                         row_scale.data_ptr(),
-                         ptr_or_null(s.threshold),
-                         s.labels.data_ptr<int64_t>(),
-                         q.data_ptr(),
-                         s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
-    backward_chunk(args, grads, p, acc, grad_tile.data_ptr(), dtype_of(grad_tile.scalar_type()),
+    backward_chunk(chunk_args(s, tile, c0, n, k, row_scale, q), grads, p, acc, grad_tile.data_ptr(),
+                   dtype_of(grad_tile.scalar_type()),
                    s.bias.has_value() ? grad_bias_used.narrow(0, c0, n).data_ptr() : nullptr,
                    s.bias.has_value() ? bias_partials.data_ptr() : nullptr, stream);
 
