@@ -32,6 +32,7 @@
 
 #include "../backward_args.h"
 #include "../chunk_rows.h"
+#include "../entry_points.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
 #include "../non_target.h"
@@ -55,10 +56,8 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------
-// Validation at the boundary (messages name the argument): ../input_checks.h
+// Validation at the boundary (messages name the argument): ../input_checks.h (kCpuChecks)
 // ---------------------------------------------------------------------------------
-
-constexpr InputChecks kChecks{"cpu", c10::DeviceType::CPU};
 
 // class_index values must be valid rows; returns whether they are all distinct (then a
 // chunk's weight-gradient rows can be written in place by the thread that owns it).
@@ -215,24 +214,22 @@ class EpilogueWorkspace {
 // ---------------------------------------------------------------------------------
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
-    const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
-    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
-    const MarginParams& p, int64_t classes, int64_t chunk_request) {
+ForwardOutputs forward_impl(const ForwardArgs& a) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
-  const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
+  const MarginParams& p = a.params;
+  const int64_t batch = a.x.size(0), dim = a.x.size(1), k = p.num_subcenters, classes = a.classes;
   // Detached: the GEMMs below run on worker threads, where no autograd state is set up.
-  const Tensor x = x_in.detach().to(acc).contiguous();
-  const Tensor weight = weight_in.detach();  // any strides: ChunkRows copies a strided chunk, not all of W
-  const Tensor labels = labels_in.contiguous();
+  const Tensor x = a.x.detach().to(acc).contiguous();
+  const Tensor weight = a.weight.detach();  // any strides: ChunkRows copies a strided chunk, not all of W
+  const Tensor labels = a.labels.contiguous();
   c10::optional<Tensor> class_index;
-  if (class_index_in.has_value()) {
-    class_index = class_index_in->contiguous();
+  if (a.class_index.has_value()) {
+    class_index = a.class_index->contiguous();
     check_class_index(*class_index, weight.size(0) / k);
   }
-  const c10::optional<Tensor> bias = bias_in_use(bias_in, class_index, acc);
+  const c10::optional<Tensor> bias = bias_in_use(a.bias, class_index, acc);
   c10::optional<Tensor> threshold;
-  if (row_threshold_in.has_value()) threshold = row_threshold_in->to(acc).contiguous();
+  if (a.row_threshold.has_value()) threshold = a.row_threshold->to(acc).contiguous();
 
   const Tensor row_scale = p.normalize_x ? inverse_row_norms<T>(x) : at::ones({batch}, x.options());
   Tensor col_scale = at::empty({classes * k}, x.options());
@@ -242,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   Tensor argmax = at::zeros({batch}, labels.options());
   if (batch == 0) return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale.fill_(1)};
 
-  const Plan plan = make_plan(classes, chunk_classes(batch, dim, k, sizeof(T), chunk_request), kMaxForwardGroups);
+  const Plan plan = make_plan(classes, chunk_classes(batch, dim, k, sizeof(T), a.chunk_size), kMaxForwardGroups);
   std::vector<RowState> states(plan.num_groups * batch);
 
   std::atomic<int64_t> next_group{0};
@@ -348,7 +345,7 @@ void update_rows(const UpdateRule<T>& rule, const T* grad, int64_t rows, int64_t
 }
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
+BackwardOutputs backward_impl(const BackwardArgs& a) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const MarginParams& p = a.params;
   const Tensor& x_in = a.x;
@@ -498,34 +495,22 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------
-// Op entry points
+// Op entry points: the accumulation dtype's dispatch, under ../entry_points.h
 // ---------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cpu(
-    const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
-    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-    int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = kChecks.inputs(x, weight, labels, bias, class_index, row_threshold, p);
-  if (acc_dtype(x, weight) == at::kDouble) {
-    return forward_impl<double>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
-  }
-  return forward_impl<float>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
+ForwardOutputs forward(const ForwardArgs& a) {
+  if (acc_dtype(a.x, a.weight) == at::kDouble) return forward_impl<double>(a);
+  return forward_impl<float>(a);
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
+BackwardOutputs backward(const BackwardArgs& a) {
   if (acc_dtype(a.x, a.weight) == at::kDouble) return backward_impl<double>(a);
   return backward_impl<float>(a);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
-  m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
-  m.impl("margin_lse_bwd", &BackwardEntryPoints<kChecks, &backward>::plain);
-  m.impl("margin_lse_bwd_update", &BackwardEntryPoints<kChecks, &backward>::fused);
-}
+TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) { EntryPoints<kCpuChecks, &forward, &backward>::register_ops(m); }
 
 }  // namespace cpu
 }  // namespace fused_margin

@@ -4,13 +4,11 @@
 // of the loss: tests/test_non_target.py compares it with the Python definition
 // (fused_margin.spec.NonTarget.value / derivative) on a grid of cosines.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
-
-#include <tuple>
 
 #include "../input_checks.h"
 #include "../margin_params.h"
+#include "../non_target_op.h"
 #include "epilogue.h"
 
 TORCH_LIBRARY_FRAGMENT(fused_margin_C, m) {
@@ -25,18 +23,9 @@ namespace fused_margin {
 namespace cpu {
 namespace {
 
-constexpr InputChecks kChecks{"cpu", c10::DeviceType::CPU};
-
-std::tuple<at::Tensor, at::Tensor> non_target_transform_cpu(const at::Tensor& u_in,
-                                                            const c10::optional<at::Tensor>& row_threshold,
-                                                            int64_t kind, double alpha, double delta,
-                                                            double margin) {
-  const MarginParams p = kChecks.transform_inputs(u_in, row_threshold, kind, alpha, delta, margin);
-  const at::Tensor u = u_in.contiguous();
+void evaluate(const at::Tensor& u, const at::Tensor& thresholds, const MarginParams& p, const at::Tensor& value,
+              const at::Tensor& derivative) {
   const int64_t rows = u.size(0), cols = u.size(1);
-  const at::Tensor thresholds = row_threshold.has_value() ? row_threshold->contiguous() : at::Tensor();
-  at::Tensor value = at::empty_like(u);
-  at::Tensor derivative = at::empty_like(u);
   if (u.scalar_type() == at::kFloat) {
     non_target_values(u.data_ptr<float>(), thresholds.defined() ? thresholds.data_ptr<float>() : nullptr, rows,
                       cols, p, value.data_ptr<float>(), derivative.data_ptr<float>());
@@ -44,13 +33,13 @@ std::tuple<at::Tensor, at::Tensor> non_target_transform_cpu(const at::Tensor& u_
     non_target_values(u.data_ptr<double>(), thresholds.defined() ? thresholds.data_ptr<double>() : nullptr, rows,
                       cols, p, value.data_ptr<double>(), derivative.data_ptr<double>());
   }
-  return {value, derivative};
 }
 
 }  // namespace
-}  // namespace cpu
-}  // namespace fused_margin
 
 TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
-  m.impl("non_target_transform", &fused_margin::cpu::non_target_transform_cpu);
+  m.impl("non_target_transform", &non_target_transform<kCpuChecks, &evaluate>);
 }
+
+}  // namespace cpu
+}  // namespace fused_margin

@@ -26,6 +26,7 @@
 
 #include "../backward_args.h"
 #include "../chunk_rows.h"
+#include "../entry_points.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
 #include "epilogue.cuh"
@@ -44,10 +45,8 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------
-// Validation at the boundary (messages name the argument): ../input_checks.h
+// Validation at the boundary (messages name the argument): ../input_checks.h (kCudaChecks)
 // ---------------------------------------------------------------------------------
-
-constexpr InputChecks kChecks{"cuda", c10::DeviceType::CUDA};
 
 // ---------------------------------------------------------------------------------
 // Types, chunks, GEMMs
@@ -145,17 +144,13 @@ ChunkArgs chunk_args(const Prepared& s, const Tensor& tile, int64_t c0, int64_t 
 // Forward
 // ---------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
-    const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
-    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-    int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = kChecks.inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
+ForwardOutputs forward(const ForwardArgs& a) {
+  const MarginParams& p = a.params;
+  const int64_t classes = a.classes;
+  const c10::cuda::CUDAGuard device_guard(a.x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Prepared s = prepare(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in);
+  const Prepared s = prepare(a.x, a.weight, a.labels, a.bias, a.class_index, a.row_threshold);
   const int64_t batch = s.x.size(0), dim = s.x.size(1), k = p.num_subcenters;
   const auto acc_opts = s.x.options().dtype(s.acc);
   const DType acc = dtype_of(s.acc);
@@ -169,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
   Tensor argmax = at::empty({batch}, s.labels.options());
   if (batch == 0) return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
 
-  const int64_t chunk = std::min(chunk_classes(batch, k, chunk_size), classes);
+  const int64_t chunk = std::min(chunk_classes(batch, k, a.chunk_size), classes);
   Tensor state_f64 = at::empty({4, batch}, acc_opts.dtype(at::kDouble));
   Tensor state_index = at::empty({batch}, s.labels.options());
   const RowStates states{state_f64[0].data_ptr<double>(), state_f64[1].data_ptr<double>(),
@@ -207,7 +202,7 @@ void set_strided(const Tensor& t, void** ptr, int64_t* strides) {
   strides[1] = t.stride(1);
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
+BackwardOutputs backward(const BackwardArgs& a) {
   const MarginParams& p = a.params;
   const Tensor& x_in = a.x;
   const c10::optional<Tensor>& bias_in = a.bias;
@@ -353,11 +348,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_margin_C, CUDA, m) {
-  m.impl("margin_lse_fwd", &margin_lse_fwd_cuda);
-  m.impl("margin_lse_bwd", &BackwardEntryPoints<kChecks, &backward>::plain);
-  m.impl("margin_lse_bwd_update", &BackwardEntryPoints<kChecks, &backward>::fused);
-}
+TORCH_LIBRARY_IMPL(fused_margin_C, CUDA, m) { EntryPoints<kCudaChecks, &forward, &backward>::register_ops(m); }
 
 }  // namespace cuda
 }  // namespace fused_margin
