@@ -1,5 +1,5 @@
 // The backward's inputs as one bundle, built once right after the input checks by the
-// CPU and the CUDA entry points and passed to everything below them (the op schemas in
+// op entry points (entry_points.h) and passed to everything below them (the op schemas in
 // bindings.cpp stay flat: the dispatcher needs them so). Torch headers: not for the .cu
 // files.
 #pragma once
@@ -12,7 +12,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 #include "input_checks.h"
@@ -111,39 +110,5 @@ inline FusedUpdate fused_update(const InputChecks& checks, const at::Tensor& wei
   }
   return update;
 }
-
-// The op entry points of margin_lse_bwd and margin_lse_bwd_update for one backend,
-// given its input checks and its backward over the bundle: the only place (with
-// backward_args above and the schemas in bindings.cpp) that spells the flat arguments.
-template <const InputChecks& Checks, std::tuple<at::Tensor, at::Tensor, at::Tensor> (*Backward)(const BackwardArgs&)>
-struct BackwardEntryPoints {
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> plain(
-      const at::Tensor& grad_lse, const at::Tensor& grad_target_u, const at::Tensor& grad_sum, const at::Tensor& x,
-      const at::Tensor& weight, const at::Tensor& labels, const c10::optional<at::Tensor>& bias,
-      const c10::optional<at::Tensor>& class_index, const c10::optional<at::Tensor>& row_threshold,
-      const at::Tensor& lse_neg, const at::Tensor& row_scale, const at::Tensor& col_scale, bool normalize_x,
-      bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-      int64_t num_subcenters, int64_t chunk_size) {
-    return Backward(backward_args(Checks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
-                                  row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale, kind,
-                                  alpha, delta, margin, num_subcenters, chunk_size));
-  }
-
-  // weight and the state are written; returns (grad_x, grad_bias)
-  static std::tuple<at::Tensor, at::Tensor> fused(
-      const at::Tensor& grad_lse, const at::Tensor& grad_target_u, const at::Tensor& grad_sum, const at::Tensor& x,
-      const at::Tensor& weight, const at::Tensor& labels, const c10::optional<at::Tensor>& bias,
-      const c10::optional<at::Tensor>& class_index, const c10::optional<at::Tensor>& row_threshold,
-      const at::Tensor& lse_neg, const at::Tensor& row_scale, const at::Tensor& col_scale, bool normalize_x,
-      bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-      int64_t num_subcenters, at::TensorList state, c10::ArrayRef<double> update, int64_t chunk_size) {
-    BackwardArgs a = backward_args(Checks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
-                                   row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale,
-                                   kind, alpha, delta, margin, num_subcenters, chunk_size);
-    a.update = fused_update(Checks, weight, state, update);
-    auto [grad_x, grad_weight, grad_bias] = Backward(a);
-    return {grad_x, grad_bias};
-  }
-};
 
 }  // namespace fused_margin

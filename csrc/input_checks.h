@@ -31,6 +31,19 @@ struct InputChecks {
                 " must have shape (", size, ",), got ", t.sizes());
   }
 
+  // CurricularFace's thresholds then t per row of x: required for that kind; when given,
+  // of shape (2, B) and on x's device.
+  void row_thresholds(const c10::optional<at::Tensor>& row_threshold, int64_t kind, const at::Tensor& x) const {
+    TORCH_CHECK(kind != kCurricular || row_threshold.has_value(), "fused_margin ", backend,
+                " backend: the CurricularFace kind needs row_threshold");
+    if (row_threshold.has_value()) {
+      on_device(*row_threshold, "row_threshold", x);
+      TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == x.size(0),
+                  "fused_margin ", backend, " backend: row_threshold must have shape (2, ", x.size(0), "), got ",
+                  row_threshold->sizes());
+    }
+  }
+
   MarginParams params(bool normalize_x, bool normalize_w, double scale, int64_t kind, double alpha, double delta,
                       double margin, int64_t num_subcenters) const {
     TORCH_CHECK(kind >= kIdentity && kind <= kFiltered, "fused_margin ", backend,
@@ -38,6 +51,23 @@ struct InputChecks {
     TORCH_CHECK(num_subcenters >= 1, "fused_margin ", backend, " backend: num_subcenters must be >= 1, got ",
                 num_subcenters);
     return MarginParams{normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters};
+  }
+
+  // The inputs of non_target_transform (the transform alone, for tests): u (rows, cols)
+  // fp32 / fp64, row_threshold (2, rows) in u's dtype (required for CurricularFace).
+  // Returns the transform's parameters.
+  MarginParams transform_inputs(const at::Tensor& u, const c10::optional<at::Tensor>& row_threshold, int64_t kind,
+                                double alpha, double delta, double margin) const {
+    const MarginParams p = params(false, false, 1.0, kind, alpha, delta, margin, 1);
+    TORCH_CHECK(u.dim() == 2, "fused_margin ", backend, " backend: u must have shape (rows, cols), got ", u.sizes());
+    TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "fused_margin ", backend,
+                " backend: u must be float32 or float64, got ", u.scalar_type());
+    row_thresholds(row_threshold, kind, u);
+    if (row_threshold.has_value()) {
+      TORCH_CHECK(row_threshold->scalar_type() == u.scalar_type(), "fused_margin ", backend,
+                  " backend: row_threshold must be ", u.scalar_type(), " as u, got ", row_threshold->scalar_type());
+    }
+    return p;
   }
 
   // The inputs the forward and backward share; returns C, the number of classes in use.
@@ -73,16 +103,7 @@ struct InputChecks {
       classes = class_index->size(0);
     }
     TORCH_CHECK(classes >= 1, "fused_margin ", backend, " backend: there must be at least one class");
-    if (p.kind == kCurricular) {
-      TORCH_CHECK(row_threshold.has_value(), "fused_margin ", backend,
-                  " backend: the CurricularFace kind needs row_threshold");
-    }
-    if (row_threshold.has_value()) {
-      on_device(*row_threshold, "row_threshold", x);
-      TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == x.size(0),
-                  "fused_margin ", backend, " backend: row_threshold must have shape (2, ", x.size(0), "), got ",
-                  row_threshold->sizes());
-    }
+    row_thresholds(row_threshold, p.kind, x);
     return classes;
   }
 
@@ -99,5 +120,9 @@ struct InputChecks {
     vector(col_scale, "col_scale", classes * k, x);
   }
 };
+
+// The checks of each backend's ops.
+inline constexpr InputChecks kCpuChecks{"cpu", c10::DeviceType::CPU};
+inline constexpr InputChecks kCudaChecks{"cuda", c10::DeviceType::CUDA};
 
 }  // namespace fused_margin

@@ -108,58 +108,80 @@ FM_INLINE void store(T* p, const V& v) {
 // those probabilities can never matter next to the row's largest (>= 1/C), and a
 // denormal operand makes the next GEMM run ~25x slower on x86 (docs/design.md section 5) --
 // this is the flush, done here instead of in the process-wide FTZ/DAZ state.
-template <typename X>
-FM_INLINE X exp_flush_f32(X x) {
-  using U = typename BitsOf<X>::type;
-  constexpr float kLow = -87.0f;  // e^-87 = 1.6e-38 > FLT_MIN
-  const X zero{};
-  const X xc = select(x < kLow, zero + kLow, select(x > 88.0f, zero + 88.0f, x));
-  const X shifted = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23: round to integer
-  const X n = shifted - 12582912.0f;
-  const X r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in two (Cephes)
-  X poly = zero + 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * (r * r) + r + 1.0f;
-  const U scale_bits = (bit_cast<U>(shifted) + 127u) << 23;  // low mantissa bits of `shifted` hold n
-  return select(x < kLow, zero, poly * bit_cast<X>(scale_bits));  // NaN propagates, -inf gives 0
-}
+//
+// ExpFlush<T>: the constants of each element type T, and its polynomial.
+template <typename T>
+struct ExpFlush;
+template <>
+struct ExpFlush<float> {
+  static constexpr float kLow = -87.0f;  // e^-87 = 1.6e-38 > FLT_MIN
+  static constexpr float kHigh = 88.0f;
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln2 split in two (Cephes)
+  static constexpr uint32_t kExponentBias = 127u;
+  static constexpr int kMantissaBits = 23;
 
-template <typename X>
-FM_INLINE X exp_flush_f64(X x) {
-  using U = typename BitsOf<X>::type;
-  constexpr double kLow = -708.0;  // e^-708 = 3.3e-308 > DBL_MIN
-  const X zero{};
-  const X xc = select(x < kLow, zero + kLow, select(x > 709.0, zero + 709.0, x));
-  const X shifted = xc * 1.4426950408889634074 + 6755399441055744.0;  // + 1.5 * 2^52
-  const X n = shifted - 6755399441055744.0;
-  const X r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  template <typename X>
+  static FM_INLINE X exp_reduced(X r) {
+    X poly = X{} + 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    return poly * (r * r) + r + 1.0f;
+  }
+};
+template <>
+struct ExpFlush<double> {
+  static constexpr double kLow = -708.0;  // e^-708 = 3.3e-308 > DBL_MIN
+  static constexpr double kHigh = 709.0;
+  static constexpr double kLog2e = 1.4426950408889634074;
+  static constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  static constexpr uint32_t kExponentBias = 1023u;
+  static constexpr int kMantissaBits = 52;
+
   // Taylor series to degree 13: truncation error (ln2/2)^14/14! < 1e-17 on |r| <= ln2/2.
-  X poly = zero + 1.0 / 6227020800.0;
-  poly = poly * r + 1.0 / 479001600.0;
-  poly = poly * r + 1.0 / 39916800.0;
-  poly = poly * r + 1.0 / 3628800.0;
-  poly = poly * r + 1.0 / 362880.0;
-  poly = poly * r + 1.0 / 40320.0;
-  poly = poly * r + 1.0 / 5040.0;
-  poly = poly * r + 1.0 / 720.0;
-  poly = poly * r + 1.0 / 120.0;
-  poly = poly * r + 1.0 / 24.0;
-  poly = poly * r + 1.0 / 6.0;
-  poly = poly * r + 0.5;
-  poly = poly * r + 1.0;
-  poly = poly * r + 1.0;
-  const U scale_bits = (bit_cast<U>(shifted) + 1023u) << 52;
-  return select(x < kLow, zero, poly * bit_cast<X>(scale_bits));
+  template <typename X>
+  static FM_INLINE X exp_reduced(X r) {
+    X poly = X{} + 1.0 / 6227020800.0;
+    poly = poly * r + 1.0 / 479001600.0;
+    poly = poly * r + 1.0 / 39916800.0;
+    poly = poly * r + 1.0 / 3628800.0;
+    poly = poly * r + 1.0 / 362880.0;
+    poly = poly * r + 1.0 / 40320.0;
+    poly = poly * r + 1.0 / 5040.0;
+    poly = poly * r + 1.0 / 720.0;
+    poly = poly * r + 1.0 / 120.0;
+    poly = poly * r + 1.0 / 24.0;
+    poly = poly * r + 1.0 / 6.0;
+    poly = poly * r + 0.5;
+    poly = poly * r + 1.0;
+    return poly * r + 1.0;
+  }
+};
+
+template <typename T, typename X>
+FM_INLINE X exp_flush_as(X x) {
+  using C = ExpFlush<T>;
+  using U = typename BitsOf<X>::type;
+  const X zero{};
+  const X xc = select(x < C::kLow, zero + C::kLow, select(x > C::kHigh, zero + C::kHigh, x));
+  const X shifted = xc * C::kLog2e + C::kShift;
+  const X n = shifted - C::kShift;
+  const X r = (xc - n * C::kLn2Hi) - n * C::kLn2Lo;
+  const X poly = C::exp_reduced(r);
+  // 2^n: the low mantissa bits of `shifted` hold n
+  const U scale_bits = (bit_cast<U>(shifted) + C::kExponentBias) << C::kMantissaBits;
+  return select(x < C::kLow, zero, poly * bit_cast<X>(scale_bits));  // NaN propagates, -inf gives 0
 }
 
-FM_INLINE float exp_flush(float x) { return exp_flush_f32(x); }
-FM_INLINE double exp_flush(double x) { return exp_flush_f64(x); }
-FM_INLINE Lanes<float>::V exp_flush(Lanes<float>::V x) { return exp_flush_f32(x); }
-FM_INLINE Lanes<double>::V exp_flush(Lanes<double>::V x) { return exp_flush_f64(x); }
+FM_INLINE float exp_flush(float x) { return exp_flush_as<float>(x); }
+FM_INLINE double exp_flush(double x) { return exp_flush_as<double>(x); }
+FM_INLINE Lanes<float>::V exp_flush(Lanes<float>::V x) { return exp_flush_as<float>(x); }
+FM_INLINE Lanes<double>::V exp_flush(Lanes<double>::V x) { return exp_flush_as<double>(x); }
 
 template <typename T>
 constexpr T smallest_normal() {

@@ -32,6 +32,7 @@
 
 #include "../backward_args.h"
 #include "../chunk_rows.h"
+#include "../entry_points.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
 #include "../non_target.h"
@@ -55,10 +56,8 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------
-// Validation at the boundary (messages name the argument): ../input_checks.h
+// Validation at the boundary (messages name the argument): ../input_checks.h (kCpuChecks)
 // ---------------------------------------------------------------------------------
-
-constexpr InputChecks kChecks{"cpu", c10::DeviceType::CPU};
 
 // class_index values must be valid rows; returns whether they are all distinct (then a
 // chunk's weight-gradient rows can be written in place by the thread that owns it).
@@ -177,29 +176,60 @@ c10::optional<Tensor> bias_in_use(const c10::optional<Tensor>& bias, const c10::
   return b.to(acc).contiguous();
 }
 
+// A thread's workspace for the chunk epilogues (epilogue.h), and the ChunkTile it hands
+// them for each chunk: the chunk's tile, column scales and bias next to the rows' inputs
+// (acc dtype, contiguous) that every chunk reads.
+template <typename T>
+class EpilogueWorkspace {
+ public:
+  EpilogueWorkspace(int64_t chunk, const Tensor& row_scale, const c10::optional<Tensor>& threshold,
+                    const Tensor& labels, const c10::optional<Tensor>& bias)
+      : row_scale_(row_scale.data_ptr<T>()),
+        threshold_(threshold.has_value() ? threshold->data_ptr<T>() : nullptr),
+        labels_(labels.data_ptr<int64_t>()),
+        bias_(bias.has_value() ? bias->data_ptr<T>() : nullptr),
+        scratch_(3 * chunk),
+        best_sub_(chunk),
+        no_bias_(bias.has_value() ? 0 : chunk, T(0)) {}
+
+  // The chunk of classes [c0, c0 + n): `tile` (B, n*K) holds its dot products, `q` its
+  // column scales.
+  ChunkTile<T> chunk(const Tensor& tile, int64_t c0, int64_t n, const T* q) {
+    return ChunkTile<T>{tile.data_ptr<T>(), tile.size(0), n, c0, row_scale_, threshold_, labels_, q,
+                        bias_ != nullptr ? bias_ + c0 : no_bias_.data(), scratch_.data(), best_sub_.data()};
+  }
+
+ private:
+  const T* row_scale_;
+  const T* threshold_;  // nullptr without row_threshold
+  const int64_t* labels_;
+  const T* bias_;  // nullptr without bias: the chunk reads no_bias_
+  std::vector<T> scratch_;
+  std::vector<int32_t> best_sub_;
+  std::vector<T> no_bias_;
+};
+
 // ---------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
-    const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
-    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in,
-    const MarginParams& p, int64_t classes, int64_t chunk_request) {
+ForwardOutputs forward_impl(const ForwardArgs& a) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
-  const int64_t batch = x_in.size(0), dim = x_in.size(1), k = p.num_subcenters;
+  const MarginParams& p = a.params;
+  const int64_t batch = a.x.size(0), dim = a.x.size(1), k = p.num_subcenters, classes = a.classes;
   // Detached: the GEMMs below run on worker threads, where no autograd state is set up.
-  const Tensor x = x_in.detach().to(acc).contiguous();
-  const Tensor weight = weight_in.detach();  // any strides: ChunkRows copies a strided chunk, not all of W
-  const Tensor labels = labels_in.contiguous();
+  const Tensor x = a.x.detach().to(acc).contiguous();
+  const Tensor weight = a.weight.detach();  // any strides: ChunkRows copies a strided chunk, not all of W
+  const Tensor labels = a.labels.contiguous();
   c10::optional<Tensor> class_index;
-  if (class_index_in.has_value()) {
-    class_index = class_index_in->contiguous();
+  if (a.class_index.has_value()) {
+    class_index = a.class_index->contiguous();
     check_class_index(*class_index, weight.size(0) / k);
   }
-  const c10::optional<Tensor> bias = bias_in_use(bias_in, class_index, acc);
+  const c10::optional<Tensor> bias = bias_in_use(a.bias, class_index, acc);
   c10::optional<Tensor> threshold;
-  if (row_threshold_in.has_value()) threshold = row_threshold_in->to(acc).contiguous();
+  if (a.row_threshold.has_value()) threshold = a.row_threshold->to(acc).contiguous();
 
   const Tensor row_scale = p.normalize_x ? inverse_row_norms<T>(x) : at::ones({batch}, x.options());
   Tensor col_scale = at::empty({classes * k}, x.options());
@@ -209,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
   Tensor argmax = at::zeros({batch}, labels.options());
   if (batch == 0) return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale.fill_(1)};
 
-  const Plan plan = make_plan(classes, chunk_classes(batch, dim, k, sizeof(T), chunk_request), kMaxForwardGroups);
+  const Plan plan = make_plan(classes, chunk_classes(batch, dim, k, sizeof(T), a.chunk_size), kMaxForwardGroups);
   std::vector<RowState> states(plan.num_groups * batch);
 
   std::atomic<int64_t> next_group{0};
@@ -218,9 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
     SingleThreadedBlas one_blas_thread;
     ChunkRows chunk_rows(weight, class_index, k, acc, plan.chunk * k);
     Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
-    std::vector<T> scratch(3 * plan.chunk);
-    std::vector<int32_t> best_sub(plan.chunk);
-    const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
+    EpilogueWorkspace<T> epilogue(plan.chunk, row_scale, threshold, labels, bias);
     // Groups are handed out one at a time (not the static split of parallel_for): a
     // preempted or slower thread does not hold back the others. The result of a group
     // does not depend on which thread ran it.
@@ -236,19 +264,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(
         }
         Tensor tile = tile_buffer.narrow(0, 0, batch * n * k).view({batch, n * k});
         at::mm_out(tile, x, w.t());
-        ChunkTile<T> ct{tile.data_ptr<T>(),
-                        batch,
-                        n,
-                        c0,
-                        row_scale.data_ptr<T>(),
-                        threshold.has_value() ? threshold->data_ptr<T>() : nullptr,
-                        labels.data_ptr<int64_t>(),
-                        q,
-                        bias.has_value() ? bias->data_ptr<T>() + c0 : no_bias.data(),
-                        scratch.data(),
-                        best_sub.data()};
         // Each row's target lies in one chunk: one writer per target_u entry.
-        forward_epilogue(ct, p, states.data() + g * batch, target_u.data_ptr<T>());
+        forward_epilogue(epilogue.chunk(tile, c0, n, q), p, states.data() + g * batch, target_u.data_ptr<T>());
       }
     }
   });
@@ -328,7 +345,7 @@ void update_rows(const UpdateRule<T>& rule, const T* grad, int64_t rows, int64_t
 }
 
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
+BackwardOutputs backward_impl(const BackwardArgs& a) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const MarginParams& p = a.params;
   const Tensor& x_in = a.x;
@@ -393,9 +410,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
     Tensor tile_buffer = at::empty({batch * plan.chunk * k}, x.options());
     Tensor dw_buffer;
     if (use_dw_buffer) dw_buffer = at::empty({plan.chunk * k, dim}, x.options());
-    std::vector<T> scratch(3 * plan.chunk);
-    std::vector<int32_t> best_sub(plan.chunk);
-    const std::vector<T> no_bias(bias.has_value() ? 0 : plan.chunk, T(0));
+    EpilogueWorkspace<T> epilogue(plan.chunk, row_scale, threshold, labels, bias);
     // Groups are handed out one at a time (not the static split of parallel_for): a
     // preempted or slower thread does not hold back the others. The result of a group
     // does not depend on which thread ran it.
@@ -407,20 +422,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
         Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
         at::mm_out(tile, x, w.t());
         const T* q = col_scale.data_ptr<T>() + c0 * k;
-        ChunkTile<T> ct{tile.data_ptr<T>(),
-                        batch,
-                        n,
-                        c0,
-                        row_scale.data_ptr<T>(),
-                        threshold.has_value() ? threshold->data_ptr<T>() : nullptr,
-                        labels.data_ptr<int64_t>(),
-                        q,
-                        bias.has_value() ? bias->data_ptr<T>() + c0 : no_bias.data(),
-                        scratch.data(),
-                        best_sub.data()};
         RowGrads<T> rg{grad_lse.data_ptr<T>(), grad_target_u.data_ptr<T>(), grad_sum.data_ptr<T>(),
                        lse_neg.data_ptr<T>(), bias.has_value() ? grad_bias_used.data_ptr<T>() + c0 : nullptr};
-        backward_epilogue(ct, p, rg);  // tile := G = dU * r_b * q_i
+        backward_epilogue(epilogue.chunk(tile, c0, n, q), p, rg);  // tile := G = dU * r_b * q_i
 
         // dX += G W_chunk;  dW_chunk = G^T x (both through the folded scales, see epilogue.h).
         if (c == plan.group_begin(g)) {
@@ -491,34 +495,22 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const BackwardArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------
-// Op entry points
+// Op entry points: the accumulation dtype's dispatch, under ../entry_points.h
 // ---------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cpu(
-    const Tensor& x, const Tensor& weight, const Tensor& labels, const c10::optional<Tensor>& bias,
-    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& row_threshold, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-    int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = kChecks.inputs(x, weight, labels, bias, class_index, row_threshold, p);
-  if (acc_dtype(x, weight) == at::kDouble) {
-    return forward_impl<double>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
-  }
-  return forward_impl<float>(x, weight, labels, bias, class_index, row_threshold, p, classes, chunk_size);
+ForwardOutputs forward(const ForwardArgs& a) {
+  if (acc_dtype(a.x, a.weight) == at::kDouble) return forward_impl<double>(a);
+  return forward_impl<float>(a);
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
+BackwardOutputs backward(const BackwardArgs& a) {
   if (acc_dtype(a.x, a.weight) == at::kDouble) return backward_impl<double>(a);
   return backward_impl<float>(a);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
-  m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
-  m.impl("margin_lse_bwd", &BackwardEntryPoints<kChecks, &backward>::plain);
-  m.impl("margin_lse_bwd_update", &BackwardEntryPoints<kChecks, &backward>::fused);
-}
+TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) { EntryPoints<kCpuChecks, &forward, &backward>::register_ops(m); }
 
 }  // namespace cpu
 }  // namespace fused_margin

@@ -4,12 +4,11 @@
 // of the loss: tests/test_non_target.py compares it with the Python definition
 // (fused_margin.spec.NonTarget.value / derivative) on a grid of cosines.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <tuple>
-
+#include "../input_checks.h"
 #include "../margin_params.h"
+#include "../non_target_op.h"
 #include "epilogue.h"
 
 TORCH_LIBRARY_FRAGMENT(fused_margin_C, m) {
@@ -24,33 +23,9 @@ namespace fused_margin {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> non_target_transform_cpu(const at::Tensor& u_in,
-                                                            const c10::optional<at::Tensor>& row_threshold,
-                                                            int64_t kind, double alpha, double delta,
-                                                            double margin) {
-  TORCH_CHECK(kind >= kIdentity && kind <= kFiltered,
-              "fused_margin cpu backend: kind must be a NonTargetKind (0..5), got ", kind);
-  TORCH_CHECK(u_in.dim() == 2, "fused_margin cpu backend: u must have shape (rows, cols), got ", u_in.sizes());
-  TORCH_CHECK(u_in.scalar_type() == at::kFloat || u_in.scalar_type() == at::kDouble,
-              "fused_margin cpu backend: u must be float32 or float64, got ", u_in.scalar_type());
-  TORCH_CHECK(kind != kCurricular || row_threshold.has_value(),
-              "fused_margin cpu backend: the CurricularFace kind needs row_threshold");
-  const at::Tensor u = u_in.contiguous();
+void evaluate(const at::Tensor& u, const at::Tensor& thresholds, const MarginParams& p, const at::Tensor& value,
+              const at::Tensor& derivative) {
   const int64_t rows = u.size(0), cols = u.size(1);
-  at::Tensor thresholds;
-  if (row_threshold.has_value()) {
-    TORCH_CHECK(row_threshold->device() == u.device(), "fused_margin cpu backend: row_threshold must be on ",
-                u.device(), ", got ", row_threshold->device());
-    TORCH_CHECK(row_threshold->dim() == 2 && row_threshold->size(0) == 2 && row_threshold->size(1) == rows,
-                "fused_margin cpu backend: row_threshold must have shape (2, ", rows, "), got ",
-                row_threshold->sizes());
-    TORCH_CHECK(row_threshold->scalar_type() == u.scalar_type(), "fused_margin cpu backend: row_threshold must be ",
-                u.scalar_type(), " as u, got ", row_threshold->scalar_type());
-    thresholds = row_threshold->contiguous();
-  }
-  const MarginParams p{false, false, 1.0, kind, alpha, delta, margin, 1};
-  at::Tensor value = at::empty_like(u);
-  at::Tensor derivative = at::empty_like(u);
   if (u.scalar_type() == at::kFloat) {
     non_target_values(u.data_ptr<float>(), thresholds.defined() ? thresholds.data_ptr<float>() : nullptr, rows,
                       cols, p, value.data_ptr<float>(), derivative.data_ptr<float>());
@@ -58,13 +33,13 @@ std::tuple<at::Tensor, at::Tensor> non_target_transform_cpu(const at::Tensor& u_
     non_target_values(u.data_ptr<double>(), thresholds.defined() ? thresholds.data_ptr<double>() : nullptr, rows,
                       cols, p, value.data_ptr<double>(), derivative.data_ptr<double>());
   }
-  return {value, derivative};
 }
 
 }  // namespace
-}  // namespace cpu
-}  // namespace fused_margin
 
 TORCH_LIBRARY_IMPL(fused_margin_C, CPU, m) {
-  m.impl("non_target_transform", &fused_margin::cpu::non_target_transform_cpu);
+  m.impl("non_target_transform", &non_target_transform<kCpuChecks, &evaluate>);
 }
+
+}  // namespace cpu
+}  // namespace fused_margin

@@ -35,46 +35,31 @@ void check_launch(const char* what) {
 
 // ---- storage conversions -------------------------------------------------------
 
+// A stored value in the type arithmetic reads it in: 16-bit types as float (exact).
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+
+// Element i of storage type T in the accumulation type A.
 template <typename A, typename T>
 __device__ __forceinline__ A load(const T* p, int64_t i) {
-  return static_cast<A>(p[i]);
-}
-template <>
-__device__ __forceinline__ float load<float, __half>(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <>
-__device__ __forceinline__ double load<double, __half>(const __half* p, int64_t i) {
-  return static_cast<double>(__half2float(p[i]));
-}
-template <>
-__device__ __forceinline__ float load<float, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <>
-__device__ __forceinline__ double load<double, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return static_cast<double>(__bfloat162float(p[i]));
+  return static_cast<A>(widen(p[i]));
 }
 
+// v rounded once to the storage type T (round to nearest), but double to bfloat16, which
+// goes through float.
 template <typename T, typename A>
 __device__ __forceinline__ T store_as(A v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half store_as<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __half store_as<__half, double>(double v) {
-  return __double2half(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, double>(double v) {
-  return __float2bfloat16_rn(static_cast<float>(v));
+  if constexpr (std::is_same_v<T, __half> && std::is_same_v<A, double>) {
+    return __double2half(v);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else {
+    return static_cast<T>(v);
+  }
 }
 
 template <typename A>
@@ -115,10 +100,12 @@ __device__ __forceinline__ Partial<A> shuffle_down(const Partial<A>& p, int offs
   return o;
 }
 
-// ---- forward ----------------------------------------------------------------------
+// ---- the chunk -------------------------------------------------------------------
 
+// ChunkArgs (epilogue.cuh) with its pointers in the accumulation type A: the part of the
+// forward's and the backward's kernel arguments that describes the chunk.
 template <typename A>
-struct ForwardKernelArgs {
+struct TypedChunk {
   const A* tile;
   int64_t num_rows, num_classes, first_class, k;
   const A* row_scale;
@@ -126,6 +113,26 @@ struct ForwardKernelArgs {
   const int64_t* labels;
   const A* col_scale;
   const A* bias;
+};
+
+template <typename A>
+TypedChunk<A> typed_chunk(const ChunkArgs& c) {
+  return TypedChunk<A>{static_cast<const A*>(c.tile),
+                       c.num_rows,
+                       c.num_classes,
+                       c.first_class,
+                       c.num_subcenters,
+                       static_cast<const A*>(c.row_scale),
+                       static_cast<const A*>(c.row_threshold),
+                       c.labels,
+                       static_cast<const A*>(c.col_scale),
+                       static_cast<const A*>(c.bias)};
+}
+
+// ---- forward ----------------------------------------------------------------------
+
+template <typename A>
+struct ForwardKernelArgs : TypedChunk<A> {
   A* target_u;
   Partial<A>* partials;  // (segments, B)
 };
@@ -240,15 +247,8 @@ __global__ void finalize_kernel(RowStates st, int64_t num_rows, A* lse_neg, A* s
 // ---- backward ---------------------------------------------------------------------
 
 template <typename A, typename G>
-struct BackwardKernelArgs {
-  const A* tile;
+struct BackwardKernelArgs : TypedChunk<A> {
   G* grad_tile;  // may alias tile (G == A)
-  int64_t num_rows, num_classes, first_class, k;
-  const A* row_scale;
-  const A* row_threshold;
-  const int64_t* labels;
-  const A* col_scale;
-  const A* bias;
   const A* grad_lse;
   const A* grad_target_u;
   const A* grad_sum;
@@ -444,18 +444,7 @@ void forward_chunk(const ChunkArgs& c, const MarginParams& p, DType acc, RowStat
   const int64_t segments = forward_segments(c.num_classes);
   dispatch_acc(acc, [&](auto acc_tag) {
     using A = decltype(acc_tag);
-    ForwardKernelArgs<A> a{static_cast<const A*>(c.tile),
-                           c.num_rows,
-                           c.num_classes,
-                           c.first_class,
-                           c.num_subcenters,
-                           static_cast<const A*>(c.row_scale),
-                           static_cast<const A*>(c.row_threshold),
-                           c.labels,
-                           static_cast<const A*>(c.col_scale),
-                           static_cast<const A*>(c.bias),
-                           static_cast<A*>(target_u),
-                           static_cast<Partial<A>*>(segment_buffer)};
+    ForwardKernelArgs<A> a{typed_chunk<A>(c), static_cast<A*>(target_u), static_cast<Partial<A>*>(segment_buffer)};
     const dim3 grid(static_cast<unsigned>(c.num_rows), static_cast<unsigned>(segments));
     dispatch_kind(p.kind, [&](auto kind_tag) {
       forward_segment_kernel<A, decltype(kind_tag)::value><<<grid, kThreads, 0, stream>>>(a, p);
@@ -486,17 +475,8 @@ void backward_chunk(const ChunkArgs& c, const RowGradArgs& grads, const MarginPa
     using A = decltype(acc_tag);
     dispatch_storage(grad_type, [&](auto grad_tag) {
       using G = decltype(grad_tag);
-      BackwardKernelArgs<A, G> a{static_cast<const A*>(c.tile),
+      BackwardKernelArgs<A, G> a{typed_chunk<A>(c),
                                  static_cast<G*>(grad_tile),
-                                 c.num_rows,
-                                 c.num_classes,
-                                 c.first_class,
-                                 c.num_subcenters,
-                                 static_cast<const A*>(c.row_scale),
-                                 static_cast<const A*>(c.row_threshold),
-                                 c.labels,
-                                 static_cast<const A*>(c.col_scale),
-                                 static_cast<const A*>(c.bias),
                                  static_cast<const A*>(grads.grad_lse),
                                  static_cast<const A*>(grads.grad_target_u),
                                  static_cast<const A*>(grads.grad_sum),

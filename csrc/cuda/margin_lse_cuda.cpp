@@ -26,6 +26,7 @@
 
 #include "../backward_args.h"
 #include "../chunk_rows.h"
+#include "../entry_points.h"
 #include "../input_checks.h"
 #include "../margin_params.h"
 #include "epilogue.cuh"
@@ -44,10 +45,8 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------
-// Validation at the boundary (messages name the argument): ../input_checks.h
+// Validation at the boundary (messages name the argument): ../input_checks.h (kCudaChecks)
 // ---------------------------------------------------------------------------------
-
-constexpr InputChecks kChecks{"cuda", c10::DeviceType::CUDA};
 
 // ---------------------------------------------------------------------------------
 // Types, chunks, GEMMs
@@ -125,21 +124,33 @@ Prepared prepare(const Tensor& x, const Tensor& weight, const Tensor& labels, co
   return s;
 }
 
+// The kernels' view of the chunk of classes [c0, c0 + n) (K sub-centers each): `tile`
+// (B, n*K) holds its dot products, `q` its column scales; the rows' inputs come from `s`.
+ChunkArgs chunk_args(const Prepared& s, const Tensor& tile, int64_t c0, int64_t n, int64_t k, const Tensor& row_scale,
+                     const Tensor& q) {
+  return ChunkArgs{tile.data_ptr(),
+                   tile.size(0),
+                   n,
+                   c0,
+                   k,
+                   row_scale.data_ptr(),
+                   ptr_or_null(s.threshold),
+                   s.labels.data_ptr<int64_t>(),
+                   q.data_ptr(),
+                   s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
+}
+
 // ---------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
-    const Tensor& x_in, const Tensor& weight_in, const Tensor& labels_in, const c10::optional<Tensor>& bias_in,
-    const c10::optional<Tensor>& class_index_in, const c10::optional<Tensor>& row_threshold_in, bool normalize_x,
-    bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-    int64_t num_subcenters, int64_t chunk_size) {
-  const MarginParams p = kChecks.params(normalize_x, normalize_w, scale, kind, alpha, delta, margin, num_subcenters);
-  const int64_t classes = kChecks.inputs(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in, p);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
+ForwardOutputs forward(const ForwardArgs& a) {
+  const MarginParams& p = a.params;
+  const int64_t classes = a.classes;
+  const c10::cuda::CUDAGuard device_guard(a.x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs are detached; no graph here
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Prepared s = prepare(x_in, weight_in, labels_in, bias_in, class_index_in, row_threshold_in);
+  const Prepared s = prepare(a.x, a.weight, a.labels, a.bias, a.class_index, a.row_threshold);
   const int64_t batch = s.x.size(0), dim = s.x.size(1), k = p.num_subcenters;
   const auto acc_opts = s.x.options().dtype(s.acc);
   const DType acc = dtype_of(s.acc);
@@ -153,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
   Tensor argmax = at::empty({batch}, s.labels.options());
   if (batch == 0) return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
 
-  const int64_t chunk = std::min(chunk_classes(batch, k, chunk_size), classes);
+  const int64_t chunk = std::min(chunk_classes(batch, k, a.chunk_size), classes);
   Tensor state_f64 = at::empty({4, batch}, acc_opts.dtype(at::kDouble));
   Tensor state_index = at::empty({batch}, s.labels.options());
   const RowStates states{state_f64[0].data_ptr<double>(), state_f64[1].data_ptr<double>(),
@@ -173,17 +184,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_lse_fwd_cuda(
     if (p.normalize_w) inverse_row_norms(w.data_ptr(), dtype_of(s.gd), rows, dim, q.data_ptr(), acc, stream);
     Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
     gemm_into(tile, s.x, w.t());
-    const ChunkArgs args{tile.data_ptr(),
-                         batch,
-                         n,
-                         c0,
-                         k,
-                         row_scale.data_ptr(),
-                         ptr_or_null(s.threshold),
-                         s.labels.data_ptr<int64_t>(),
-                         q.data_ptr(),
-                         s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
-    forward_chunk(args, p, acc, states, target_u.data_ptr(), segment_buffer.data_ptr(), stream);
+    forward_chunk(chunk_args(s, tile, c0, n, k, row_scale, q), p, acc, states, target_u.data_ptr(),
+                  segment_buffer.data_ptr(), stream);
   }
   finalize_rows(states, batch, acc, lse_neg.data_ptr(), sum_neg.data_ptr(), argmax.data_ptr<int64_t>(), stream);
   return {lse_neg, target_u, sum_neg, argmax, row_scale, col_scale};
@@ -200,7 +202,7 @@ void set_strided(const Tensor& t, void** ptr, int64_t* strides) {
   strides[1] = t.stride(1);
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
+BackwardOutputs backward(const BackwardArgs& a) {
   const MarginParams& p = a.params;
   const Tensor& x_in = a.x;
   const c10::optional<Tensor>& bias_in = a.bias;
@@ -298,17 +300,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
     Tensor tile = tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
     gemm_into(tile, s.x, w.t());
     Tensor grad_tile = grad_tile_buffer.narrow(0, 0, batch * rows).view({batch, rows});
-    const ChunkArgs args{tile.data_ptr(),
-                         batch,
-                         n,
-                         c0,
-                         k,
-                         row_scale.data_ptr(),
-                         ptr_or_null(s.threshold),
-                         s.labels.data_ptr<int64_t>(),
-                         q.data_ptr(),
-                         s.bias.has_value() ? s.bias->narrow(0, c0, n).data_ptr() : nullptr};
-    backward_chunk(args, grads, p, acc, grad_tile.data_ptr(), dtype_of(grad_tile.scalar_type()),
+    backward_chunk(chunk_args(s, tile, c0, n, k, row_scale, q), grads, p, acc, grad_tile.data_ptr(),
+                   dtype_of(grad_tile.scalar_type()),
                    s.bias.has_value() ? grad_bias_used.narrow(0, c0, n).data_ptr() : nullptr,
                    s.bias.has_value() ? bias_partials.data_ptr() : nullptr, stream);
 
@@ -355,11 +348,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const BackwardArgs& a) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_margin_C, CUDA, m) {
-  m.impl("margin_lse_fwd", &margin_lse_fwd_cuda);
-  m.impl("margin_lse_bwd", &BackwardEntryPoints<kChecks, &backward>::plain);
-  m.impl("margin_lse_bwd_update", &BackwardEntryPoints<kChecks, &backward>::fused);
-}
+TORCH_LIBRARY_IMPL(fused_margin_C, CUDA, m) { EntryPoints<kCudaChecks, &forward, &backward>::register_ops(m); }
 
 }  // namespace cuda
 }  // namespace fused_margin
