@@ -27,7 +27,7 @@ import triton.language as tl
 from .backward_common import (
     BackwardInputs,
     _load_row_terms,
-    _logit_grads,
+    _tile_grads,
     gradient_buffers,
     kernel_arguments,
     optional_inputs,
@@ -35,9 +35,11 @@ from .backward_common import (
 )
 from .common import (
     TileConfig,
+    _block_range,
     _class_block,
+    _load_tile,
     _mma,
-    _subcenter_cosines,
+    _routed,
     default_tiles,
     dot_in_fp32,
     launch,
@@ -69,44 +71,32 @@ def _margin_lse_bwd_dx_kernel(
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_FP32: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
+    offs_b, mask_b = _block_range(tl.program_id(0), BLOCK_B, B)
+    row_scale, row_terms = _load_row_terms(
         offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
         threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
     )
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < D
+    offs_do, mask_do = _block_range(pid_d, BLOCK_DO, D)
+    operands = (x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd)
 
     acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
     rho = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    c_begin = split * blocks_per_split * BLOCK_C
-    for cb in range(0, blocks_per_split):
-        offs_c = c_begin + cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
+    for cb in range(0, blocks_per_split):  # this split's class blocks
+        offs_c, mask_c = _block_range(split * blocks_per_split + cb, BLOCK_C, C)
         classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
-        u, best = _subcenter_cosines(
-            x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
-            D, stride_xb, stride_xd, stride_wr, stride_wd,
-            K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-        )
-        _, du = _logit_grads(
-            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
-            scale, alpha, delta, margin, KIND,
+        u, best, _, du = _tile_grads(
+            operands, col_scale_ptr, offs_b, mask_b, row_scale, row_terms, offs_c, mask_c, classes, bias,
+            (scale, alpha, delta, margin), K, KIND, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         )
         rho += tl.sum(du * u, axis=1)
         for k in range(K):
-            routed = tl.where(best == k, du, 0.0)
+            routed = _routed(du, best, k, K)
             if NORMALIZE_W:
                 q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=0.0)
                 routed = routed * q[None, :]
-            wt = tl.load(
-                w_ptr + (classes * K + k)[:, None] * stride_wr + offs_do[None, :] * stride_wd,
-                mask=mask_c[:, None] & mask_do[None, :], other=0.0,
-            )
+            wt = _load_tile(w_ptr, classes * K + k, offs_do, mask_c, mask_do, stride_wr, stride_wd)
             acc = _mma(routed, wt, acc, GRAD_DOT_FP32, INPUT_PRECISION)
 
     out = gx_partial_ptr + (split * B + offs_b).to(tl.int64)[:, None] * D + offs_do[None, :]
@@ -145,15 +135,13 @@ def _margin_lse_bwd_dw_kernel(
     UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
     sub = tl.program_id(1)  # the sub-center whose rows this program writes
     pid_d = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    offs_c, mask_c = _block_range(tl.program_id(0), BLOCK_C, C)
     classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
     own_rows = classes * K + sub
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < D
+    offs_do, mask_do = _block_range(pid_d, BLOCK_DO, D)
+    operands = (x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd)
 
     acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=tl.float32)
     kappa = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -161,36 +149,25 @@ def _margin_lse_bwd_dw_kernel(
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
+        row_scale, row_terms = _load_row_terms(
             offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
             threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
         )
-        u, best = _subcenter_cosines(
-            x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
-            D, stride_xb, stride_xd, stride_wr, stride_wd,
-            K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        u, best, dz, du = _tile_grads(
+            operands, col_scale_ptr, offs_b, mask_b, row_scale, row_terms, offs_c, mask_c, classes, bias,
+            (scale, alpha, delta, margin), K, KIND, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         )
-        dz, du = _logit_grads(
-            u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
-            scale, alpha, delta, margin, KIND,
-        )
-        routed = tl.where(best == sub, du, 0.0)
+        routed = _routed(du, best, sub, K)
         kappa += tl.sum(routed * u, axis=0)
         grad_bias += tl.sum(dz, axis=0)
         if NORMALIZE_X:
             routed = routed * row_scale[:, None]
-        xt = tl.load(
-            x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb + offs_do[None, :] * stride_xd,
-            mask=mask_b[:, None] & mask_do[None, :], other=0.0,
-        )
+        xt = _load_tile(x_ptr, offs_b, offs_do, mask_b, mask_do, stride_xb, stride_xd)
         acc = _mma(tl.trans(routed), xt, acc, GRAD_DOT_FP32, INPUT_PRECISION)
 
     if NORMALIZE_W:
         q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + sub, mask=mask_c, other=0.0)
-        wt = tl.load(
-            w_ptr + own_rows[:, None] * stride_wr + offs_do[None, :] * stride_wd,
-            mask=mask_c[:, None] & mask_do[None, :], other=0.0,
-        ).to(tl.float32)
+        wt = _load_tile(w_ptr, own_rows, offs_do, mask_c, mask_do, stride_wr, stride_wd).to(tl.float32)
         acc = q[:, None] * (acc - (kappa * q)[:, None] * wt)
     if UPDATE == 0:
         tl.store(

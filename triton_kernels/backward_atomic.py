@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward_common import BackwardInputs, _load_row_terms, _logit_grads, kernel_arguments, optional_inputs
-from .common import TileConfig, _class_block, _mma, _subcenter_cosines, default_tiles, launch
+from .backward_common import BackwardInputs, _load_row_terms, _tile_grads, kernel_arguments, optional_inputs
+from .common import TileConfig, _block_range, _class_block, _load_tile, _mma, _routed, default_tiles, launch
 from .lse_forward import num_classes_in_use
 
 __all__ = ["margin_lse_bwd_atomic"]
@@ -57,24 +57,17 @@ def _margin_lse_bwd_atomic_kernel(
     row_blocks = tl.cdiv(B, BLOCK_B)
     pid_c = pid // row_blocks  # class-block-major: the row blocks of one W tile run together
     pid_b = pid % row_blocks
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
+    offs_b, mask_b = _block_range(pid_b, BLOCK_B, B)
+    row_scale, row_terms = _load_row_terms(
         offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
         threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
     )
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    offs_c, mask_c = _block_range(pid_c, BLOCK_C, C)
     classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
-
-    u, best = _subcenter_cosines(
-        x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
-        D, stride_xb, stride_xd, stride_wr, stride_wd,
-        K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-    )
-    dz, du = _logit_grads(
-        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
-        scale, alpha, delta, margin, KIND,
+    operands = (x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd)
+    u, best, dz, du = _tile_grads(
+        operands, col_scale_ptr, offs_b, mask_b, row_scale, row_terms, offs_c, mask_c, classes, bias,
+        (scale, alpha, delta, margin), K, KIND, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
     )
     if HAS_BIAS:
         tl.atomic_add(grad_bias_ptr + classes, tl.sum(dz, axis=0), mask=mask_c, sem="relaxed")
@@ -86,23 +79,13 @@ def _margin_lse_bwd_atomic_kernel(
     for d0 in range(0, D, BLOCK_DO):
         offs_do = d0 + tl.arange(0, BLOCK_DO)
         mask_do = offs_do < D
-        xt = tl.load(
-            x_ptr + offs_b64[:, None] * stride_xb + offs_do[None, :] * stride_xd,
-            mask=mask_b[:, None] & mask_do[None, :], other=0.0,
-        )
+        xt = _load_tile(x_ptr, offs_b, offs_do, mask_b, mask_do, stride_xb, stride_xd)
         gx = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
         for k in range(K):
             w_rows = classes * K + k
-            wt = tl.load(
-                w_ptr + w_rows[:, None] * stride_wr + offs_do[None, :] * stride_wd,
-                mask=mask_c[:, None] & mask_do[None, :], other=0.0,
-            )
-            if K == 1:
-                routed = du
-                routed_r = du_r
-            else:  # the gradient of class j goes to the sub-center that attained the max
-                routed = tl.where(best == k, du, 0.0)
-                routed_r = tl.where(best == k, du_r, 0.0)
+            wt = _load_tile(w_ptr, w_rows, offs_do, mask_c, mask_do, stride_wr, stride_wd)
+            routed = _routed(du, best, k, K)
+            routed_r = _routed(du_r, best, k, K)
             if NORMALIZE_W:
                 q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=0.0)
                 gx = _mma(routed * q[None, :], wt, gx, GRAD_DOT_FP32, INPUT_PRECISION)

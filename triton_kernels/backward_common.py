@@ -15,7 +15,7 @@ import triton.language as tl
 from fused_margin.kernel_params import KernelParams, SavedTensors, UpstreamGrads
 from fused_margin.spec import NonTargetKind
 
-from .common import IGNORED, KIND_CURRICULAR, _non_target, _non_target_grad, dot_in_fp32
+from .common import IGNORED, _curricular_terms, _non_target, _non_target_grad, _subcenter_cosines, dot_in_fp32
 
 __all__ = ["BackwardInputs", "KernelArguments", "gradient_buffers", "kernel_arguments", "optional_inputs", "zero_gradients"]
 
@@ -26,8 +26,10 @@ def _load_row_terms(
     labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr, threshold_ptr, B,
     BLOCK_B: tl.constexpr, NORMALIZE_X: tl.constexpr, KIND: tl.constexpr,
 ):
-    """The rows' saved and upstream terms; ``threshold`` and ``t`` are CurricularFace's
-    per-row constants (rows 0 and 1 of ``row_threshold``), zeros for other kinds."""
+    """``(row_scale, row_terms)``: the rows' saved scales (ones without ``NORMALIZE_X``) and,
+    as one tuple for :func:`_tile_grads`, their saved and upstream terms ``(labels,
+    lse, grad_lse, grad_target, grad_sum, threshold, t)`` (``threshold`` and ``t``:
+    :func:`~.common._curricular_terms`)."""
     labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
     lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
     grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
@@ -37,23 +39,34 @@ def _load_row_terms(
         row_scale = tl.load(row_scale_ptr + offs_b, mask=mask_b, other=0.0)
     else:
         row_scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
-    if KIND == KIND_CURRICULAR:
-        threshold = tl.load(threshold_ptr + offs_b, mask=mask_b, other=0.0)
-        t = tl.load(threshold_ptr + B + offs_b, mask=mask_b, other=0.0)
-    else:
-        threshold = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        t = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    return labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t
+    threshold, t = _curricular_terms(threshold_ptr, offs_b, mask_b, B, BLOCK_B, KIND)
+    return row_scale, (labels, lse, grad_lse, grad_target, grad_sum, threshold, t)
 
 
 @triton.jit
-def _logit_grads(
-    u, offs_c, mask_c, mask_b, bias,
-    labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
-    scale, alpha, delta, margin, KIND: tl.constexpr,
+def _tile_grads(
+    # the logit GEMM's operands (see common._dot_tile) and the saved column scales
+    operands, col_scale_ptr,
+    # the tile: batch rows, their scales and terms (_load_row_terms); classes (positions
+    # among those in use), their class ids and bias (common._class_block)
+    offs_b, mask_b, row_scale, row_terms, offs_c, mask_c, classes, bias,
+    # the transform's scalars (scale, alpha, delta, margin)
+    transform,
+    # meta
+    K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``(dz, dU)`` for a tile: ``dz = g_lse p + g_sum`` on the negatives (0 elsewhere),
-    ``dU = dz s T'(u)`` plus ``g_target`` at the target column."""
+    """``(u, best, dz, dU)`` for a tile: ``u`` recomputed and the sub-center ``best``
+    that attained it (:func:`~.common._subcenter_cosines`); ``dz = g_lse p + g_sum`` on
+    the negatives (0 elsewhere), ``dU = dz s T'(u)`` plus ``g_target`` at the target
+    column."""
+    labels, lse, grad_lse, grad_target, grad_sum, threshold, t = row_terms
+    scale, alpha, delta, margin = transform
+    u, best = _subcenter_cosines(
+        operands, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale, False,
+        K, NORMALIZE_W, False, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+    )
     z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t[:, None], KIND) + bias[None, :]
     valid = mask_b[:, None] & mask_c[None, :]
     is_target = valid & (offs_c[None, :] == labels[:, None])
@@ -68,7 +81,7 @@ def _logit_grads(
     dz = tl.where(negative, grad_lse[:, None] * prob + grad_sum[:, None], 0.0)
     du = tl.where(negative, dz * scale * _non_target_grad(u, threshold[:, None], alpha, margin, t[:, None], KIND), 0.0)
     du += tl.where(is_target, grad_target[:, None], 0.0)
-    return dz, du
+    return u, best, dz, du
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import triton.language as tl
 from .backward_common import (
     BackwardInputs,
     _load_row_terms,
-    _logit_grads,
+    _tile_grads,
     gradient_buffers,
     kernel_arguments,
     optional_inputs,
@@ -50,9 +50,11 @@ from .common import (
     DX_WORKSPACE_BYTES,
     MAX_GRID_YZ,
     TileConfig,
+    _block_range,
     _class_block,
+    _load_tile,
     _mma,
-    _subcenter_cosines,
+    _routed,
     default_tiles,
     launch,
 )
@@ -101,25 +103,18 @@ def _dot_grad_kernel(
 ):
     pid_b = tl.program_id(0)  # row blocks vary fastest: the programs of one W tile run together
     pid_c = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    labels, lse, grad_lse, grad_target, grad_sum, row_scale, threshold, t = _load_row_terms(
+    offs_b, mask_b = _block_range(pid_b, BLOCK_B, B)
+    row_scale, row_terms = _load_row_terms(
         offs_b, mask_b, labels_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr, row_scale_ptr,
         threshold_ptr, B, BLOCK_B, NORMALIZE_X, KIND,
     )
-    local_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = local_c < chunk_classes
+    local_c, mask_c = _block_range(pid_c, BLOCK_C, chunk_classes)
     offs_c = c_begin + local_c  # position among the classes in use
     classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
-
-    u, best = _subcenter_cosines(
-        x_ptr, w_ptr, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale,
-        D, stride_xb, stride_xd, stride_wr, stride_wd,
-        K, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-    )
-    dz, du = _logit_grads(
-        u, offs_c, mask_c, mask_b, bias, labels, lse, grad_lse, grad_target, grad_sum, threshold, t,
-        scale, alpha, delta, margin, KIND,
+    operands = (x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd)
+    u, best, dz, du = _tile_grads(
+        operands, col_scale_ptr, offs_b, mask_b, row_scale, row_terms, offs_c, mask_c, classes, bias,
+        (scale, alpha, delta, margin), K, KIND, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
     )
     tl.store(rho_partial_ptr + pid_c * B + offs_b, tl.sum(du * u, axis=1), mask=mask_b)
     if HAS_BIAS:
@@ -130,12 +125,8 @@ def _dot_grad_kernel(
     out = dot_grad_ptr + offs_b.to(tl.int64)[:, None] * chunk_rows
     for k in range(K):
         local_rows = local_c * K + k
-        if K == 1:
-            routed = du
-            routed_r = du_r
-        else:  # the gradient of class j goes to the sub-center that attained the max
-            routed = tl.where(best == k, du, 0.0)
-            routed_r = tl.where(best == k, du_r, 0.0)
+        routed = _routed(du, best, k, K)
+        routed_r = _routed(du_r, best, k, K)
         tl.store(kappa_partial_ptr + pid_b * chunk_rows + local_rows, tl.sum(routed * u, axis=0), mask=mask_c)
         if NORMALIZE_W:
             q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=0.0)
@@ -161,13 +152,10 @@ def _gemm_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < B
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < D
+    offs_m, mask_m = _block_range(tl.program_id(0), BLOCK_M, B)
+    offs_n, mask_n = _block_range(pid_n, BLOCK_N, D)
     out = gx_partial_ptr + (split * B + offs_m).to(tl.int64)[:, None] * D + offs_n[None, :]
     mask_out = mask_m[:, None] & mask_n[None, :]
     acc = tl.load(out, mask=mask_out, other=0.0)
@@ -178,10 +166,7 @@ def _gemm_dx_kernel(
         mask_r = local_rows < chunk_rows
         a = tl.load(a_base + local_rows[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         rows = _weight_rows(local_rows, mask_r, c_begin, class_index_ptr, K, HAS_INDEX)
-        wt = tl.load(
-            w_ptr + rows[:, None] * stride_wr + offs_n[None, :] * stride_wd,
-            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-        )
+        wt = _load_tile(w_ptr, rows, offs_n, mask_r, mask_n, stride_wr, stride_wd)
         acc = _mma(a, wt, acc, GRAD_DOT_FP32, INPUT_PRECISION)
     tl.store(out, acc, mask=mask_out)
     if (pid_n == 0) & (split == 0):  # this chunk's share of rho, its class blocks in order
@@ -218,24 +203,15 @@ def _gemm_dw_kernel(
     UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    local_rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = local_rows < chunk_rows
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < D
+    local_rows, mask_r = _block_range(tl.program_id(0), BLOCK_R, chunk_rows)
+    offs_n, mask_n = _block_range(pid_n, BLOCK_N, D)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        g = tl.load(
-            dot_grad_ptr + offs_b.to(tl.int64)[:, None] * chunk_rows + local_rows[None, :],
-            mask=mask_b[:, None] & mask_r[None, :], other=0.0,
-        )
-        xt = tl.load(
-            x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb + offs_n[None, :] * stride_xd,
-            mask=mask_b[:, None] & mask_n[None, :], other=0.0,
-        )
+        g = _load_tile(dot_grad_ptr, offs_b, local_rows, mask_b, mask_r, chunk_rows, 1)
+        xt = _load_tile(x_ptr, offs_b, offs_n, mask_b, mask_n, stride_xb, stride_xd)
         acc = _mma(tl.trans(g), xt, acc, GRAD_DOT_FP32, INPUT_PRECISION)
 
     rows = _weight_rows(local_rows, mask_r, c_begin, class_index_ptr, K, HAS_INDEX)
@@ -244,10 +220,7 @@ def _gemm_dw_kernel(
         for i in range(0, row_blocks):
             kappa += tl.load(kappa_partial_ptr + i * chunk_rows + local_rows, mask=mask_r, other=0.0)
         q = tl.load(col_scale_ptr + c_begin * K + local_rows, mask=mask_r, other=0.0)
-        wt = tl.load(
-            w_ptr + rows[:, None] * stride_wr + offs_n[None, :] * stride_wd,
-            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-        ).to(tl.float32)
+        wt = _load_tile(w_ptr, rows, offs_n, mask_r, mask_n, stride_wr, stride_wd).to(tl.float32)
         acc = acc - (kappa * q * q)[:, None] * wt
     if UPDATE == 0:
         tl.store(

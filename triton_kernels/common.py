@@ -267,19 +267,46 @@ def _non_target_grad(u, threshold, alpha, margin, t, KIND: tl.constexpr):
 
 
 @triton.jit
+def _block_range(pid, BLOCK: tl.constexpr, n):
+    """``(offsets, mask)`` of block ``pid`` of ``BLOCK`` consecutive indices below ``n``."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c):
+    """The (rows, cols) tile of a strided matrix, 0 outside the masks (row offsets in
+    int64: a matrix may exceed 2**31 elements)."""
+    return tl.load(
+        ptr + rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c,
+        mask=mask_rows[:, None] & mask_cols[None, :], other=0.0,
+    )
+
+
+@triton.jit
+def _routed(grad, best, k, K: tl.constexpr):
+    """The part of a tile's gradient that goes to sub-center ``k``: the gradient of class
+    j goes to the sub-center that attained the max (``best``, :func:`_subcenter_cosines`)."""
+    if K == 1:
+        part = grad
+    else:
+        part = tl.where(best == k, grad, 0.0)
+    return part
+
+
+@triton.jit
 def _dot_tile(
-    # pointers
-    x_ptr, w_ptr,
+    # the logit GEMM's operands: (x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd)
+    operands,
     # the tile: batch rows (BLOCK_B,), weight rows (BLOCK_C,) int64, and their masks
     offs_b, w_rows, mask_b, mask_c,
-    # sizes and strides
-    D, stride_xb, stride_xd, stride_wr, stride_wd,
     # meta
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     WITH_W_SQ: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``<x_b, w_i>`` for a (BLOCK_B, BLOCK_C) tile, fp32, and optionally the weight rows'
     sums of squares, accumulated from the same loads (no separate pass over W)."""
+    x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd = operands
     offs_d = tl.arange(0, BLOCK_D)
     x_base = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
     w_base = w_ptr + w_rows[:, None] * stride_wr
@@ -316,34 +343,56 @@ def _class_block(
 
 
 @triton.jit
+def _curricular_terms(threshold_ptr, offs_b, mask_b, B, BLOCK_B: tl.constexpr, KIND: tl.constexpr):
+    """``(threshold, t)``: CurricularFace's per-row constants (rows 0 and 1 of the (2, B)
+    fp32 ``row_threshold``), zeros for the other kinds (which never read them)."""
+    if KIND == KIND_CURRICULAR:
+        threshold = tl.load(threshold_ptr + offs_b, mask=mask_b, other=0.0)
+        t = tl.load(threshold_ptr + B + offs_b, mask=mask_b, other=0.0)
+    else:
+        threshold = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        t = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    return threshold, t
+
+
+@triton.jit
 def _subcenter_cosines(
-    # pointers
-    x_ptr, w_ptr, col_scale_ptr,
+    # the logit GEMM's operands (see _dot_tile) and the (C*K,) fp32 column scales
+    operands, col_scale_ptr,
     # the tile: batch rows, classes (BLOCK_C,), their weight rows' class ids (int64), masks
     offs_b, offs_c, classes, mask_b, mask_c, row_scale,
-    # sizes and strides
-    D, stride_xb, stride_xd, stride_wr, stride_wd,
+    # with SCALES_FROM_W: whether this program stores the scales it computes
+    store_scales,
     # meta
-    K: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    K: tl.constexpr, NORMALIZE_W: tl.constexpr, SCALES_FROM_W: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """The backward's recomputation of ``u`` (BLOCK_B, BLOCK_C): the max over the K
-    sub-centers of ``r * q * <x, w>``, with the saved scales, and which sub-center
-    attained it (the lowest on ties) for routing the gradient."""
+    """``u`` (BLOCK_B, BLOCK_C): the max over the K sub-centers of ``r * q * <x, w>``, and
+    which sub-center attained it (the lowest on ties) for routing the gradient. The
+    column scales ``q`` are, with ``SCALES_FROM_W`` (the forward), computed from the
+    weight rows' sums of squares of the dot's own loads and stored where
+    ``store_scales``; otherwise (the backward's recomputation) read from
+    ``col_scale_ptr``, as the forward saved them."""
     u = tl.full((BLOCK_B, BLOCK_C), float("-inf"), dtype=tl.float32)
     best = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32)
     for k in range(K):
-        acc, _ = _dot_tile(
-            x_ptr, w_ptr, offs_b, classes * K + k, mask_b, mask_c,
-            D, stride_xb, stride_xd, stride_wr, stride_wd,
-            BLOCK_B, BLOCK_C, BLOCK_D, False, DOT_FP32, INPUT_PRECISION,
+        acc, w_sq = _dot_tile(
+            operands, offs_b, classes * K + k, mask_b, mask_c,
+            BLOCK_B, BLOCK_C, BLOCK_D, NORMALIZE_W and SCALES_FROM_W, DOT_FP32, INPUT_PRECISION,
         )
         uk = acc * row_scale[:, None]
         if NORMALIZE_W:
-            q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=1.0)
+            if SCALES_FROM_W:
+                q = 1.0 / tl.maximum(tl.sqrt(w_sq), NORM_EPS)
+                if store_scales:
+                    tl.store(col_scale_ptr + offs_c.to(tl.int64) * K + k, q, mask=mask_c)
+            else:
+                q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=1.0)
             uk = uk * q[None, :]
-        better = (uk > u) | (uk != uk)  # a NaN sub-center makes the class NaN, as torch.amax does
+        # NaN propagates (tl.maximum drops it on GPUs): a NaN sub-center makes the class
+        # NaN, as torch.amax does
+        better = (uk > u) | (uk != uk)
         u = tl.where(better, uk, u)
         best = tl.where(better, k, best)
     return u, best

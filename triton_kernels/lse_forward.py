@@ -21,11 +21,14 @@ from fused_margin.spec import NonTargetKind
 
 from .common import (
     IGNORED,
-    KIND_CURRICULAR,
     NORM_EPS,
     TileConfig,
-    _dot_tile,
+    _block_range,
+    _class_block,
+    _curricular_terms,
+    _load_tile,
     _non_target,
+    _subcenter_cosines,
     default_tiles,
     dot_in_fp32,
     launch,
@@ -63,8 +66,7 @@ def _margin_lse_fwd_kernel(
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
+    offs_b, mask_b = _block_range(pid_b, BLOCK_B, B)
     labels = tl.load(labels_ptr + offs_b, mask=mask_b, other=-1)
 
     # 1/||x_b||: B x D work, negligible next to the B x C x D of the tiles.
@@ -73,22 +75,15 @@ def _margin_lse_fwd_kernel(
         sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
-            xt = tl.load(
-                x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb + d[None, :] * stride_xd,
-                mask=mask_b[:, None] & (d < D)[None, :], other=0.0,
-            ).to(tl.float32)
+            xt = _load_tile(x_ptr, offs_b, d, mask_b, d < D, stride_xb, stride_xd).to(tl.float32)
             sq += tl.sum(xt * xt, axis=1)
         row_scale = 1.0 / tl.maximum(tl.sqrt(sq), NORM_EPS)
         if split == 0:
             tl.store(row_scale_ptr + offs_b, row_scale, mask=mask_b)
     else:
         row_scale = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
-    if KIND == KIND_CURRICULAR:
-        threshold = tl.load(threshold_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-        t = tl.load(threshold_ptr + B + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-    else:
-        threshold = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        t = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    threshold, t = _curricular_terms(threshold_ptr, offs_b, mask_b, B, BLOCK_B, KIND)
+    operands = (x_ptr, w_ptr, D, stride_xb, stride_xd, stride_wr, stride_wd)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     run_sumexp = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -97,35 +92,15 @@ def _margin_lse_fwd_kernel(
     best_val = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros((BLOCK_B,), dtype=tl.int32)
 
-    c_begin = split * blocks_per_split * BLOCK_C
-    for cb in range(0, blocks_per_split):
-        offs_c = c_begin + cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        if HAS_INDEX:
-            classes = tl.load(class_index_ptr + offs_c, mask=mask_c, other=0)
-        else:
-            classes = offs_c.to(tl.int64)
-
-        u = tl.full((BLOCK_B, BLOCK_C), float("-inf"), dtype=tl.float32)
-        for k in range(K):
-            acc, w_sq = _dot_tile(
-                x_ptr, w_ptr, offs_b, classes * K + k, mask_b, mask_c,
-                D, stride_xb, stride_xd, stride_wr, stride_wd,
-                BLOCK_B, BLOCK_C, BLOCK_D, NORMALIZE_W, DOT_FP32, INPUT_PRECISION,
-            )
-            uk = acc * row_scale[:, None]
-            if NORMALIZE_W:
-                col_scale = 1.0 / tl.maximum(tl.sqrt(w_sq), NORM_EPS)
-                # every row block computes the same scales; the first one saves them
-                if pid_b == 0:
-                    tl.store(col_scale_ptr + offs_c.to(tl.int64) * K + k, col_scale, mask=mask_c)
-                uk = uk * col_scale[None, :]
-            u = tl.where((uk > u) | (uk != uk), uk, u)  # NaN propagates (tl.maximum drops it on GPUs)
-
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + classes, mask=mask_c, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for cb in range(0, blocks_per_split):  # this split's class blocks
+        offs_c, mask_c = _block_range(split * blocks_per_split + cb, BLOCK_C, C)
+        classes, bias = _class_block(offs_c, mask_c, class_index_ptr, bias_ptr, BLOCK_C, HAS_INDEX, HAS_BIAS)
+        # the column scales from the dot's loads: every row block computes the same ones,
+        # the first one saves them
+        u, _ = _subcenter_cosines(
+            operands, col_scale_ptr, offs_b, offs_c, classes, mask_b, mask_c, row_scale, pid_b == 0,
+            K, NORMALIZE_W, True, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        )
         z = scale * _non_target(u, threshold[:, None], alpha, delta, margin, t[:, None], KIND) + bias[None, :]
 
         is_target = (offs_c[None, :] == labels[:, None]) & mask_c[None, :]
