@@ -57,7 +57,8 @@ def test_kernels_run_in_the_mode_the_tests_need():
     from fused_margin.triton_kernels.lse_forward import _margin_lse_fwd_kernel
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(_margin_lse_fwd_kernel, InterpretedFunction) == INTERPRETED
+    # the jit function under the kernel's triton.heuristics (its HAS_BIAS / HAS_INDEX)
+    assert isinstance(_margin_lse_fwd_kernel.fn, InterpretedFunction) == INTERPRETED
 
 
 def _run(x, w, labels, spec, *, backend, dtype=None, w_dtype=None, bias=None, upstream=None, **kwargs):

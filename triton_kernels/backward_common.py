@@ -120,7 +120,8 @@ def _given(name: str):
     return lambda args: args[name] is not None
 
 
-#: the flags of the optional inputs, derived from their pointers (None when absent)
+#: the flags of the optional inputs, derived from their pointers (None when absent); the
+#: forward's kernel (``lse_forward.py``) takes them the same way
 optional_inputs = triton.heuristics({"HAS_BIAS": _given("bias_ptr"), "HAS_INDEX": _given("class_index_ptr")})
 
 

@@ -134,8 +134,7 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, 
     absent += [] if index else ["class_index_ptr"]
     absent += [] if kind == int(NonTargetKind.CURRICULAR) else ["threshold_ptr"]  # read by CurricularFace only
     absent += ["grad_w_ptr"] if update is not None else []
-    if kernel != "forward":  # the forward's launcher still passes a stand-in tensor
-        constants.update({name: None for name in absent if name in fn.arg_names})
+    constants.update({name: None for name in absent if name in fn.arg_names})
     if kernel in ("dw", "gemm_dw"):
         name, state_dtype = update or ("none", None)
         constants.update(UPDATES.get(name, _NO_UPDATE))

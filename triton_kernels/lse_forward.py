@@ -19,6 +19,7 @@ import triton.language as tl
 from fused_margin.kernel_params import KernelParams
 from fused_margin.spec import NonTargetKind
 
+from .backward_common import optional_inputs
 from .common import (
     IGNORED,
     NORM_EPS,
@@ -44,6 +45,7 @@ _TARGET = tl.constexpr(3)
 _BEST = tl.constexpr(4)
 
 
+@optional_inputs
 @triton.jit
 def _margin_lse_fwd_kernel(
     # pointers: inputs
@@ -203,20 +205,19 @@ def margin_lse_fwd(
 
     partial = torch.empty((5, splits, batch), device=device, dtype=f32)
     partial_idx = torch.empty((splits, batch), device=device, dtype=torch.int32)
-    labels = labels.contiguous()
-    dummy = partial  # any pointer for the arguments a constexpr flag leaves unread
+    # an absent optional tensor is None (HAS_BIAS / HAS_INDEX follow from the pointers),
+    # and so is the threshold unless the transform reads it (CurricularFace)
     launch(
         _margin_lse_fwd_kernel, (row_blocks, splits), tiles,
-        x, weight, labels,
-        dummy if bias is None else bias.contiguous(),
-        dummy if class_index is None else class_index.contiguous(),
-        dummy if row_threshold is None else row_threshold.to(f32).contiguous(),
+        x, weight, labels.contiguous(),
+        None if bias is None else bias.contiguous(),
+        None if class_index is None else class_index.contiguous(),
+        row_threshold.to(f32).contiguous() if curricular else None,
         partial, partial_idx, row_scale, col_scale,
         batch, num_classes, dim, blocks_per_split,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         float(params.scale), float(params.alpha), float(params.delta), float(params.margin),
         K=k, KIND=int(params.kind), NORMALIZE_X=params.normalize_x, NORMALIZE_W=params.normalize_w,
-        HAS_BIAS=bias is not None, HAS_INDEX=class_index is not None,
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
         DOT_FP32=fp32_operands, INPUT_PRECISION=input_precision,
     )
