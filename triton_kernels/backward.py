@@ -30,7 +30,6 @@ from .backward_common import (
     _tile_grads,
     gradient_buffers,
     kernel_arguments,
-    optional_inputs,
     zero_gradients,
 )
 from .common import (
@@ -43,6 +42,7 @@ from .common import (
     default_tiles,
     dot_in_fp32,
     launch,
+    optional_inputs,
 )
 from .lse_forward import num_classes_in_use
 from .optim_update import UpdateArguments, _update_rows, no_update

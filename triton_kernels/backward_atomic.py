@@ -25,8 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward_common import BackwardInputs, _load_row_terms, _tile_grads, kernel_arguments, optional_inputs
-from .common import TileConfig, _block_range, _class_block, _load_tile, _mma, _routed, default_tiles, launch
+from .backward_common import BackwardInputs, _load_row_terms, _tile_grads, kernel_arguments
+from .common import (
+    TileConfig,
+    _block_range,
+    _class_block,
+    _load_tile,
+    _mma,
+    _routed,
+    default_tiles,
+    launch,
+    optional_inputs,
+)
 from .lse_forward import num_classes_in_use
 
 __all__ = ["margin_lse_bwd_atomic"]

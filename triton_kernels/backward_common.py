@@ -17,7 +17,7 @@ from fused_margin.spec import NonTargetKind
 
 from .common import IGNORED, _curricular_terms, _non_target, _non_target_grad, _subcenter_cosines, dot_in_fp32
 
-__all__ = ["BackwardInputs", "KernelArguments", "gradient_buffers", "kernel_arguments", "optional_inputs", "zero_gradients"]
+__all__ = ["BackwardInputs", "KernelArguments", "gradient_buffers", "kernel_arguments", "zero_gradients"]
 
 
 @triton.jit
@@ -116,21 +116,12 @@ def gradient_buffers(
     return grad_w, grad_bias
 
 
-def _given(name: str):
-    return lambda args: args[name] is not None
-
-
-#: the flags of the optional inputs, derived from their pointers (None when absent); the
-#: forward's kernel (``lse_forward.py``) takes them the same way
-optional_inputs = triton.heuristics({"HAS_BIAS": _given("bias_ptr"), "HAS_INDEX": _given("class_index_ptr")})
-
-
 @dataclass(frozen=True)
 class KernelArguments:
     """The arguments the backward kernels share, each field named as the kernels name
     the parameter (:meth:`for_kernel` passes those a kernel declares, by keyword). The
     six (B,)-or-(C,) vectors are contiguous fp32; an absent optional tensor is None,
-    from which ``triton.heuristics`` (:data:`optional_inputs`) derives the kernel's
+    from which ``triton.heuristics`` (:data:`~.common.optional_inputs`) derives the kernel's
     ``HAS_BIAS`` / ``HAS_INDEX``, and ``threshold_ptr`` is None unless the transform
     reads it (CurricularFace)."""
 

@@ -43,7 +43,6 @@ from .backward_common import (
     _tile_grads,
     gradient_buffers,
     kernel_arguments,
-    optional_inputs,
     zero_gradients,
 )
 from .common import (
@@ -57,6 +56,7 @@ from .common import (
     _routed,
     default_tiles,
     launch,
+    optional_inputs,
 )
 from .lse_forward import num_classes_in_use
 from .optim_update import UpdateArguments, _update_rows, no_update, step_with_zero_gradient

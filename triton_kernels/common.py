@@ -26,6 +26,7 @@ __all__ = [
     "dot_in_fp32",
     "interpreting",
     "num_programs_target",
+    "optional_inputs",
 ]
 
 NORM_EPS = tl.constexpr(1e-12)
@@ -396,3 +397,13 @@ def _subcenter_cosines(
         u = tl.where(better, uk, u)
         best = tl.where(better, k, best)
     return u, best
+
+
+def _given(name: str):
+    return lambda args: args[name] is not None
+
+
+#: the flags of a kernel's optional inputs (``bias_ptr``, ``class_index_ptr``), derived by
+#: ``triton.heuristics`` from their pointers: None when absent, which the JIT specializes as
+#: a constexpr; the forward's and every backward's kernel take them this way
+optional_inputs = triton.heuristics({"HAS_BIAS": _given("bias_ptr"), "HAS_INDEX": _given("class_index_ptr")})

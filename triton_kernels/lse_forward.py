@@ -19,7 +19,6 @@ import triton.language as tl
 from fused_margin.kernel_params import KernelParams
 from fused_margin.spec import NonTargetKind
 
-from .backward_common import optional_inputs
 from .common import (
     IGNORED,
     NORM_EPS,
@@ -33,6 +32,7 @@ from .common import (
     default_tiles,
     dot_in_fp32,
     launch,
+    optional_inputs,
 )
 
 __all__ = ["margin_lse_fwd"]
