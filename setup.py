@@ -17,7 +17,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -79,7 +79,8 @@ def _extension_kwargs() -> dict:
 
 
 setup(
-    packages=["fused_margin", "fused_margin.heads", "fused_margin.backends", "fused_margin.triton_kernels"],
+    # every package below fused_margin/, and the kernels' package (triton_kernels/ in the tree)
+    packages=[*find_packages(include=["fused_margin", "fused_margin.*"]), "fused_margin.triton_kernels"],
     package_dir={"fused_margin.triton_kernels": "triton_kernels"},
     **_extension_kwargs(),
 )
