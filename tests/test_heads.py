@@ -171,6 +171,17 @@ def test_user_head_from_a_factory():
     with pytest.raises(TypeError, match=r"must take named arguments only"):
         type("Bad", (fm.SpecHead,), {}, factory=lambda **kw: _toy_spec(**kw))
 
+    def shadowing(weight: float = 1.0, forward: float = 0.0) -> MarginSpec:
+        return MarginSpec.normface(weight)
+
+    with pytest.raises(TypeError, match=r"the keywords \['forward', 'weight'\] of shadowing would hide attributes"):
+        type("Bad", (fm.SpecHead,), {}, factory=shadowing)
+    renamed = type("Renamed", (fm.SpecHead,), {}, factory=shadowing,
+                   renames={"weight": "weight_scale", "forward": "offset"})
+    head = renamed(4, 2, weight_scale=3.0)
+    assert head.weight.shape == (4, 2) and (head.weight_scale, head.offset) == (3.0, 0.0)
+    assert head.spec() == MarginSpec.normface(3.0)
+
 
 def test_adaface_margin_follows_norm_statistics():
     head = fm.AdaFaceLoss(5, 4, dtype=torch.float64)

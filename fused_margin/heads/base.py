@@ -184,6 +184,8 @@ def _keyword_only(signature: inspect.Signature) -> dict[str, _Parameter]:
 
 #: MarginHead's own keyword arguments (after ``num_classes`` and ``embedding_size``)
 _HEAD_KEYWORDS = _keyword_only(inspect.signature(MarginHead.__init__))
+#: the attributes every head sets on itself, which a margin keyword must not replace
+_HEAD_ATTRIBUTES = {"num_classes", "embedding_size", "weight", "bias", "step", "training"}
 
 
 class SpecHead(MarginHead):
@@ -236,6 +238,11 @@ class SpecHead(MarginHead):
             cls._margin_keywords = {
                 name: p.replace(name=name, kind=_Parameter.KEYWORD_ONLY) for name, p in named.items()
             }
+            taken = sorted(n for n in cls._margin_keywords
+                           if n not in _HEAD_KEYWORDS and (n in _HEAD_ATTRIBUTES or hasattr(cls, n)))
+            if taken:
+                raise TypeError(f"{cls.__name__}: the keywords {taken} of {factory.__name__} would hide attributes "
+                                "of the head; rename them (renames={factory argument: head keyword})")
         elif not hasattr(cls, "_factory"):
             return  # an abstract base
         unknown = sorted(set(defaults) - set(cls._margin_keywords) - set(_HEAD_KEYWORDS))
