@@ -236,8 +236,7 @@ def margin_lse_bwd(
         return margin_lse_bwd_gemm(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32,
                                    update=update)
     if batch == 0 or num_classes == 0:
-        grad_x, grad_w, grad_b = zero_gradients(x, weight, bias)
-        return grad_x, None if update is not None else grad_w, grad_b
+        return zero_gradients(x, weight, bias, fused_update=update is not None)
     grad_w, grad_bias_acc = gradient_buffers(weight, bias, class_index, fused_update=update is not None)
 
     args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)

@@ -95,10 +95,13 @@ class BackwardInputs:
 
 
 def zero_gradients(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The gradients of a problem without rows or without classes: zeros."""
-    return torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, fused_update: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of a problem without rows or without classes: zeros. With
+    ``fused_update`` there is no gradient of W's shape (None), as in
+    :func:`gradient_buffers`."""
+    grad_w = None if fused_update else torch.zeros_like(weight)
+    return torch.zeros_like(x), grad_w, None if bias is None else torch.zeros_like(bias)
 
 
 def gradient_buffers(

@@ -282,8 +282,7 @@ def margin_lse_bwd_gemm(
     if batch == 0 or num_classes == 0:
         if update is not None:  # dW = 0: weight decay and momentum still move the rows in use
             step_with_zero_gradient(update, weight, class_index, k)
-        grad_x, grad_w, grad_b = zero_gradients(x, weight, bias)
-        return grad_x, None if update is not None else grad_w, grad_b
+        return zero_gradients(x, weight, bias, fused_update=update is not None)
     grad_w, grad_bias = gradient_buffers(weight, bias, class_index, fused_update=update is not None)
 
     args = kernel_arguments(inputs, input_precision=input_precision, grad_dot_fp32=grad_dot_fp32)
