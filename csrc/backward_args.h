@@ -24,6 +24,7 @@ namespace fused_margin {
 struct FusedUpdate {
   UpdateScalars scalars;
   std::vector<at::Tensor> state;  // UpdateScalars::num_state() tensors of weight's shape and dtype, written
+  at::Tensor guard;               // int32 (2,) on weight's device: {status, written} (optim_update.h)
 };
 
 struct BackwardArgs {
@@ -69,7 +70,7 @@ inline bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 // The fused update's arguments (the state tensors and the flat scalars of
 // WeightUpdate.scalars()), checked against the weight.
 inline FusedUpdate fused_update(const InputChecks& checks, const at::Tensor& weight, at::TensorList state,
-                                c10::ArrayRef<double> scalars) {
+                                c10::ArrayRef<double> scalars, const at::Tensor& guard) {
   const char* backend = checks.backend;
   TORCH_CHECK(static_cast<int64_t>(scalars.size()) == kUpdateScalarCount, "fused_margin ", backend,
               " backend: update must hold the ", kUpdateScalarCount, " scalars of WeightUpdate.scalars(), got ",
@@ -93,7 +94,12 @@ inline FusedUpdate fused_update(const InputChecks& checks, const at::Tensor& wei
   TORCH_CHECK(static_cast<int64_t>(state.size()) == s.num_state(), "fused_margin ", backend, " backend: state must hold ",
               s.num_state(), " tensor(s) for this update (", s.kind == kUpdateAdam ? "exp_avg, exp_avg_sq" :
               (s.num_state() == 1 ? "momentum_buffer" : "plain SGD keeps none"), "), got ", state.size());
-  FusedUpdate update{s, {}};
+  TORCH_CHECK(guard.scalar_type() == at::kInt && guard.dim() == 1 && guard.numel() == kGuardSize &&
+                  guard.is_contiguous() && guard.device() == weight.device(),
+              "fused_margin ", backend, " backend: guard must be a contiguous int32 tensor of shape (", kGuardSize,
+              ",) on ", weight.device(), ", got ", guard.scalar_type(), " of shape ", guard.sizes(), " on ",
+              guard.device());
+  FusedUpdate update{s, {}, guard};
   for (size_t i = 0; i < state.size(); ++i) {
     const at::Tensor& t = state[i];
     TORCH_CHECK(t.device() == weight.device(), "fused_margin ", backend, " backend: state[", i, "] must be on ",

@@ -48,11 +48,13 @@ TORCH_LIBRARY(fused_margin_C, m) {
   // updated in place, chunk by chunk as each chunk's weight gradient is formed, by the rule
   // whose scalars `update` lists (WeightUpdate.scalars()); no weight gradient is formed or
   // returned. class_index must not repeat a class. grad_bias is an empty tensor when bias
-  // is None.
+  // is None. `guard` (int32 (2,), on weight's device; see optim_update.h): a chunk whose
+  // gradient is not finite is not applied and stops every later write (guard[0]); guard[1]
+  // records whether any row was written.
   m.def(
       "margin_lse_bwd_update(Tensor grad_lse, Tensor grad_target_u, Tensor grad_sum, Tensor x, Tensor(a!) weight, "
       "Tensor labels, Tensor? bias, Tensor? class_index, Tensor? row_threshold, Tensor lse_neg, "
       "Tensor row_scale, Tensor col_scale, bool normalize_x, bool normalize_w, float scale, int kind, "
       "float alpha, float delta, float margin, int num_subcenters, Tensor(b!)[] state, float[] update, "
-      "int chunk_size=0) -> (Tensor grad_x, Tensor grad_bias)");
+      "Tensor(c!) guard, int chunk_size=0) -> (Tensor grad_x, Tensor grad_bias)");
 }

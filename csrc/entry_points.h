@@ -65,11 +65,12 @@ struct EntryPoints {
       const c10::optional<at::Tensor>& class_index, const c10::optional<at::Tensor>& row_threshold,
       const at::Tensor& lse_neg, const at::Tensor& row_scale, const at::Tensor& col_scale, bool normalize_x,
       bool normalize_w, double scale, int64_t kind, double alpha, double delta, double margin,
-      int64_t num_subcenters, at::TensorList state, c10::ArrayRef<double> update, int64_t chunk_size) {
+      int64_t num_subcenters, at::TensorList state, c10::ArrayRef<double> update, const at::Tensor& guard,
+      int64_t chunk_size) {
     BackwardArgs a = backward_args(Checks, grad_lse, grad_target_u, grad_sum, x, weight, labels, bias, class_index,
                                    row_threshold, lse_neg, row_scale, col_scale, normalize_x, normalize_w, scale,
                                    kind, alpha, delta, margin, num_subcenters, chunk_size);
-    a.update = fused_update(Checks, weight, state, update);
+    a.update = fused_update(Checks, weight, state, update, guard);
     auto [grad_x, grad_weight, grad_bias] = Backward(a);
     return {grad_x, grad_bias};
   }

@@ -17,6 +17,17 @@ namespace fused_margin {
 // Must match fused_margin.optim.update.UPDATE_SGD / UPDATE_ADAM.
 enum UpdateKind : int64_t { kUpdateSgd = 1, kUpdateAdam = 2 };
 
+// The guard of a fused update (fused_margin/optim/update.py): an int32 pair on the
+// weight's device. guard[kGuardStatus] is 0 while every gradient met was finite; a chunk
+// whose gradient is not is not applied and sets kGuardNonFiniteGradient, and nothing is
+// written once the status is non-zero (the caller may set kGuardNonFiniteInputs before
+// the call). guard[kGuardWritten] becomes 1 with the first weight row written.
+constexpr int64_t kGuardSize = 2;
+constexpr int64_t kGuardStatus = 0;
+constexpr int64_t kGuardWritten = 1;
+constexpr int32_t kGuardNonFiniteGradient = 1;
+constexpr int32_t kGuardNonFiniteInputs = 2;
+
 // The number of scalars of WeightUpdate.scalars().
 constexpr int64_t kUpdateScalarCount = 14;
 

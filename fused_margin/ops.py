@@ -263,7 +263,16 @@ def _backward(ctx, grad_lse, grad_target_u, grad_sum, _grad_argmax, _grad_r, _gr
         *values(grads), *values(saved), *values(ctx.params), *values(ctx.options),
         *values(FusedUpdateInputs(target_u)),
     )
-    grad_w = None if ctx.options.optimizer else grad_w
+    if ctx.options.optimizer:
+        grad_w = None
+        if torch.compiler.is_compiling():
+            # While a compiled graph's backward is traced, the op is not run: say here what it
+            # does at run time (it writes the weight), so that another node of the graph
+            # that saved the weight and is traced after this one fails to compile with
+            # PyTorch's "modified by an inplace operation" error instead of reading a weight
+            # that the compiled backward may already have updated. (At run time the op
+            # itself tells autograd, when it writes.)
+            torch.autograd.graph.increment_version(weight)
     num_inputs = len(_FORWARD_INPUTS) + len(fields(KernelParams)) + len(fields(OpOptions))
     return (grad_x, grad_w, None, grad_b if bias is not None else None) + (None,) * (num_inputs - 4)
 

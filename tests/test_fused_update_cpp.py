@@ -18,7 +18,7 @@ import torch
 from fused_margin import _ext
 from fused_margin.backends.cpu import BACKEND
 from fused_margin.kernel_params import KernelParams, acc_dtype, values
-from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate
+from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate, new_guard
 from fused_margin.spec import NonTargetKind
 from tests.utils import (
     FusedUpdateProblem,
@@ -241,8 +241,11 @@ def test_bad_update_arguments_raise_naming_them():
             _run(problem, update)
     with pytest.raises(RuntimeError, match="update must hold the 14 scalars"):
         _ext.ops().margin_lse_bwd_update(
-            *values(problem.grads), *values(problem.saved), *values(problem.params), [], [1.0, 0.1], 0,
+            *values(problem.grads), *values(problem.saved), *values(problem.params), [], [1.0, 0.1],
+            new_guard("cpu"), 0,
         )
+    with pytest.raises(RuntimeError, match=r"guard must be a contiguous int32 tensor of shape \(2,\)"):
+        _run(problem, WeightUpdate(**UPDATES["sgd"], guard=torch.zeros(2, dtype=torch.int64)))
     assert torch.equal(w, w_before), "a refused update moved the weight"
 
 
@@ -266,6 +269,6 @@ def test_schema_declares_the_mutation():
     fields = UPDATES["adamw_maximize"]
     state = random_state(fields, problem.saved.weight)
     args = (*values(problem.grads), *values(problem.saved), *values(problem.params), list(state),
-            list(WeightUpdate(**fields).scalars()), 4)
+            list(WeightUpdate(**fields).scalars()), new_guard("cpu"), 4)
     torch.library.opcheck(torch.ops.fused_margin_C.margin_lse_bwd_update.default, args,
                           test_utils=("test_schema",))

@@ -21,7 +21,7 @@ from fused_margin.backends import get_backend
 from fused_margin.backends.reference import ReferenceBackend
 from fused_margin.kernel_params import IGNORED_LABEL, KernelParams, SavedTensors, UpstreamGrads
 from fused_margin.optim import _backward
-from fused_margin.optim.update import apply_update_
+from fused_margin.optim.update import GUARD_NON_FINITE_GRADIENT, apply_update_
 from fused_margin.reference import margin_lse_terms, reference_backward
 from tests.utils import HEAD_SPECS, assert_rel_close, rows_in_use
 
@@ -219,6 +219,12 @@ class _UpdatingReference(ReferenceBackend):
             return grad_x, grad_w, grad_b
         self.calls += 1
         rows = rows_in_use(saved.weight, saved.class_index, params.num_subcenters)
+        # the guard (fused_margin.optim.update): nothing written once its status is set or
+        # when the gradient is not finite
+        if int(update.guard[0]) or not bool(torch.isfinite(grad_w[rows]).all()):
+            update.guard[0] |= GUARD_NON_FINITE_GRADIENT
+            return grad_x, None, grad_b
+        update.guard[1] = 1
         w = saved.weight.index_select(0, rows)
         state = tuple(s.index_select(0, rows) for s in update.state)
         apply_update_(update, w, state, grad_w.index_select(0, rows).float())

@@ -45,20 +45,22 @@ from .common import (
     optional_inputs,
 )
 from .lse_forward import num_classes_in_use
-from .optim_update import UpdateArguments, _update_rows, no_update
+from .optim_update import UpdateArguments, _flag_non_finite, _update_rows, no_update
 
 __all__ = ["margin_lse_bwd"]
 
 
 @optional_inputs
+@triton.heuristics({"GUARDED": lambda args: args["guard_ptr"] is not None})
 @triton.jit
 def _margin_lse_bwd_dx_kernel(
     # pointers: inputs
     x_ptr, w_ptr, labels_ptr, bias_ptr, class_index_ptr, threshold_ptr,
     # pointers: upstream gradients (B,) and saved forward results
     grad_lse_ptr, grad_target_ptr, grad_sum_ptr, lse_ptr, row_scale_ptr, col_scale_ptr,
-    # pointers: outputs, fp32 partials G_x (splits, B, D) and rho (splits, B)
-    gx_partial_ptr, rho_partial_ptr,
+    # pointers: outputs, fp32 partials G_x (splits, B, D) and rho (splits, B); a fused
+    # update's guard (optim_update.py), None without one
+    gx_partial_ptr, rho_partial_ptr, guard_ptr,
     # sizes
     B, C, D, blocks_per_split,
     # strides
@@ -67,7 +69,7 @@ def _margin_lse_bwd_dx_kernel(
     scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, GUARDED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_FP32: tl.constexpr, GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -91,6 +93,10 @@ def _margin_lse_bwd_dx_kernel(
             (scale, alpha, delta, margin), K, KIND, NORMALIZE_W, BLOCK_B, BLOCK_C, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         )
         rho += tl.sum(du * u, axis=1)
+        if GUARDED:
+            # this kernel forms every dU before the dW kernel runs: a non-finite one stops
+            # every write of the update (one D slice checks)
+            _flag_non_finite(du, mask_b[:, None] & mask_c[None, :] & (pid_d == 0), guard_ptr)
         for k in range(K):
             routed = _routed(du, best, k, K)
             if NORMALIZE_W:
@@ -128,8 +134,8 @@ def _margin_lse_bwd_dw_kernel(
     # a fused optimizer step (optim_update.py; UPDATE = 0: write dW to grad_w instead):
     # its state (W's shape), strides and scalars. Only with one program per class block
     # (K = 1, BLOCK_DO >= D): a program recomputes its logits from all of its rows of W,
-    # so no other program may update them meanwhile.
-    state1_ptr, state2_ptr, stride_sr, stride_sd,
+    # so no other program may update them meanwhile. The guard: optim_update.py.
+    state1_ptr, state2_ptr, stride_sr, stride_sd, guard_ptr,
     lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
     step_size, bias_correction2_sqrt,
     UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
@@ -178,7 +184,7 @@ def _margin_lse_bwd_dw_kernel(
     else:  # the step on this program's rows of W (and their state) instead of storing dW
         _update_rows(
             acc, own_rows, offs_do, mask_c[:, None] & mask_do[None, :],
-            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd,
+            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd, guard_ptr,
             lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2,
             eps, step_size, bias_correction2_sqrt,
             UPDATE, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, FIRST_STEP, DECOUPLED,
@@ -253,6 +259,7 @@ def margin_lse_bwd(
     launch(
         _margin_lse_bwd_dx_kernel, grid, tiles,
         **args.for_kernel(_margin_lse_bwd_dx_kernel), gx_partial_ptr=gx_partial, rho_partial_ptr=rho_partial,
+        guard_ptr=None if update is None else update.guard_ptr,
         B=batch, C=num_classes, D=dim, blocks_per_split=blocks_per_split,
         BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d, BLOCK_DO=tiles.block_do,
     )

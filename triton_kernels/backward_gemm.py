@@ -59,7 +59,7 @@ from .common import (
     optional_inputs,
 )
 from .lse_forward import num_classes_in_use
-from .optim_update import UpdateArguments, _update_rows, no_update, step_with_zero_gradient
+from .optim_update import UpdateArguments, _flag_non_finite, _update_rows, no_update, step_with_zero_gradient
 
 __all__ = ["GEMM_WORKSPACE_BYTES", "margin_lse_bwd_gemm"]
 
@@ -80,6 +80,7 @@ def _weight_rows(local_rows, mask, c_begin, class_index_ptr, K: tl.constexpr, HA
 
 
 @optional_inputs
+@triton.heuristics({"GUARDED": lambda args: args["guard_ptr"] is not None})
 @triton.jit
 def _dot_grad_kernel(
     # pointers: inputs
@@ -87,8 +88,9 @@ def _dot_grad_kernel(
     # pointers: upstream gradients (B,) and saved forward results
     grad_lse_ptr, grad_target_ptr, grad_sum_ptr, lse_ptr, row_scale_ptr, col_scale_ptr,
     # pointers: outputs: M (B, chunk_rows) in the GEMM dtype; fp32 partial sums rho
-    # (class blocks, B), kappa (row blocks, chunk_rows), bias gradient (row blocks, chunk classes)
-    dot_grad_ptr, rho_partial_ptr, kappa_partial_ptr, bias_partial_ptr,
+    # (class blocks, B), kappa (row blocks, chunk_rows), bias gradient (row blocks, chunk classes);
+    # a fused update's guard (optim_update.py), None without one
+    dot_grad_ptr, rho_partial_ptr, kappa_partial_ptr, bias_partial_ptr, guard_ptr,
     # sizes: the chunk is classes [c_begin, c_begin + chunk_classes) of the C in use
     B, D, c_begin, chunk_classes,
     # strides
@@ -97,7 +99,7 @@ def _dot_grad_kernel(
     scale, alpha, delta, margin,
     # meta
     K: tl.constexpr, KIND: tl.constexpr, NORMALIZE_X: tl.constexpr, NORMALIZE_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, GUARDED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -131,10 +133,12 @@ def _dot_grad_kernel(
         if NORMALIZE_W:
             q = tl.load(col_scale_ptr + offs_c.to(tl.int64) * K + k, mask=mask_c, other=0.0)
             routed_r = routed_r * q[None, :]
-        tl.store(
-            out + local_rows[None, :], routed_r.to(dot_grad_ptr.dtype.element_ty),
-            mask=mask_b[:, None] & mask_c[None, :],
-        )
+        m = routed_r.to(dot_grad_ptr.dtype.element_ty)
+        tl.store(out + local_rows[None, :], m, mask=mask_b[:, None] & mask_c[None, :])
+        if GUARDED:
+            # the chunk's whole M is checked before its dW kernel runs: a non-finite entry
+            # (or one that overflowed the workspace dtype) stops every write of the update
+            _flag_non_finite(m, mask_b[:, None] & mask_c[None, :], guard_ptr)
 
 
 @triton.heuristics({"HAS_INDEX": lambda args: args["class_index_ptr"] is not None})
@@ -196,8 +200,8 @@ def _gemm_dw_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     GRAD_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     # a fused optimizer step (optim_update.py; UPDATE = 0: write dW to grad_w instead):
-    # its state (W's shape), strides and scalars
-    state1_ptr, state2_ptr, stride_sr, stride_sd,
+    # its state (W's shape), strides, guard (optim_update.py) and scalars
+    state1_ptr, state2_ptr, stride_sr, stride_sd, guard_ptr,
     lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
     step_size, bias_correction2_sqrt,
     UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
@@ -231,7 +235,7 @@ def _gemm_dw_kernel(
     else:  # the step on this tile of W (and its state) instead of storing dW
         _update_rows(
             acc, rows, offs_n, mask_r[:, None] & mask_n[None, :],
-            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd,
+            w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd, guard_ptr,
             lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2,
             eps, step_size, bias_correction2_sqrt,
             UPDATE, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, FIRST_STEP, DECOUPLED,
@@ -330,6 +334,7 @@ def margin_lse_bwd_gemm(
             _dot_grad_kernel, (row_blocks, triton.cdiv(chunk_classes, t_logits.block_c)), t_logits,
             **args.for_kernel(_dot_grad_kernel), dot_grad_ptr=dot_grad, rho_partial_ptr=rho_partial,
             kappa_partial_ptr=kappa_partial, bias_partial_ptr=bias_partial,
+            guard_ptr=None if update is None else update.guard_ptr,
             B=batch, D=dim, c_begin=c_begin, chunk_classes=chunk_classes,
             BLOCK_B=t_logits.block_b, BLOCK_C=t_logits.block_c, BLOCK_D=t_logits.block_d,
         )

@@ -88,7 +88,7 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, 
     grad_dot_fp32 = dot_fp32 or grad_fp32
     fp32_operands = dot_fp32 if kernel in ("forward", "gemm_logits") else grad_dot_fp32
     operands = "16" if not fp32_operands else ("ieee" if precision == "ieee" else "tf32")
-    tiles_key = f"{kernel}_update" if update is not None else kernel
+    tiles_key = f"{kernel}_update" if update is not None and kernel in ("dw", "gemm_dw") else kernel
     block_b, block_c, block_d, block_do, num_warps, num_stages = _GPU_TILES[(tiles_key, operands)]
     constants = dict(
         K=k, KIND=kind, NORMALIZE_X=normalize_x, NORMALIZE_W=normalize_w, HAS_BIAS=bias, HAS_INDEX=index,
@@ -127,7 +127,7 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, 
         else:
             fn = _margin_lse_bwd_dw_kernel
             pointers.update(grad_w_ptr=f"*{w_dtype}", grad_bias_ptr="*fp32")
-    if isinstance(fn, Heuristics):  # HAS_BIAS / HAS_INDEX from the pointers: given below
+    while isinstance(fn, Heuristics):  # HAS_BIAS / HAS_INDEX / GUARDED from the pointers: given below
         fn = fn.fn
     # absent optional tensors are None, which the JIT specializes as constexpr None
     absent = [] if bias else ["bias_ptr", "bias_partial_ptr", "grad_bias_ptr"]
@@ -135,6 +135,15 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, 
     absent += [] if kind == int(NonTargetKind.CURRICULAR) else ["threshold_ptr"]  # read by CurricularFace only
     absent += ["grad_w_ptr"] if update is not None else []
     constants.update({name: None for name in absent if name in fn.arg_names})
+    # a fused update's guard: checked by the kernels that form dU ('dx', 'gemm_logits'),
+    # and by the dW kernels before they write
+    if "guard_ptr" in fn.arg_names:
+        if update is None:
+            constants["guard_ptr"] = None
+        else:
+            pointers["guard_ptr"] = "*i32"
+    if "GUARDED" in fn.arg_names:
+        constants["GUARDED"] = update is not None
     if kernel in ("dw", "gemm_dw"):
         name, state_dtype = update or ("none", None)
         constants.update(UPDATES.get(name, _NO_UPDATE))
@@ -203,7 +212,7 @@ def _compiled_variants(arch: int, variants: list[tuple] | None):
     for kernel in KERNELS:
         for variant in variants or VARIANTS:
             yield kernel, variant, _compile(kernel, variant, target)
-        if kernel in ("dw", "gemm_dw") and variants is None:
+        if kernel in ("dx", "dw", "gemm_logits", "gemm_dw") and variants is None:
             for variant, update, state_dtype in UPDATE_VARIANTS:
                 yield kernel, (*variant, update), _compile(kernel, variant, target, (update, state_dtype))
 

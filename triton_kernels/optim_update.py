@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_margin.optim.update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate, apply_update_
+from fused_margin.optim.update import (
+    GUARD_NON_FINITE_GRADIENT,
+    UPDATE_ADAM,
+    UPDATE_SGD,
+    WeightUpdate,
+    apply_update_,
+    new_guard,
+)
 
 __all__ = ["NO_UPDATE", "UpdateArguments", "no_update", "step_with_zero_gradient", "update_arguments"]
 
@@ -27,6 +34,7 @@ __all__ = ["NO_UPDATE", "UpdateArguments", "no_update", "step_with_zero_gradient
 NO_UPDATE = 0
 _SGD = tl.constexpr(UPDATE_SGD)
 _ADAM = tl.constexpr(UPDATE_ADAM)
+GUARD_GRADIENT = tl.constexpr(GUARD_NON_FINITE_GRADIENT)
 
 
 @triton.jit
@@ -78,9 +86,19 @@ def _apply_update(
 
 
 @triton.jit
+def _flag_non_finite(values, mask, guard_ptr):
+    """The guard's check (:mod:`fused_margin.optim.update`): sets its status when a value
+    of ``values`` within ``mask`` is not finite; returns whether all were finite."""
+    bad = tl.sum(tl.where(mask & ~(tl.abs(values.to(tl.float32)) < float("inf")), 1, 0))
+    if bad > 0:
+        tl.atomic_or(guard_ptr, GUARD_GRADIENT)
+    return bad == 0
+
+
+@triton.jit
 def _update_rows(
     g, rows, offs_d, mask,
-    w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd,
+    w_ptr, stride_wr, stride_wd, state1_ptr, state2_ptr, stride_sr, stride_sd, guard_ptr,
     lr, weight_decay, decay_factor, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
     step_size, bias_correction2_sqrt,
     UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
@@ -88,7 +106,15 @@ def _update_rows(
 ):
     """One step on the tile of weight rows ``rows`` (int64) x columns ``offs_d`` (``mask``)
     with gradient ``g`` (fp32): loads the weights and the state the update has (a state
-    pointer it lacks is None, never touched), and stores them back in their dtypes."""
+    pointer it lacks is None, never touched), and stores them back in their dtypes.
+    Nothing is stored when ``g`` is not finite or the guard's status is already set (by
+    an earlier check, or another program); a store marks the guard's ``written``."""
+    # an atomic read: the status other programs of this launch may have set meanwhile
+    status = tl.atomic_add(guard_ptr, 0)
+    write = _flag_non_finite(g, mask, guard_ptr) & (status == 0)
+    if write:
+        tl.store(guard_ptr + 1, 1)
+    mask = tl.where(write, mask, False)  # (`mask & write` gives an integer mask in the interpreter)
     w_ptrs = w_ptr + rows[:, None] * stride_wr + offs_d[None, :] * stride_wd
     w = tl.load(w_ptrs, mask=mask, other=0.0)
     s1 = w
@@ -126,6 +152,8 @@ class UpdateArguments:
     state2_ptr: torch.Tensor | None
     stride_sr: int
     stride_sd: int
+    #: the update's guard (int32 (2,): status, written), None without an update
+    guard_ptr: torch.Tensor | None
     lr: float
     weight_decay: float
     decay_factor: float
@@ -152,7 +180,7 @@ class UpdateArguments:
 def no_update() -> UpdateArguments:
     """The arguments of a kernel that writes dW (UPDATE = 0: the rest is unread)."""
     return UpdateArguments(
-        None, None, None, 0, 0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, NO_UPDATE,
+        None, None, None, 0, 0, None, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, NO_UPDATE,
         False, False, False, False, False, False,
     )
 
@@ -200,10 +228,16 @@ def update_arguments(update: WeightUpdate, weight: torch.Tensor) -> UpdateArgume
     if update.kind == UPDATE_ADAM and (update.bias_correction1 == 0 or update.bias_correction2_sqrt == 0):
         raise ValueError(f"update.bias_correction1 and update.bias_correction2_sqrt must be nonzero, got "
                          f"{update.bias_correction1!r} and {update.bias_correction2_sqrt!r}")
+    guard = update.guard
+    if guard is None:
+        guard = new_guard(weight.device)
+    elif guard.dtype != torch.int32 or guard.shape != (2,) or not guard.is_contiguous() or guard.device != weight.device:
+        raise ValueError(f"update.guard must be a contiguous int32 tensor of shape (2,) on {weight.device}, got "
+                         f"{guard.dtype} of shape {tuple(guard.shape)} on {guard.device}")
     s1 = state[0] if state else None
     s2 = state[1] if len(state) > 1 else None
     return UpdateArguments(
-        update, s1, s2, s1.stride(0) if state else 0, s1.stride(1) if state else 0,
+        update, s1, s2, s1.stride(0) if state else 0, s1.stride(1) if state else 0, guard,
         float(update.lr), float(update.weight_decay), float(1 - update.lr * update.weight_decay),
         float(update.momentum), float(1 - update.dampening),
         float(update.beta2), float(1 - update.beta1), float(1 - update.beta2), float(update.eps),
@@ -221,6 +255,9 @@ def step_with_zero_gradient(
     and momentum still move the weight rows in use), through the PyTorch rule
     :func:`~fused_margin.optim.update.apply_update_`, a bounded chunk of rows at a time."""
     update = args.update
+    if int(args.guard_ptr[0]) != 0:  # non-finite inputs: nothing is written (B = 0: a rare, cheap sync)
+        return
+    args.guard_ptr[1] = 1
     if class_index is None:
         rows = torch.arange(weight.shape[0], device=weight.device)
     else:

@@ -344,6 +344,14 @@ void update_rows(const UpdateRule<T>& rule, const T* grad, int64_t rows, int64_t
   }
 }
 
+// Whether the n values at p are all finite (the fused update's check of a chunk's gradient).
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);  // branch-free
+  return finite;
+}
+
 template <typename T>
 BackwardOutputs backward_impl(const BackwardArgs& a) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
@@ -373,6 +381,12 @@ BackwardOutputs backward_impl(const BackwardArgs& a) {
               "is updated once, with its whole gradient)");
   c10::optional<UpdateRule<T>> rule;
   if (fused) rule = UpdateRule<T>::make(a.update->scalars);
+  // The guard (optim_update.h): each chunk's gradient is checked before its rows are
+  // written; a non-finite one is not applied, and no chunk is written after it. Chunks of
+  // other groups may already have been (guard[kGuardWritten] says so).
+  int32_t* guard = fused ? a.update->guard.data_ptr<int32_t>() : nullptr;
+  std::atomic<int32_t> status{fused ? guard[kGuardStatus] : 0};
+  std::atomic<bool> wrote{false};
   const c10::optional<Tensor> bias = bias_in_use(bias_in, class_index, acc);
   c10::optional<Tensor> threshold;
   if (a.row_threshold.has_value()) threshold = as_acc(*a.row_threshold);
@@ -445,8 +459,14 @@ BackwardOutputs backward_impl(const BackwardArgs& a) {
         if (fused) {
           // The chunk's rows are done with (dX and dW above read them): update them, and
           // their state, in place. Chunks own disjoint rows, so threads never meet.
+          if (status.load() != 0) continue;
+          if (!all_finite(dw.data_ptr<T>(), rows * dim)) {
+            status.fetch_or(kGuardNonFiniteGradient);
+            continue;
+          }
           Tensor ids;
           if (class_index.has_value()) ids = chunk_rows.row_ids(c0, n).contiguous();
+          wrote.store(true);
           update_rows<T>(*rule, dw.data_ptr<T>(), rows, dim, ids.defined() ? ids.data_ptr<int64_t>() : nullptr,
                          c0 * k, a.weight, a.update->state);
         } else if (use_dw_buffer) {
@@ -460,6 +480,11 @@ BackwardOutputs backward_impl(const BackwardArgs& a) {
       }
     }
   });
+
+  if (fused) {
+    guard[kGuardStatus] = status.load();
+    if (wrote.load()) guard[kGuardWritten] = 1;
+  }
 
   // dX = the groups' partials summed in group order, then the folded-norm projection.
   // One parallel region over rows (not one per partial: each region ends on a barrier,

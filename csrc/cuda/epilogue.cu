@@ -364,23 +364,53 @@ __global__ void project_rows_kernel(const A* g, const V* v, const A* inv_norm, i
   }
 }
 
-// One warp per row: the projection's dot product, then the update of each element.
+// The coefficient of the tangent projection of row i's gradient (0 without one): the
+// warp's dot product, the same arithmetic in check_rows_kernel and update_rows_kernel, so
+// that the check sees exactly the gradient that the update applies.
+template <typename A, typename V>
+__device__ A projection_coef(const UpdateRowsArgs& a, int64_t i, int lane) {
+  const A* inv_norm = static_cast<const A*>(a.inv_norm);
+  if (inv_norm == nullptr) return A(0);
+  const A* gi = static_cast<const A*>(a.grad) + i * a.dim;
+  const V* vi = static_cast<const V*>(a.rows) + i * a.dim;
+  A dot = A(0);
+  for (int64_t d = lane; d < a.dim; d += 32) dot += gi[d] * load<A>(vi, d);
+  dot = warp_sum(dot);
+  return dot * inv_norm[i] * inv_norm[i];
+}
+
+// One warp per row: is every element of the projected gradient finite?
+template <typename A, typename V>
+__global__ void check_rows_kernel(UpdateRowsArgs a) {
+  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= a.n) return;
+  const int lane = threadIdx.x % 32;
+  const A coef = projection_coef<A, V>(a, i, lane);
+  const A* gi = static_cast<const A*>(a.grad) + i * a.dim;
+  const V* vi = static_cast<const V*>(a.rows) + i * a.dim;
+  bool finite = true;
+  for (int64_t d = lane; d < a.dim; d += 32) {
+    const A g = a.inv_norm != nullptr ? gi[d] - coef * load<A>(vi, d) : gi[d];
+    finite &= isfinite(g);
+  }
+  if (!finite) atomicOr(a.guard + kGuardStatus, kGuardNonFiniteGradient);
+}
+
+// One warp per row: the projection's dot product, then the update of each element
+// (nothing when the guard's status is set: by this chunk's check or an earlier one).
 template <typename A, typename V, typename S>
 __global__ void update_rows_kernel(UpdateRowsArgs a, UpdateRule<A> rule) {
   const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (i >= a.n) return;
+  // written only by kernels that completed before this one on the stream
+  if (*static_cast<volatile int32_t*>(a.guard + kGuardStatus) != 0) return;
   const int lane = threadIdx.x % 32;
+  if (i == 0 && lane == 0) a.guard[kGuardWritten] = 1;
   const int64_t dim = a.dim;
   const A* gi = static_cast<const A*>(a.grad) + i * dim;
   const V* vi = static_cast<const V*>(a.rows) + i * dim;
   const A* inv_norm = static_cast<const A*>(a.inv_norm);
-  A coef = A(0);
-  if (inv_norm != nullptr) {
-    A dot = A(0);
-    for (int64_t d = lane; d < dim; d += 32) dot += gi[d] * load<A>(vi, d);
-    dot = warp_sum(dot);
-    coef = dot * inv_norm[i] * inv_norm[i];
-  }
+  const A coef = projection_coef<A, V>(a, i, lane);
   const int64_t r = a.dst_rows != nullptr ? a.dst_rows[i] : a.first_row + i;
   S* w = static_cast<S*>(a.weight) + r * a.weight_stride[0];
   S* m = a.state[0] != nullptr ? static_cast<S*>(a.state[0]) + r * a.state_stride[0][0] : nullptr;
@@ -541,6 +571,18 @@ void project_rows(const void* g, const void* v, DType v_type, const void* inv_no
     });
   });
   check_launch("project_rows_kernel");
+}
+
+void check_rows(const UpdateRowsArgs& args, DType acc, cudaStream_t stream) {
+  if (args.n == 0 || args.dim == 0) return;
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    dispatch_storage(args.rows_type, [&](auto rows_tag) {
+      using V = decltype(rows_tag);
+      check_rows_kernel<A, V><<<blocks_for(args.n, kWarps), kThreads, 0, stream>>>(args);
+    });
+  });
+  check_launch("check_rows_kernel");
 }
 
 void update_rows(const UpdateRowsArgs& args, const UpdateScalars& update, DType acc, cudaStream_t stream) {

@@ -114,7 +114,12 @@ struct UpdateRowsArgs {
   int64_t weight_stride[2];
   void* state[2];            // momentum_buffer, or exp_avg and exp_avg_sq; nullptr where absent
   int64_t state_stride[2][2];
+  int32_t* guard;            // (kGuardSize) device: {status, written} (../optim_update.h)
 };
+// The guard's check of a chunk, launched before update_rows: when a projected gradient
+// element is not finite, sets kGuardNonFiniteGradient in guard[kGuardStatus]. update_rows
+// then writes nothing (nor for any later chunk), and otherwise sets guard[kGuardWritten].
+void check_rows(const UpdateRowsArgs& args, DType acc, cudaStream_t stream);
 void update_rows(const UpdateRowsArgs& args, const UpdateScalars& update, DType acc, cudaStream_t stream);
 
 }  // namespace cuda

@@ -230,6 +230,7 @@ BackwardOutputs backward(const BackwardArgs& a) {
     for (size_t i = 0; i < a.update->state.size(); ++i) {
       set_strided(a.update->state[i], &update_args.state[i], update_args.state_stride[i]);
     }
+    update_args.guard = a.update->guard.data_ptr<int32_t>();
   }
   const auto update_chunk = [&](const Tensor& dw, const Tensor& w, const void* inv_norm, const Tensor& ids,
                                 int64_t first_row) {
@@ -241,6 +242,8 @@ BackwardOutputs backward(const BackwardArgs& a) {
     args.n = dw.size(0);
     args.dst_rows = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
     args.first_row = first_row;
+    // the chunk's gradient is checked whole before any of its rows is written (guard)
+    check_rows(args, acc, stream);
     update_rows(args, a.update->scalars, acc, stream);
   };
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernel_params import KernelParams, values
+from ..optim.update import new_guard
 from . import Backend
 
 
@@ -36,11 +37,12 @@ class ExtensionBackend(Backend):
         self, grads, saved, params: KernelParams, update=None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         # the extension's flat schema: the bundles' fields in order, then (with a fused
-        # optimizer) its state and scalars, then the chunk size
+        # optimizer) its state, scalars and guard, then the chunk size
         if update is not None:
+            guard = update.guard if update.guard is not None else new_guard(saved.weight.device)
             grad_x, grad_b = _ext.ops().margin_lse_bwd_update(
                 *values(grads), *values(saved), *values(params), list(update.state), list(update.scalars()),
-                self.chunk_size,
+                guard, self.chunk_size,
             )
             return grad_x, None, (grad_b if saved.bias is not None else None)
         grad_x, grad_w, grad_b = _ext.ops().margin_lse_bwd(

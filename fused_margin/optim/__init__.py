@@ -5,7 +5,8 @@
 op update the class weights chunk by chunk as each chunk's gradient is formed: the
 weight's gradient is never allocated. It returns the optimizer that holds the state, a
 real ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (LR schedulers and ``state_dict()`` work
-as usual).
+as usual). :func:`remove_optimizer_in_backward` detaches it again (``del optimizer`` does
+not: the weight keeps its optimizer alive, as PyTorch's in-backward optimizers do).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from ._backward import inputs_are_finite
 from ._optimizers import FusedAdam, FusedAdamW, FusedSGD, InBackwardOptimizer
-from .registry import fused_optimizer_handle, lookup
+from .registry import ATTRIBUTE, fused_optimizer_handle, lookup, unregister
 from .update import UPDATE_ADAM, UPDATE_SGD, WeightUpdate, apply_update_
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "apply_update_",
     "fused_optimizer_handle",
     "inputs_are_finite",
+    "remove_optimizer_in_backward",
     "run_fused_backward",
 ]
 
@@ -68,7 +70,8 @@ def apply_optimizer_in_backward(
     Supported: ``torch.optim.SGD`` (lr, momentum, dampening, nesterov, weight_decay,
     maximize), ``torch.optim.Adam`` and ``torch.optim.AdamW`` (lr, betas, eps,
     weight_decay, maximize); foreach / fused / capturable / differentiable / amsgrad must
-    stay off. ``sparse``: with sampled classes (``class_index``), update only the sampled
+    stay off (refused here, and when they arrive later through ``load_state_dict`` or
+    ``param_groups``). ``sparse``: with sampled classes (``class_index``), update only the sampled
     rows (like ``torch.optim.SparseAdam``); by default every row is updated exactly as the
     plain optimizer would.
     """
@@ -100,6 +103,32 @@ def apply_optimizer_in_backward(
         if isinstance(p, Mapping):
             raise TypeError("params must be class weights (tensors), not parameter groups")
     return _FUSED[plain](params, sparse=sparse, **kwargs)
+
+
+def remove_optimizer_in_backward(params: Iterable[Tensor] | Tensor) -> None:
+    """Detaches the optimizer in the backward from ``params`` (weights given to
+    :func:`apply_optimizer_in_backward`): their backward forms their gradient again
+    (``weight.grad``), for a plain optimizer. The optimizer keeps their state, so its
+    ``state_dict()`` loads into the plain class, but no longer updates them.
+
+    Until then ``del optimizer`` changes nothing (the weight keeps its optimizer alive and
+    every backward updates it), and a plain optimizer's ``step()`` over the weight raises.
+    A compiled graph made while the optimizer was attached must be compiled again."""
+    if isinstance(params, Tensor):
+        params = [params]
+    for p in list(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params must hold class weights (tensors), got {type(p).__name__}")
+        handle = getattr(p, ATTRIBUTE, 0)
+        if not handle:
+            raise ValueError(f"the weight of shape {tuple(p.shape)} has no optimizer in the backward")
+        try:
+            owner = lookup(handle)
+        except RuntimeError:  # its optimizer no longer exists: only the mark is left
+            unregister(p)
+            p.__dict__.pop("_fused_margin_optimizer_object", None)
+        else:
+            owner._detach(handle)
 
 
 def run_fused_backward(backend, grads, saved, params, handle: int, target_u: Tensor | None = None):

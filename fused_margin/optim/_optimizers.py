@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import registry
 from ._backward import fused_backward
@@ -57,19 +58,27 @@ class InBackwardOptimizer:
         self.sparse = bool(sparse)
         # handle -> parameter, and the handles whose weight was updated since the last step()
         self._params_by_handle: dict[int, nn.Parameter] = {}
+        self._gradient_hooks: dict[int, Any] = {}
         self._awaiting_step: set[int] = set()
+        _refuse_plain_steps()
+
+    def _detach(self, handle: int) -> None:
+        """Stops updating the weight of ``handle`` in the backward (see
+        :func:`fused_margin.optim.remove_optimizer_in_backward`)."""
+        param = self._params_by_handle.pop(handle)
+        self._awaiting_step.discard(handle)
+        hook = self._gradient_hooks.pop(handle, None)
+        if hook is not None:
+            hook.remove()
+        registry.unregister(param)
+        param.__dict__.pop("_fused_margin_optimizer_object", None)
 
     # ---- torch.optim.Optimizer's interface ---------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]  # type: ignore[attr-defined]
-        for flag in _REFUSED_FLAGS:
-            if group.get(flag):
-                raise ValueError(
-                    f"optimizer option {flag}={group[flag]!r} is not supported by an optimizer in the backward "
-                    f"({self._plain.__name__}): leave it at its default (None or False)"
-                )
+        self._check_options(group)
         for p in group["params"]:
             _check_weight(p)
             owner = registry.fused_optimizer_handle(p)
@@ -85,10 +94,21 @@ class InBackwardOptimizer:
                     )
             handle = registry.register(p, self)
             self._params_by_handle[handle] = p
-            # keep the optimizer alive as long as its weight (as torch's in-backward optimizers are)
+            # keep the optimizer alive as long as its weight (as torch's in-backward optimizers
+            # are): `del optimizer` does not stop the updates; remove_optimizer_in_backward does
             p._fused_margin_optimizer_object = self
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                p.register_post_accumulate_grad_hook(_refuse_gradient)
+                self._gradient_hooks[handle] = p.register_post_accumulate_grad_hook(_refuse_gradient)
+
+    def _check_options(self, group: dict[str, Any], where: str = "") -> None:
+        """Refuses the options a fused update cannot honour, wherever they come from (the
+        constructor, ``add_param_group``, ``load_state_dict``, ``param_groups[i][...] =``)."""
+        for flag in _REFUSED_FLAGS:
+            if group.get(flag):
+                raise ValueError(
+                    f"optimizer option {flag}={group[flag]!r}{where} is not supported by an optimizer in the backward "
+                    f"({self._plain.__name__}): leave it at its default (None or False)"
+                )
 
     def step(self, closure=None, **kwargs):
         """Does nothing to the weights (the backward updated them); ends the step."""
@@ -113,6 +133,8 @@ class InBackwardOptimizer:
         self._awaiting_step.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for i, group in enumerate(state_dict.get("param_groups", ())):
+            self._check_options(group, f" (param_groups[{i}] of the state dict being loaded)")
         super().load_state_dict(state_dict)  # type: ignore[misc]
         # the kernels index the state like the weight: keep the weight's strides
         for p, state in self.state.items():  # type: ignore[attr-defined]
@@ -133,16 +155,27 @@ class InBackwardOptimizer:
 
     def _fused_backward(self, handle, backend, grads, saved, params, target_u=None):
         param, group = self._param(handle)
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)  # type: ignore[attr-defined]
+        self._check_options(group, f" (param_groups[{index}])")
         if handle in self._awaiting_step:
             raise RuntimeError(
                 "a second backward reached a weight that its optimizer in the backward already updated: gradient "
                 "accumulation is not supported (call optimizer.step() or optimizer.zero_grad() after each "
                 "backward; a loss may use a fused head's weight only once per backward)"
             )
-        grad_x, grad_b, updated = fused_backward(self, param, group, backend, grads, saved, params, target_u)
-        if updated:
-            self._awaiting_step.add(handle)
-        return grad_x, grad_b
+        # reserved now (a deferred update completes at the end of the backward); released
+        # when the step is skipped
+        self._awaiting_step.add(handle)
+
+        def on_done(updated: bool) -> None:
+            if not updated:
+                self._awaiting_step.discard(handle)
+
+        try:
+            return fused_backward(self, param, group, backend, grads, saved, params, target_u, on_done=on_done)
+        except BaseException:
+            self._awaiting_step.discard(handle)
+            raise
 
     def _begin_update(self, param: Tensor, group: dict[str, Any]) -> tuple[WeightUpdate, Any]:
         """The step's :class:`WeightUpdate` (state tensors as the weight's views are made by
@@ -248,6 +281,35 @@ def _refuse_gradient(p: Tensor) -> None:
         "fused op (plain autograd through it: backend='eager', a regularizer or another use of the weight); "
         "its optimizer would never apply it: use a plain optimizer for this weight"
     )
+
+
+def _refuse_plain_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    # A plain optimizer over a weight that its optimizer in the backward still updates
+    # would silently do nothing to it (the backward forms no gradient): refused.
+    if isinstance(optimizer, InBackwardOptimizer) or not registry.any_registered():
+        return
+    if torch.compiler.is_compiling():
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if registry.live_owner(p) is not None:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}.step() over a weight of shape {tuple(p.shape)} that an optimizer in "
+                    "the backward still updates (fused_margin.optim.apply_optimizer_in_backward): its backward forms "
+                    "no gradient, so this optimizer would never move it. Call "
+                    "fused_margin.optim.remove_optimizer_in_backward([weight]) first (and load the in-backward "
+                    "optimizer's state_dict() into this one), or leave the weight out of this optimizer"
+                )
+
+
+_plain_step_hook = None
+
+
+def _refuse_plain_steps() -> None:
+    """Installs (once) the global step pre-hook that refuses plain steps of fused weights."""
+    global _plain_step_hook
+    if _plain_step_hook is None:
+        _plain_step_hook = register_optimizer_step_pre_hook(_refuse_plain_step)
 
 
 def _check_weight(p: Any) -> None:

@@ -8,7 +8,7 @@ import weakref
 
 from torch import Tensor
 
-__all__ = ["ATTRIBUTE", "fused_optimizer_handle", "lookup", "register"]
+__all__ = ["ATTRIBUTE", "any_registered", "fused_optimizer_handle", "live_owner", "lookup", "register", "unregister"]
 
 #: the parameter attribute that holds its handle (an int > 0)
 ATTRIBUTE = "_fused_margin_optimizer"
@@ -37,9 +37,29 @@ def register(weight: Tensor, owner) -> int:
     return handle
 
 
+def unregister(weight: Tensor) -> None:
+    """Forgets ``weight``'s handle: its backward forms its gradient again."""
+    handle = weight.__dict__.pop(ATTRIBUTE, 0)
+    _registry.pop(handle, None)
+
+
+def any_registered() -> bool:
+    return bool(_registry)
+
+
+def live_owner(weight: Tensor):
+    """The optimizer that updates ``weight`` (itself, not a view) in the backward, or None."""
+    handle = getattr(weight, ATTRIBUTE, 0)
+    owner = _registry.get(handle) if handle else None
+    return None if owner is None else owner()
+
+
 def lookup(handle: int):
     owner = _registry.get(handle)
     owner = None if owner is None else owner()
     if owner is None:
-        raise RuntimeError(f"the fused optimizer (handle {handle}) of this weight no longer exists")
+        raise RuntimeError(
+            f"the optimizer in the backward (handle {handle}) of this weight no longer exists (it was removed, or "
+            "garbage-collected): a graph compiled while it existed must be compiled again (torch._dynamo.reset())"
+        )
     return owner

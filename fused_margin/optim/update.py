@@ -23,6 +23,19 @@ are rounded once to the stored dtype), in this order, as ``torch.optim`` does wi
 
 ``bias_correction1 = 1 - beta1**t`` and ``bias_correction2_sqrt = sqrt(1 - beta2**t)``
 for the step ``t`` being taken (host scalars, computed once per step).
+
+**The guard.** A backend that applies the update in its kernels, chunk by chunk, cannot
+see the whole gradient before it writes the first rows. ``WeightUpdate.guard`` (int32,
+``(2,)``, on the weight's device) is how it reports, and how it is stopped:
+
+* ``guard[0]``, the status: 0 while every gradient met so far was finite. Before writing
+  a chunk of rows (a chunk of classes on the C++ backends, a tile of rows x columns in the
+  Triton kernels) the backend checks that chunk's gradient; a non-finite one is not
+  applied and sets ``GUARD_NON_FINITE_GRADIENT``, and from then on nothing more is
+  written (every write first reads the status). The caller may set a bit before the
+  call (``GUARD_NON_FINITE_INPUTS``): then nothing at all is written.
+* ``guard[1]``, set to 1 by the first write of any weight row: with a non-zero status,
+  it tells whether the weight was left untouched (0) or partly updated (1).
 """
 
 from __future__ import annotations
@@ -32,10 +45,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["UPDATE_ADAM", "UPDATE_SGD", "WeightUpdate", "apply_update_"]
+__all__ = [
+    "GUARD_NON_FINITE_GRADIENT", "GUARD_NON_FINITE_INPUTS", "UPDATE_ADAM", "UPDATE_SGD", "WeightUpdate",
+    "apply_update_", "new_guard",
+]
 
 UPDATE_SGD = 1
 UPDATE_ADAM = 2
+
+#: ``guard[0]`` bits: a backend found a non-finite gradient (and wrote nothing after it);
+#: the caller found the backward's inputs non-finite (nothing may be written)
+GUARD_NON_FINITE_GRADIENT = 1
+GUARD_NON_FINITE_INPUTS = 2
+
+
+def new_guard(device: torch.device | str, inputs_finite: Tensor | None = None) -> Tensor:
+    """A fresh guard (see the module docstring); ``inputs_finite`` (a bool tensor on
+    ``device``): when False, the guard already forbids every write (no host sync)."""
+    guard = torch.zeros(2, dtype=torch.int32, device=device)
+    if inputs_finite is not None:
+        guard[0] = torch.where(inputs_finite, 0, GUARD_NON_FINITE_INPUTS)
+    return guard
 
 
 @dataclass(frozen=True)
@@ -60,6 +90,8 @@ class WeightUpdate:
     bias_correction1: float = 1.0
     bias_correction2_sqrt: float = 1.0
     state: tuple[Tensor, ...] = ()
+    #: see the module docstring; None: the caller checks the whole gradient itself
+    guard: Tensor | None = None
 
     def scalars(self) -> tuple[float, ...]:
         """The scalars in the order the compiled kernels take them."""
