@@ -16,8 +16,8 @@ from collections.abc import Iterable
 import torch
 
 __all__ = [
-    "flag", "integer", "positive_integer", "real", "positive", "non_negative", "in_range", "choice", "reduction",
-    "label_smoothing", "REDUCTIONS",
+    "flag", "integer", "optional_integer", "positive_integer", "real", "positive", "non_negative", "in_range",
+    "choice", "backend", "reduction", "label_smoothing", "REDUCTIONS",
 ]
 
 #: the loss reductions every loss function and head accepts
@@ -50,6 +50,11 @@ def integer(name: str, value: object) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def optional_integer(name: str, value: object) -> int | None:
+    """None, or an integer as :func:`integer` takes it."""
+    return None if value is None else integer(name, value)
 
 
 def positive_integer(name: str, value: object) -> int:
@@ -101,6 +106,14 @@ def choice(name: str, value: object, options: Iterable[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def backend(value: object) -> str:
+    """A backend name: ``'auto'`` or a registered backend (whether or not it can run here:
+    that is decided with the inputs, at the forward)."""
+    from .backends import available_backends  # the registry imports more than this module should
+
+    return choice("backend", value, ["auto", *available_backends()])
 
 
 def reduction(value: object) -> str:

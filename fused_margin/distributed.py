@@ -421,17 +421,18 @@ class ShardedMarginLoss(nn.Module):
             num_subcenters = head_or_spec.num_subcenters
         else:
             raise TypeError(f"head_or_spec must be a MarginSpec or a MarginHead, got {type(head_or_spec).__name__}")
-        for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        # every argument through the shared rules (fused_margin/_checks.py), as the core heads
+        num_classes = _checks.positive_integer("num_classes", num_classes)
+        embedding_size = _checks.positive_integer("embedding_size", embedding_size)
+        sample_rate = _checks.in_range("sample_rate", sample_rate, 0.0, 1.0, low_open=True, high_open=False)
         reduction = _checks.reduction(reduction)
+        ignore_index = _checks.optional_integer("ignore_index", ignore_index)
         label_smoothing = _checks.label_smoothing(label_smoothing)
-        if embedding_grad not in ("exact", "ddp"):
-            raise ValueError(f"embedding_grad must be 'exact' or 'ddp', got {embedding_grad!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive (seconds), got {timeout!r}")
+        return_accuracy = _checks.flag("return_accuracy", return_accuracy)
+        embedding_grad = _checks.choice("embedding_grad", embedding_grad, ("exact", "ddp"))
+        backend = _checks.backend(backend)
+        seed = _checks.optional_integer("seed", seed)
+        timeout = _checks.positive("timeout", timeout)
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
@@ -439,7 +440,7 @@ class ShardedMarginLoss(nn.Module):
         self.class_start, self.class_end = shard_range(num_classes, self.rank, self.world_size)
         self.num_classes, self.embedding_size, self.num_subcenters = num_classes, embedding_size, num_subcenters
         self.sample_rate, self.reduction = float(sample_rate), reduction
-        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.ignore_index = ignore_index
         self.label_smoothing, self.return_accuracy = float(label_smoothing), return_accuracy
         self.embedding_grad, self.backend, self.timeout = embedding_grad, backend, float(timeout)
         # not registered as a submodule: its weight must not reach state_dict() or optimizers
@@ -453,7 +454,7 @@ class ShardedMarginLoss(nn.Module):
             head.materialize_state(self.weight.device)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.num_sample = min(num_local, max(1, int(self.sample_rate * num_local)))
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
         self.generator = torch.Generator(device=self.weight.device)
         self.generator.manual_seed(self.seed + self.rank)
         self.sampled_classes: Tensor | None = None

@@ -267,27 +267,35 @@ def margin_cross_entropy(
 
 
 def _checked_row_term(value: object, role: str, function: object, like: Tensor) -> Tensor:
-    """A spec's target (or regularizer) output, checked: a floating tensor of shape (B,).
-    A (B, 1) result would otherwise broadcast the loss to (B, B) without an error."""
+    """A spec's target (or regularizer) output, checked: a floating tensor of shape (B,)
+    on ``like``'s device, returned in ``like``'s dtype (the accumulation dtype). A (B, 1)
+    result would otherwise broadcast the loss to (B, B) without an error, and a bf16
+    result would make the whole loss bf16."""
     name = getattr(function, "__qualname__", None) or type(function).__name__
     if not isinstance(value, Tensor):
         raise TypeError(f"the spec's {role} {name} must return a torch.Tensor of shape {_shape(like)}, "
                         f"got {type(value).__name__}")
     if not value.dtype.is_floating_point:
         raise TypeError(f"the spec's {role} {name} must return a floating-point tensor, got dtype {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"the spec's {role} {name} must return a tensor on {like.device} (the embeddings' device), "
+                         f"got one on {value.device}")
     if value.shape != like.shape:
         raise ValueError(f"the spec's {role} {name} must return a tensor of shape {_shape(like)} (one value per "
                          f"row), got shape {_shape(value)}")
-    return value
+    # A lower-precision result (a target computed under autocast, or in bf16 on purpose)
+    # is upcast: the loss is accumulated in the acc dtype whatever the target's.
+    return value.to(like.dtype)
 
 
 def loss_from_terms(
     target_logit: Tensor, lse_neg: Tensor, sum_neg: Tensor, num_classes: int, label_smoothing: float
 ) -> Tensor:
     """Per-row cross-entropy from the kernel's terms: ``logaddexp(z_y, lse_neg) - z_y``,
-    or with label smoothing ``eps``, ``lse - (1 - eps) z_y - eps * mean_j z_j``."""
+    or with label smoothing ``eps``, ``(1 - eps) (lse - z_y) + eps (lse - mean_j z_j)``
+    (``F.cross_entropy``'s form: with one class both terms are exactly 0)."""
     lse_all = torch.logaddexp(target_logit, lse_neg.to(target_logit.dtype))
     if label_smoothing == 0.0:
         return lse_all - target_logit
     mean_logit = (sum_neg.to(target_logit.dtype) + target_logit) / num_classes
-    return lse_all - (1.0 - label_smoothing) * target_logit - label_smoothing * mean_logit
+    return (1.0 - label_smoothing) * (lse_all - target_logit) + label_smoothing * (lse_all - mean_logit)

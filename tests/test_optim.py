@@ -9,7 +9,9 @@ GradScaler, non-finite inputs skip the step, ...) each raise or hold as document
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -562,3 +564,328 @@ def test_gradient_reaching_the_weight_outside_the_op_is_refused():
     with pytest.raises(RuntimeError, match="received a gradient outside the fused op"):
         (head(x, y) + head.weight.square().sum()).backward()
     assert head.weight.grad is None
+
+
+# ---- autograd sees the update (version counter), deferred updates -----------------------
+
+
+def _here(backend):
+    """The device a backend runs on here: Triton on CPU tensors under the interpreter."""
+    if backend == "triton" and not INTERPRETED:
+        return pytest.param(backend, "cuda", marks=pytest.mark.gpu, id=backend)
+    return pytest.param(backend, "cuda" if backend == "cuda" else "cpu",
+                        marks=[pytest.mark.gpu] if backend == "cuda" else [], id=backend)
+
+
+BACKENDS_HERE = [_here(b) for b in ("cpu", "reference", "triton", "cuda")]
+
+
+def _aux_then_head(head, x, y):
+    """A second loss term that saved W (through W.detach()), made before the head."""
+    aux = (x @ head.weight.detach().t()).square().mean()
+    return aux + head(x, y)
+
+
+def _heads_and_opts(backend, device, cls=SGD, options=None):
+    """A fused head and its plain-optimizer twin (the same weights)."""
+    options = options or {"lr": 1.0, "momentum": 0.9}
+    head = fm.ArcFaceLoss(NUM_CLASSES, DIM, backend=backend, device=device)
+    twin = copy.deepcopy(head)
+    opt = fopt.apply_optimizer_in_backward(cls, [head.weight], options)
+    plain = cls([twin.weight], foreach=False, **options)
+    return head, opt, twin, plain
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS_HERE)
+def test_fused_write_bumps_the_version_counter(backend, device, monkeypatch):
+    """Without the deferral, another node that saved W fails with PyTorch's own error, as
+    a plain in-place update would make it: never a silent read of the updated weight."""
+    monkeypatch.setattr(_backward, "held_elsewhere", lambda weight, param: False)
+    head, _opt, _twin, _plain = _heads_and_opts(backend, device)
+    x, y = (t.to(device) for t in _batch())
+    version = head.weight._version
+    head(x, y).backward()
+    assert head.weight._version > version, "the fused update did not tell autograd"
+    _opt.step()
+    x = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _aux_then_head(head, x, y).backward()
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS_HERE)
+def test_other_saved_reference_defers_the_update(backend, device):
+    """The issue's example: a loss term made before the head saved W. The update waits for
+    the end of the backward (a warning says so): x.grad and W are the plain optimizer's."""
+    head, opt, twin, plain = _heads_and_opts(backend, device)
+    for step in range(2):
+        x, y = (t.to(device) for t in _batch(step))
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with pytest.warns(RuntimeWarning, match="applied at the end of the backward"):
+            _aux_then_head(head, xa, y).backward()
+        _aux_then_head(twin, xb, y).backward()
+        for o in (opt, plain):
+            o.step()
+            o.zero_grad()
+        assert_rel_close(xa.grad, xb.grad, TOL, f"{backend} x.grad, step {step}")
+        assert_rel_close(head.weight.detach(), twin.weight.detach(), TOL, f"{backend} weight, step {step}")
+    _assert_states_match(opt, plain, backend)
+
+
+def test_normal_step_is_not_deferred(monkeypatch):
+    """A head alone (its weight held only by the parameter and the op): in place, no
+    W-sized gradient; the transposed view of the pytorch-metric-learning drop-in too."""
+    from fused_margin import pml
+
+    seen = []
+    held_elsewhere = _backward.held_elsewhere
+    monkeypatch.setattr(_backward, "held_elsewhere", lambda w, p: seen.append(held_elsewhere(w, p)) or seen[-1])
+    head, _opt = _head_and_opt()
+    drop_in = pml.ArcFaceLoss(num_classes=NUM_CLASSES, embedding_size=DIM)
+    fopt.apply_optimizer_in_backward(SGD, [drop_in.W], {"lr": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        head(*_batch()).backward()
+        drop_in(*_batch()).backward()
+    assert seen == [False, False]
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS_HERE)
+def test_retained_graph_replayed_after_the_step_raises(backend, device):
+    head, opt = _head_and_opt(backend=backend, device=device)
+    x, y = (t.to(device) for t in _batch())
+    loss = head(x.requires_grad_(True), y)
+    loss.backward(retain_graph=True)
+    opt.step()
+    weight = head.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    assert torch.equal(head.weight.detach(), weight) and bool(torch.isfinite(weight).all())
+
+
+def test_compiled_graph_reading_the_weight_elsewhere():
+    """In one compiled graph the op's write cannot be ordered against another node's read
+    of W: a node traced after the fused backward fails to compile, with PyTorch's error;
+    one traced before it gives the plain optimizer's result."""
+    torch._dynamo.reset()
+    head, opt, twin, plain = _heads_and_opts("cpu", "cpu")
+    before = torch.compile(lambda x, y: _aux_then_head(head, x, y), backend="aot_eager", fullgraph=True)
+    x, y = _batch()
+    with pytest.raises(Exception, match="modified by an inplace operation"):
+        before(x.clone().requires_grad_(True), y).backward()
+    torch._dynamo.reset()
+
+    def head_then_aux(module, x, y):
+        loss = module(x, y)
+        return loss + (x @ module.weight.detach().t()).square().mean()
+
+    after = torch.compile(lambda x, y: head_then_aux(head, x, y), backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        x, y = _batch(step)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        after(xa, y).backward()
+        head_then_aux(twin, xb, y).backward()
+        for o in (opt, plain):
+            o.step()
+            o.zero_grad()
+        assert_rel_close(xa.grad, xb.grad, TOL, f"compiled x.grad, step {step}")
+        assert_rel_close(head.weight.detach(), twin.weight.detach(), TOL, f"compiled weight, step {step}")
+    torch._dynamo.reset()
+
+
+# ---- a non-finite gradient formed inside the backward -----------------------------------
+
+
+def _poisoned_backward(head, opt, device, rows):
+    """A good step (the state exists), then a forward whose weight rows ``rows`` become NaN
+    through .data before its backward (autograd does not see it): the backward's inputs
+    stay finite, the gradient it forms does not. Returns the loss, x, the weight before
+    the poison and as the backward gets it, and the state before the backward."""
+    x, y = (t.to(device) for t in _batch())
+    head(x, y).backward()
+    opt.step()
+    x, y = (t.to(device) for t in _batch(1))
+    loss = head(x.requires_grad_(True), y)
+    clean = head.weight.detach().clone()
+    head.weight.data[rows] = float("nan")
+    weight = head.weight.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[head.weight].items()}
+    return loss, x, clean, weight, state
+
+
+@pytest.mark.parametrize("mode", ["gemm", "recompute"])
+@pytest.mark.parametrize(("backend", "device"), BACKENDS_HERE)
+@pytest.mark.parametrize("cls", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_non_finite_gradient_leaves_weight_and_state_untouched(backend, device, cls, mode, monkeypatch):
+    if mode == "recompute" and backend != "triton":
+        pytest.skip("a Triton backward mode")
+    from fused_margin.backends.triton import BACKEND as TRITON
+
+    monkeypatch.setattr(TRITON, "backward_mode", mode)
+    head, opt = _head_and_opt(cls, {"lr": 0.1, "momentum": 0.9} if cls is SGD else {"lr": 0.1},
+                              backend=backend, device=device)
+    loss, x, clean, weight, state = _poisoned_backward(head, opt, device, slice(3, 5))
+    with pytest.warns(RuntimeWarning, match="gradient .* was not finite although the backward's inputs were"):
+        loss.backward()
+    assert not bool(torch.isfinite(x.grad).all())
+    assert torch.equal(head.weight.detach().nan_to_num(7.0), weight.nan_to_num(7.0)), "the weight moved"
+    assert all(torch.equal(v, state[k]) for k, v in opt.state[head.weight].items()), "the state moved"
+    # the step is not counted: the next backward needs no step() before it
+    head.weight.data.copy_(clean)
+    head(*(t.to(device) for t in _batch(2))).backward()
+    assert not torch.equal(head.weight.detach(), clean)
+
+
+@pytest.mark.parametrize(("backend", "device"), [_here("cpu"), _here("triton"), _here("cuda")])
+def test_non_finite_gradient_after_written_chunks_raises(backend, device, monkeypatch):
+    """Chunks of classes are written as their gradients are formed: a non-finite gradient
+    in a later chunk stops every write after it, but the earlier chunks are updated. The
+    backward says so with an error instead of leaving a silently half-stepped weight."""
+    from fused_margin.backends.cpu import BACKEND as CPU
+    from fused_margin.backends.cuda import BACKEND as CUDA
+    from fused_margin.triton_kernels import backward_gemm
+
+    from fused_margin.backends.triton import BACKEND as TRITON
+    from fused_margin.triton_kernels.common import TileConfig
+
+    monkeypatch.setattr(CPU, "chunk_size", 4)
+    monkeypatch.setattr(CUDA, "chunk_size", 4)
+    # Triton's 'gemm' backward: chunks of 16 classes
+    monkeypatch.setattr(backward_gemm, "GEMM_WORKSPACE_BYTES", BATCH * 4 * 16)
+    monkeypatch.setattr(TRITON, "tiles", {"gemm_logits": TileConfig(16, 16, 16, 16, 1)})
+    monkeypatch.setattr(TRITON, "backward_mode", "gemm")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU's groups of chunks in order
+    try:
+        head, opt = _head_and_opt(backend=backend, device=device)
+        loss, _x, weight, _weight, _state = _poisoned_backward(head, opt, device, slice(NUM_CLASSES - 2, None))
+        with pytest.raises(RuntimeError, match="partly updated"):
+            loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    moved = (head.weight.detach()[:16] != weight[:16]).any(dim=1)
+    assert bool(moved.all()), "the first chunks were not updated: the test did not make a partial update"
+
+
+# ---- options that arrive after the constructor -----------------------------------------
+
+
+REFUSED = [(ADAM, "amsgrad"), (ADAMW, "amsgrad"), (ADAM, "foreach"), (SGD, "fused"), (ADAMW, "capturable"),
+           (SGD, "differentiable")]
+
+
+@pytest.mark.parametrize(("cls", "flag"), REFUSED, ids=[f"{c.__name__}-{f}" for c, f in REFUSED])
+def test_refused_option_from_a_checkpoint(cls, flag):
+    """A plain optimizer's checkpoint with the option on is refused at load, naming it,
+    and nothing is loaded."""
+    weight = nn.Parameter(torch.randn(NUM_CLASSES, DIM))
+    plain = cls([nn.Parameter(weight.detach().clone())], lr=0.1)
+    state = plain.state_dict()
+    state["param_groups"][0][flag] = True  # as a plain optimizer made with flag=True saves it
+    opt = fopt.apply_optimizer_in_backward(cls, [weight], {"lr": 0.2})
+    with pytest.raises(ValueError, match=rf"{flag}=True \(param_groups\[0\] of the state dict"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == 0.2 and not opt.param_groups[0].get(flag)
+
+
+@pytest.mark.parametrize(("cls", "flag"), REFUSED, ids=[f"{c.__name__}-{f}" for c, f in REFUSED])
+def test_refused_option_set_in_param_groups(cls, flag):
+    """Set on a param group after the constructor: refused at the next backward, naming it,
+    with the weight untouched."""
+    head, opt = _head_and_opt(cls, {"lr": 0.1})
+    opt.param_groups[0][flag] = True
+    before = head.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"{flag}=True \(param_groups\[0\]\)"):
+        head(*_batch()).backward()
+    assert torch.equal(head.weight.detach(), before)
+    opt.param_groups[0][flag] = False
+    head(*_batch()).backward()  # the refused backward counted no step
+    assert not torch.equal(head.weight.detach(), before)
+
+
+@pytest.mark.skipif(torch.__version__ < "2.4", reason="an amsgrad Adam checkpoint of torch >= 2.4")
+def test_amsgrad_adam_checkpoint_is_refused():
+    weight = nn.Parameter(torch.randn(NUM_CLASSES, DIM))
+    plain = ADAM([weight], lr=1e-2, amsgrad=True)
+    weight.grad = torch.randn_like(weight)
+    plain.step()
+    opt = fopt.apply_optimizer_in_backward(ADAM, [nn.Parameter(weight.detach().clone())], {"lr": 1e-2})
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        opt.load_state_dict(plain.state_dict())
+
+
+# ---- detaching the optimizer -------------------------------------------------------------
+
+
+def test_remove_optimizer_in_backward_hands_over_to_a_plain_optimizer():
+    """After remove_optimizer_in_backward the backward forms weight.grad again, and the
+    plain optimizer that loads the fused one's state continues the same training."""
+    cls, options = CONFIGS["sgd_nesterov"]
+    spec = HEAD_SPECS["arcface"]
+    weight0, data = _data(6, spec=spec, device="cpu", sampled=False, seed=9)
+    want, _ = _train(cls, options, weight0, data, spec, "cpu", fused=False)
+    weight = nn.Parameter(weight0.clone())
+    opt = fopt.apply_optimizer_in_backward(cls, [weight], options)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.25 * t))
+    for step, (x, labels, class_index, upstream) in enumerate(data):
+        if step == 3:
+            state = opt.state_dict()
+            fopt.remove_optimizer_in_backward(weight)
+            assert fopt.fused_optimizer_handle(weight) == 0
+            opt = cls([weight], foreach=False, **options)
+            opt.load_state_dict(state)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.25 * t), last_epoch=2)
+        _loss(x, weight, labels, spec, class_index, "cpu").backward(upstream)
+        assert (weight.grad is not None) == (step >= 3)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert_rel_close(weight.detach(), want.detach(), TOL, "weight after the hand-over")
+    with pytest.raises(ValueError, match="has no optimizer in the backward"):
+        fopt.remove_optimizer_in_backward([weight])
+
+
+def test_deleting_the_optimizer_does_not_detach_it():
+    """``del opt`` keeps the weight's optimizer (it lives as long as the weight, as
+    PyTorch's in-backward optimizers do): the backward still updates the weight."""
+    head, opt = _head_and_opt()
+    del opt
+    gc.collect()
+    before = head.weight.detach().clone()
+    head(*_batch()).backward()
+    assert head.weight.grad is None and not torch.equal(head.weight.detach(), before)
+
+
+def test_plain_optimizer_over_a_fused_weight_fails_at_its_first_step():
+    head, opt = _head_and_opt()
+    extra = nn.Parameter(torch.randn(3))
+    plain = torch.optim.SGD([extra, head.weight], lr=0.1)
+    head(*_batch()).backward()
+    with pytest.raises(RuntimeError, match=r"remove_optimizer_in_backward\(\[weight\]\) first"):
+        plain.step()
+    opt.step()  # the in-backward optimizer's own step is fine
+    fopt.remove_optimizer_in_backward([head.weight])
+    head(*_batch()).backward()
+    plain.step()  # detached: a plain step now moves it
+
+
+# ---- the PyTorch paths against torch.optim, bit for bit ---------------------------------
+
+
+@pytest.mark.parametrize("tensors", [False, True], ids=["numbers", "tensors"])
+def test_reference_path_bitwise_for_number_hyperparameters(tensors):
+    """README: bitwise on the PyTorch paths when lr and betas are Python numbers. Tensor lr
+    and betas: torch.optim forms the step size and bias corrections in the tensors' fp32
+    arithmetic, the fused optimizer in double precision: the last bits may differ."""
+    def options():  # fresh tensors for each run: the scheduler changes a tensor lr in place
+        if tensors:
+            return {"lr": torch.tensor(1e-2), "betas": (torch.tensor(0.8), torch.tensor(0.95)), "weight_decay": 0.1}
+        return {"lr": 1e-2, "betas": (0.8, 0.95), "weight_decay": 0.1}
+
+    spec = HEAD_SPECS["arcface"]
+    weight0, data = _data(6, spec=spec, device="cpu", sampled=False, seed=13)
+    fused, _ = _train(ADAMW, options(), weight0, data, spec, "reference", fused=True)
+    plain, _ = _train(ADAMW, options(), weight0, data, spec, "reference", fused=False)
+    if tensors:
+        assert_rel_close(fused.detach(), plain.detach(), 1e-6, "tensor hyperparameters")
+    else:
+        assert torch.equal(fused.detach(), plain.detach())

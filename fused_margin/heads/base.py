@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..backends import available_backends
 from ..functional import BackendName, Reduction, margin_cross_entropy
 from ..logits import margin_free_logits
 from ..ops import snapshot
@@ -65,7 +64,7 @@ class MarginHead(nn.Module):
         self.ignore_index = _checks.integer("ignore_index", ignore_index)
         self.label_smoothing = _checks.label_smoothing(label_smoothing)
         self.return_accuracy = bool(return_accuracy)
-        self.backend = _checks.choice("backend", backend, ["auto", *available_backends()])
+        self.backend = _checks.backend(backend)
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.weight = nn.Parameter(torch.empty(num_classes * num_subcenters, embedding_size, **factory))
         if bias:
