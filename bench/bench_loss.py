@@ -415,13 +415,24 @@ def _raise_interrupted(signum: int, _frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+class _NoProgress:
+    """The progress bar's calls, doing nothing: ``--no-progress`` runs without tqdm installed."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The whole sweep. ``save`` receives the result as it stands after every row (rows
     not yet measured are absent, ``complete`` is False), so that a run killed at any
     point leaves what it measured; SIGINT/SIGTERM end the sweep early, and the result
     then says so (``interrupted``)."""
-    from tqdm import tqdm
-
     module = WORKER_MODULE
     started = dt.datetime.now(dt.timezone.utc)
     load_start = load_average()
@@ -467,8 +478,13 @@ def run_sweep(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] |
         if save is not None:
             save(snapshot(complete=False))
 
-    progress = tqdm(total=len(planned) + len(args.heads), desc="bench", unit="run", file=sys.stderr,
-                    disable=args.no_progress, dynamic_ncols=True)
+    if args.no_progress:
+        progress = _NoProgress()
+    else:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(planned) + len(args.heads), desc="bench", unit="run", file=sys.stderr,
+                        dynamic_ncols=True)
     try:
         for head in args.heads:
             _sweep_head(head, args, module, base, impls, probe, check_rows, itemsize, deadline, over_budget,

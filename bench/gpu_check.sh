@@ -10,6 +10,8 @@
 #   bash bench/gpu_check.sh            # on the GPU machine, under a 600 s limit
 #
 # Stages, in this order (the cap in seconds):
+#    0 versions   every module the run imports, with its version, or MISSING and what
+#                 needs it (the first second names a missing package)                 15
 #    1 install    the package without the extension (no compiler)                     60
 #    2 smoke      bench/gpu_smoke.py: every backward mode's values in bf16/fp16/fp32
 #                 (ieee, tf32), their times against the floor at C=262144, and
@@ -114,6 +116,46 @@ for i in range(3):
   fi
 }
 
+# Every module the stages import, with what needs it: its version, or MISSING. Exit
+# status 1 when a module every stage needs is missing (the optional ones cost only their
+# tests or features: hypothesis the property-based tests, tqdm the progress bars, ...).
+versions() {
+  "$py" - <<'PYTHON'
+import importlib
+import sys
+
+print("python", sys.version.split()[0])
+MODULES = [  # (module, needed by, needed by every stage)
+    ("torch", "everything", True),
+    ("triton", "the Triton backend, its tests and benchmarks", True),
+    ("numpy", "torch, the benchmarks", True),
+    ("pytest", "the test stages", True),
+    ("setuptools", "install, build", True),
+    ("ninja", "build (the CUDA extension; without it a slow serial build)", False),
+    ("xdist", "the values stage over every core (else one pytest per shard)", False),
+    ("hypothesis", "the property-based tests (they skip without it)", False),
+    ("tqdm", "the benchmarks' progress bars (off here: --no-progress)", False),
+    ("matplotlib", "the benchmarks' plots", False),
+    ("pytorch_metric_learning", "the pytorch-metric-learning cross-checks and benchmark rows", False),
+    ("liger_kernel", "a benchmark row (Liger's fused linear cross-entropy)", False),
+    ("cut_cross_entropy", "a benchmark row (cut-cross-entropy)", False),
+]
+missing = []
+for name, needed_by, required in MODULES:
+    try:
+        module = importlib.import_module(name)
+    except Exception as error:  # ImportError, or a broken install
+        print(f"{name}: MISSING ({type(error).__name__}: {error}); needed by {needed_by}", flush=True)
+        if required:
+            missing.append(name)
+        continue
+    print(f"{name}: {getattr(module, '__version__', 'installed (no __version__)')}", flush=True)
+if missing:
+    print("gpu_check: required module(s) missing: " + ", ".join(missing), flush=True)
+    sys.exit(1)
+PYTHON
+}
+
 stub_pytest() {  # a stand-in for a pytest stage: prints $1 lines (0.2 s apart), then ends
   "$py" -c "
 import sys, time
@@ -200,6 +242,7 @@ run_stage() {
 
 if [ -n "$stub" ]; then
   export OMP_NUM_THREADS=1
+  run_stage versions 15 env.txt versions
   run_stage install 60 build.log true
   run_stage smoke 150 tests.log smoke
   run_stage gpu-triton 90 tests.log stub_pytest 3
@@ -213,6 +256,8 @@ if [ -n "$stub" ]; then
   exit 0
 fi
 
+# 0. What is installed: a missing package is named before anything else runs.
+run_stage versions 15 env.txt versions
 # 1. Installed without a compiler: everything but the cpu/cuda backends works at once.
 run_stage install 60 build.log env FUSED_MARGIN_NO_EXT=1 "$py" -m pip install -q -e . --no-build-isolation --no-deps
 # 2. Values of every mode and dtype, times, torch.compile: one process, JSON lines.

@@ -15,8 +15,6 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fused_margin as fm
 from fused_margin import BackendUnavailableError, MarginSpec, _ext
@@ -32,11 +30,14 @@ from tests.utils import (
     assert_strided_inputs_match,
     chunk_size_fixture,
     class_index_case,
+    given,
     loss_and_grads,
     make_inputs,
     needs_ext,
     op_samples,
     problems,
+    settings,
+    st,
     tolerance,
 )
 

@@ -25,9 +25,9 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils' timeout")
 
 
-def _start(out: Path, deadline: int, stages: str) -> subprocess.Popen:
+def _start(out: Path, deadline: int, stages: str, extra_env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "GPU_CHECK_STUB": "1", "GPU_CHECK_DEADLINE": str(deadline), "GPU_CHECK_STAGES": stages,
-           "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+           "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     # its own session: the kill below reaches the script and every stage it started
     return subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -91,3 +91,34 @@ def test_deadline_bounds_every_stage(tmp_path):
     assert stages["values"]["status"] == "skipped" and stages["values"]["reason"] == "deadline"
     assert (out / "bench.tar.gz").exists()
     assert len([p for p in out.iterdir() if not p.name.startswith(".")]) <= 8
+
+
+#: a sitecustomize that makes the modules named in $BLOCKED_MODULES fail to import, as on
+#: a machine without them
+_BLOCKER = """
+import os, sys
+
+for _name in filter(None, os.environ.get("BLOCKED_MODULES", "").split(",")):
+    sys.modules[_name] = None  # import fails, importlib.util.find_spec finds nothing
+"""
+
+
+def test_missing_optional_packages_cost_only_what_uses_them(tmp_path):
+    """Without hypothesis and tqdm: the first stage names them, and the benchmark stage
+    (--no-progress) still measures."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_BLOCKER)
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path / "site"), str(ROOT), os.environ.get("PYTHONPATH")]))
+    out = tmp_path / "out"
+    proc = _start(out, 150, "versions,bench-triton",
+                  {"BLOCKED_MODULES": "hypothesis,tqdm", "PYTHONPATH": pythonpath})
+    stdout, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, stdout
+    stages = _stages(out)
+    assert stages["versions"]["status"] == "ok", stages  # both are optional
+    env = (out / "env.txt").read_text()
+    for name in ("hypothesis", "tqdm"):
+        assert f"{name}: MISSING" in env, env
+    assert "torch: " in env and "torch: MISSING" not in env
+    assert stages["bench-triton"]["status"] == "ok", (stages, (out / "bench.log").read_text()[-3000:])
+    assert _measured_rows(out / "bench_live.json"), (out / "bench.log").read_text()[-3000:]

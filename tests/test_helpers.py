@@ -1,12 +1,20 @@
 """The shared checks of tests/utils.py fail where they must: the three-way rule per
-element as well as norm-wise, and the tolerance table's look-up."""
+element as well as norm-wise, and the tolerance table's look-up; the suite does without
+its optional packages."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.utils import TOLERANCES, assert_no_less_accurate_than_eager, rel_err, tolerance
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _three(dtype: torch.dtype):
@@ -55,3 +63,17 @@ def test_tolerance_table():
     assert tolerance("cpu", torch.float32) == TOLERANCES[("cpu", torch.float32)]
     with pytest.raises(KeyError, match=r"no tolerance for \('nowhere', torch.float32\)"):
         tolerance("nowhere", torch.float32)
+
+
+def test_suite_collects_without_hypothesis():
+    """A machine without hypothesis loses only the property-based tests: tests/utils.py
+    imports it guarded, and those tests skip."""
+    code = ("import sys; sys.modules['hypothesis'] = None; import pytest; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+            "'tests/test_reliability.py', '-k', 'injected or one_class_with']))")
+    # no plugin autoload: hypothesis's own pytest plugin is what a machine without it lacks
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 skipped" in result.stdout and "passed" in result.stdout, result.stdout[-2000:]

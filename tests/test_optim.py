@@ -742,9 +742,8 @@ def test_non_finite_gradient_after_written_chunks_raises(backend, device, monkey
     backward says so with an error instead of leaving a silently half-stepped weight."""
     from fused_margin.backends.cpu import BACKEND as CPU
     from fused_margin.backends.cuda import BACKEND as CUDA
-    from fused_margin.triton_kernels import backward_gemm
-
     from fused_margin.backends.triton import BACKEND as TRITON
+    from fused_margin.triton_kernels import backward_gemm
     from fused_margin.triton_kernels.common import TileConfig
 
     monkeypatch.setattr(CPU, "chunk_size", 4)

@@ -298,8 +298,7 @@ def test_curricular_matches_explicit_construction():
 
 # ---- random shapes (hypothesis) ---------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from tests.utils import given, settings, st  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)

@@ -4,14 +4,16 @@ exactly zero gradient, running statistics stay fp32 and finite (README: "Bad val
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+import fused_margin as fm
 import fused_margin.heads as heads
+from fused_margin import MarginSpec, NonTarget, NonTargetKind
 from fused_margin.functional import fused_terms
-from tests.utils import HEAD_SPECS, assert_rel_close, loss_and_grads, make_inputs, tolerance
+from tests.utils import HEAD_SPECS, assert_rel_close, given, loss_and_grads, make_inputs, settings, st, tolerance
 
 #: every backend CI can run (Triton under its interpreter), with the dtype each runs in
 BACKENDS = {"cpu": torch.float64, "reference": torch.float64, "eager": torch.float64, "triton": torch.float32}
@@ -304,3 +306,130 @@ def test_cast_head_keeps_fp32_state_and_trains(name, cast):
     assert bool(torch.isfinite(loss)) and bool(torch.isfinite(head.weight.grad).all())
     assert all(bool(torch.isfinite(buf).all()) for buf in head.buffers())
     assert {key: buf.dtype for key, buf in head.named_buffers()} == state
+
+
+# ---- one class, label smoothing ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_one_class_with_label_smoothing_is_exactly_zero(backend):
+    """F.cross_entropy gives exactly 0 with one class, label smoothing or not."""
+    dtype = BACKENDS[backend]
+    x, w, labels = make_inputs(6, 1, 5, dtype=dtype)
+    x.requires_grad_(True)
+    loss = fm.margin_cross_entropy(x, w, labels, HEAD_SPECS["arcface"], label_smoothing=0.1, reduction="none",
+                                   backend=backend)
+    torch_loss = torch.nn.functional.cross_entropy(torch.randn(6, 1, dtype=dtype), labels.clamp_min(0),
+                                                   label_smoothing=0.1, reduction="none")
+    assert torch.equal(torch_loss, torch.zeros_like(torch_loss))
+    assert torch.equal(loss.detach(), torch.zeros_like(loss)), f"{backend}: {loss.tolist()}"
+
+
+# ---- D = 1: the gradient is exactly 0, the fp32 result is rounding ---------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_one_dimensional_embeddings_gradient_bound(backend):
+    """With D = 1 the normalized embedding is a constant (+-1): the exact gradient is 0.
+    Each term of the computed one is a difference that vanishes only in exact arithmetic,
+    times the target's derivative, which at c = 1 - ulp is s (cos m + sin m / sin theta),
+    sin theta = sqrt(2 ulp): ~1400 s in fp32 (ArcFace, m = 0.5). So in fp32 every backend,
+    the fp32 reference too, leaves up to a few ulps of that: |dx_b| <= 32 ulp r_b s
+    (2 + sin m / sqrt(2 ulp)) / B; in float64 the same is ~1e-14 (README: "Bad values")."""
+    spec, s, m = HEAD_SPECS["subcenter_arcface"], 64.0, 0.5
+    for dtype in (torch.float32, torch.float64) if backend != "triton" else (torch.float32,):
+        eps = torch.finfo(dtype).eps
+        for seed in range(4):
+            torch.manual_seed(seed)
+            x, w, labels = torch.randn(8, 1, dtype=dtype), torch.randn(50 * 3, 1, dtype=dtype), torch.randint(0, 50, (8,))
+            x.requires_grad_(True)
+            fm.margin_cross_entropy(x, w, labels, spec, backend=backend).backward()
+            bound = 32 * eps * s * (2 + math.sin(m) / math.sqrt(2 * eps)) / x.abs().detach() / 8
+            assert bool((x.grad.abs() <= bound).all()), f"{backend} {dtype} seed {seed}: {x.grad.flatten().tolist()}"
+
+
+# ---- a custom target's result -----------------------------------------------------------
+
+
+def _target_in(dtype, device=None):
+    def target(ctx):
+        return (30.0 * (ctx.cos - 0.2)).to(dtype=dtype, device=device)
+
+    return target
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_lower_precision_target_is_upcast(backend):
+    """A bf16 (or fp16) target with fp32 inputs: the loss stays fp32, computed from the
+    target's values (their bf16 rounding is the target's own)."""
+    x, w, labels = make_inputs(7, 11, 6, dtype=torch.float32, ignore_rows=1)
+    want = fm.margin_cross_entropy(x, w, labels, MarginSpec(30.0, lambda ctx: _target_in(torch.bfloat16)(ctx).float(),
+                                                            NonTarget(NonTargetKind.IDENTITY)), backend=backend)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = fm.margin_cross_entropy(x, w, labels, MarginSpec(30.0, _target_in(dtype), NonTarget(NonTargetKind.IDENTITY)),
+                                      backend=backend, label_smoothing=0.0)
+        assert got.dtype == torch.float32
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want)
+
+
+def test_target_on_another_device_is_refused_naming_it():
+    x, w, labels = make_inputs(5, 9, 4, dtype=torch.float32)
+    spec = MarginSpec(30.0, _target_in(torch.float32, "meta"), NonTarget(NonTargetKind.IDENTITY))
+    with pytest.raises(ValueError, match=r"target .*target must return a tensor on cpu .* got one on meta"):
+        fm.margin_cross_entropy(x, w, labels, spec, backend="cpu")
+
+
+# ---- ShardedMarginLoss's arguments --------------------------------------------------------
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+SHARDED_BAD = [
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an integer, got 1.5"),
+    (dict(ignore_index=True), TypeError, "ignore_index must be an integer, got True"),
+    (dict(seed="a"), TypeError, "seed must be an integer, got 'a'"),
+    (dict(seed=2.0), TypeError, "seed must be an integer, got 2.0"),
+    (dict(return_accuracy="yes"), ValueError, "return_accuracy must be True or False, got 'yes'"),
+    (dict(sample_rate=True), TypeError, "sample_rate must be a real number, got True"),
+    (dict(sample_rate=0.0), ValueError, r"sample_rate must lie in \(0, 1\], got 0.0"),
+    (dict(label_smoothing=True), TypeError, "label_smoothing must be a real number, got True"),
+    (dict(backend="nope"), ValueError, "backend must be one of .* got 'nope'"),
+    (dict(embedding_grad="mean"), ValueError, "embedding_grad must be one of"),
+    (dict(timeout=0), ValueError, "timeout must be positive"),
+    (dict(num_classes=10.0), TypeError, "num_classes must be an integer, got 10.0"),
+    (dict(embedding_size=True), TypeError, "embedding_size must be an integer, got True"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "match"), SHARDED_BAD, ids=[str(c) for c, _, _ in SHARDED_BAD])
+def test_sharded_head_checks_its_arguments(one_process_group, change, error, match):
+    from fused_margin.distributed import ShardedMarginLoss
+
+    kwargs = dict(num_classes=10, embedding_size=4, backend="cpu") | change
+    with pytest.raises(error, match=match):
+        ShardedMarginLoss(MarginSpec.cosface(), **kwargs)
+
+
+def test_sharded_head_takes_numpy_and_tensor_scalars(one_process_group):
+    import numpy as np
+
+    from fused_margin.distributed import ShardedMarginLoss
+
+    head = ShardedMarginLoss(MarginSpec.cosface(), np.int64(10), torch.tensor(4), ignore_index=np.int32(-1),
+                             sample_rate=np.float32(0.5), label_smoothing=torch.tensor(0.1), seed=torch.tensor(3),
+                             timeout=np.float64(30.0), backend="cpu")
+    assert (head.num_classes, head.embedding_size, head.ignore_index, head.seed) == (10, 4, -1, 3)
+    assert type(head.ignore_index) is int and type(head.seed) is int and head.sample_rate == 0.5
+    x, labels = torch.randn(6, 4), torch.tensor([0, 1, -1, 3, 1, 9])
+    loss = head(x, labels)
+    assert bool(torch.isfinite(loss))

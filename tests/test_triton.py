@@ -13,8 +13,6 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fused_margin as fm
 from fused_margin import BackendUnavailableError, MarginSpec
@@ -28,10 +26,13 @@ from tests.utils import (
     assert_no_less_accurate_than_eager,
     assert_rel_close,
     assert_strided_inputs_match,
+    given,
     loss_and_grads,
     make_inputs,
     problems,
     rel_err,
+    settings,
+    st,
     tolerance,
 )
 
