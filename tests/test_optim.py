@@ -888,3 +888,16 @@ def test_reference_path_bitwise_for_number_hyperparameters(tensors):
         assert_rel_close(fused.detach(), plain.detach(), 1e-6, "tensor hyperparameters")
     else:
         assert torch.equal(fused.detach(), plain.detach())
+
+
+def test_removal_recompiles_a_compiled_step():
+    torch._dynamo.reset()
+    head, opt = _head_and_opt()
+    step = torch.compile(lambda x, y: head(x, y), backend="aot_eager", fullgraph=True)
+    step(*_batch()).backward()
+    opt.step()
+    assert head.weight.grad is None
+    fopt.remove_optimizer_in_backward([head.weight])
+    step(*_batch(1)).backward()
+    assert head.weight.grad is not None, "the compiled step still ran the fused update"
+    torch._dynamo.reset()

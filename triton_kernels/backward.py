@@ -43,6 +43,7 @@ from .common import (
     dot_in_fp32,
     launch,
     optional_inputs,
+    optional_inputs_guarded,
 )
 from .lse_forward import num_classes_in_use
 from .optim_update import UpdateArguments, _flag_non_finite, _update_rows, no_update
@@ -50,8 +51,7 @@ from .optim_update import UpdateArguments, _flag_non_finite, _update_rows, no_up
 __all__ = ["margin_lse_bwd"]
 
 
-@optional_inputs
-@triton.heuristics({"GUARDED": lambda args: args["guard_ptr"] is not None})
+@optional_inputs_guarded
 @triton.jit
 def _margin_lse_bwd_dx_kernel(
     # pointers: inputs

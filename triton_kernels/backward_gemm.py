@@ -56,7 +56,7 @@ from .common import (
     _routed,
     default_tiles,
     launch,
-    optional_inputs,
+    optional_inputs_guarded,
 )
 from .lse_forward import num_classes_in_use
 from .optim_update import UpdateArguments, _flag_non_finite, _update_rows, no_update, step_with_zero_gradient
@@ -79,8 +79,7 @@ def _weight_rows(local_rows, mask, c_begin, class_index_ptr, K: tl.constexpr, HA
     return rows
 
 
-@optional_inputs
-@triton.heuristics({"GUARDED": lambda args: args["guard_ptr"] is not None})
+@optional_inputs_guarded
 @triton.jit
 def _dot_grad_kernel(
     # pointers: inputs

@@ -27,6 +27,7 @@ __all__ = [
     "interpreting",
     "num_programs_target",
     "optional_inputs",
+    "optional_inputs_guarded",
 ]
 
 NORM_EPS = tl.constexpr(1e-12)
@@ -407,3 +408,8 @@ def _given(name: str):
 #: ``triton.heuristics`` from their pointers: None when absent, which the JIT specializes as
 #: a constexpr; the forward's and every backward's kernel take them this way
 optional_inputs = triton.heuristics({"HAS_BIAS": _given("bias_ptr"), "HAS_INDEX": _given("class_index_ptr")})
+#: the same, and ``GUARDED`` from ``guard_ptr``: the kernels that form dU check it for a
+#: fused update's guard (``optim_update.py``) when one is given
+optional_inputs_guarded = triton.heuristics(
+    {"HAS_BIAS": _given("bias_ptr"), "HAS_INDEX": _given("class_index_ptr"), "GUARDED": _given("guard_ptr")}
+)

@@ -127,7 +127,7 @@ def _compile(kernel: str, variant: tuple, target: GPUTarget, update: tuple[str, 
         else:
             fn = _margin_lse_bwd_dw_kernel
             pointers.update(grad_w_ptr=f"*{w_dtype}", grad_bias_ptr="*fp32")
-    while isinstance(fn, Heuristics):  # HAS_BIAS / HAS_INDEX / GUARDED from the pointers: given below
+    if isinstance(fn, Heuristics):  # HAS_BIAS / HAS_INDEX / GUARDED from the pointers: given below
         fn = fn.fn
     # absent optional tensors are None, which the JIT specializes as constexpr None
     absent = [] if bias else ["bias_ptr", "bias_partial_ptr", "grad_bias_ptr"]

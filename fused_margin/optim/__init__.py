@@ -113,7 +113,7 @@ def remove_optimizer_in_backward(params: Iterable[Tensor] | Tensor) -> None:
 
     Until then ``del optimizer`` changes nothing (the weight keeps its optimizer alive and
     every backward updates it), and a plain optimizer's ``step()`` over the weight raises.
-    A compiled graph made while the optimizer was attached must be compiled again."""
+    A function compiled while it was attached is recompiled (Dynamo guards on the mark)."""
     if isinstance(params, Tensor):
         params = [params]
     for p in list(params):
