@@ -617,18 +617,29 @@ def test_other_saved_reference_defers_the_update(backend, device):
     """The issue's example: a loss term made before the head saved W. The update waits for
     the end of the backward (a warning says so): x.grad and W are the plain optimizer's."""
     head, opt, twin, plain = _heads_and_opts(backend, device)
+
+    def fused_backward(x, y):
+        with pytest.warns(RuntimeWarning, match="applied at the end of the backward"):
+            _aux_then_head(head, x, y).backward()
+
+    _two_steps_against_plain(fused_backward, lambda x, y: _aux_then_head(twin, x, y).backward(), head, opt, twin,
+                             plain, device, backend)
+    _assert_states_match(opt, plain, backend)
+
+
+def _two_steps_against_plain(fused_backward, plain_backward, head, opt, twin, plain, device, what):
+    """Two steps, each a backward of the fused head's loss and one of its plain twin's
+    (``*_backward(x, y)``), then both optimizers' steps: x.grad and the weights alike."""
     for step in range(2):
         x, y = (t.to(device) for t in _batch(step))
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        with pytest.warns(RuntimeWarning, match="applied at the end of the backward"):
-            _aux_then_head(head, xa, y).backward()
-        _aux_then_head(twin, xb, y).backward()
+        fused_backward(xa, y)
+        plain_backward(xb, y)
         for o in (opt, plain):
             o.step()
             o.zero_grad()
-        assert_rel_close(xa.grad, xb.grad, TOL, f"{backend} x.grad, step {step}")
-        assert_rel_close(head.weight.detach(), twin.weight.detach(), TOL, f"{backend} weight, step {step}")
-    _assert_states_match(opt, plain, backend)
+        assert_rel_close(xa.grad, xb.grad, TOL, f"{what} x.grad, step {step}")
+        assert_rel_close(head.weight.detach(), twin.weight.detach(), TOL, f"{what} weight, step {step}")
 
 
 def test_normal_step_is_not_deferred(monkeypatch):
@@ -679,16 +690,8 @@ def test_compiled_graph_reading_the_weight_elsewhere():
         return loss + (x @ module.weight.detach().t()).square().mean()
 
     after = torch.compile(lambda x, y: head_then_aux(head, x, y), backend="aot_eager", fullgraph=True)
-    for step in range(2):
-        x, y = _batch(step)
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        after(xa, y).backward()
-        head_then_aux(twin, xb, y).backward()
-        for o in (opt, plain):
-            o.step()
-            o.zero_grad()
-        assert_rel_close(xa.grad, xb.grad, TOL, f"compiled x.grad, step {step}")
-        assert_rel_close(head.weight.detach(), twin.weight.detach(), TOL, f"compiled weight, step {step}")
+    _two_steps_against_plain(lambda x, y: after(x, y).backward(), lambda x, y: head_then_aux(twin, x, y).backward(),
+                             head, opt, twin, plain, "cpu", "compiled")
     torch._dynamo.reset()
 
 
