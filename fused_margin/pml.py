@@ -199,8 +199,8 @@ class _FusedCrossEntropy:
         fused_optimizer = fused_optimizer_handle(self.W)
         if fused_optimizer and self.weight_regularizer is not None:
             raise ValueError(
-                f"{type(self).__name__}: weight_regularizer={type(self.weight_regularizer).__name__}() sends a gradient to W "
-                f"outside the fused operation, which its optimizer in the backward would never apply"
+                f"{type(self).__name__}: weight_regularizer={type(self.weight_regularizer).__name__}() sends a "
+                f"gradient to W outside the fused operation, which its optimizer in the backward would never apply"
             )
         if reason is not None:
             if fused_optimizer:
@@ -277,15 +277,9 @@ class _FusedCrossEntropy:
         return weight
 
 
-def _count(name: str, value: object) -> int:
-    try:
-        return _checks.positive_integer(name, value)
-    except TypeError as e:
-        raise ValueError(str(e)) from None
-
-
 def _class_arguments(num_classes: object, embedding_size: object) -> dict[str, int]:
-    return {"num_classes": _count("num_classes", num_classes), "embedding_size": _count("embedding_size", embedding_size)}
+    return {"num_classes": _checks.positive_integer("num_classes", num_classes),
+            "embedding_size": _checks.positive_integer("embedding_size", embedding_size)}
 
 
 def _degrees(name: str, value: Any) -> float:
@@ -336,7 +330,7 @@ class SubCenterArcFaceLoss(_FusedCrossEntropy, pml_losses.SubCenterArcFaceLoss):
                  sub_centers: int = 3, *, backend: BackendName = "auto", **kwargs: Any) -> None:
         super().__init__(**_class_arguments(num_classes, embedding_size),
                          margin=_as_given(_degrees, "margin", margin),
-                         scale=_as_given(_checks.positive, "scale", scale), sub_centers=_count("sub_centers", sub_centers),
+                         scale=_as_given(_checks.positive, "scale", scale), sub_centers=_checks.positive_integer("sub_centers", sub_centers),
                          backend=backend, **kwargs)
 
     @property
@@ -354,7 +348,7 @@ class LargeMarginSoftmaxLoss(_FusedCrossEntropy, pml_losses.LargeMarginSoftmaxLo
 
     def __init__(self, num_classes: int, embedding_size: int, margin: int = 4, scale: float = 1, *,
                  backend: BackendName = "auto", **kwargs: Any) -> None:
-        super().__init__(**_class_arguments(num_classes, embedding_size), margin=_count("margin", margin),
+        super().__init__(**_class_arguments(num_classes, embedding_size), margin=_checks.positive_integer("margin", margin),
                          scale=_as_given(_checks.positive, "scale", scale), backend=backend, **kwargs)
 
     def _make_spec(self) -> MarginSpec:

@@ -337,11 +337,11 @@ def test_no_labels_raises_pmls_value_error():
 def test_arguments_are_checked_in_the_constructor():
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'nope'"):
         pml.CosFaceLoss(num_classes=3, embedding_size=4, backend="nope")
-    with pytest.raises(ValueError, match="num_classes must be an integer, got 3.0"):
+    with pytest.raises(TypeError, match="num_classes must be an integer, got 3.0"):
         pml.CosFaceLoss(num_classes=3.0, embedding_size=4)
     with pytest.raises(ValueError, match="sub_centers must be a positive integer, got 0"):
         pml.SubCenterArcFaceLoss(num_classes=3, embedding_size=4, sub_centers=0)
-    with pytest.raises(ValueError, match="margin must be an integer, got 4.5"):
+    with pytest.raises(TypeError, match="margin must be an integer, got 4.5"):
         pml.LargeMarginSoftmaxLoss(num_classes=3, embedding_size=4, margin=4.5)
     with pytest.raises(TypeError, match="margin must be a real number, got True"):
         pml.CosFaceLoss(num_classes=3, embedding_size=4, margin=True)
