@@ -37,11 +37,21 @@ the gradients are those it computes, on the fused operation (no batch x classes 
 * Embedding gradients follow its DDP convention: each rank's embeddings receive
   ``world_size`` times ``dL/dx`` (a DDP-wrapped backbone averages them back to
   ``dL/dtheta``); the shard receives ``dL/dW_shard``.
+* The initial weight: one ``torch.normal(0, 0.01, (num_local, embedding_size))`` draw from
+  the default (CPU) generator, in the default dtype, and no other use of the global random
+  state at construction: from the same seed, the same weight and the same random state
+  after, bitwise. Construction holds one weight.
 * Class sampling (``sample_rate < 1``) keeps every positive class of the shard and a random
-  subset of the others, ``int(sample_rate * num_local)`` in all, drawn with
-  ``torch.rand(num_local)`` from the default generator of the weight's device, top-k and
-  sorted, as arcface_torch does (so with the same seed the same classes are kept);
-  ``weight_index`` holds them after a step. As there, it samples in eval mode too.
+  subset of the others, ``num_sample = int(sample_rate * num_local)`` in all: when the
+  positives are at most ``num_sample``, ``torch.rand(num_local)`` drawn from the CPU's
+  default generator and moved to the labels' device (one host-to-device copy of
+  ``num_local`` floats per step on a GPU, as there), positives set to 2, top-k and sorted;
+  when they are more, the positives alone and no draw. So the same seed keeps the same
+  classes on every device, as arcface_torch does. ``weight_index`` holds them after a
+  step. As there, it samples in eval mode too.
+* The margins (``s``, ``m1``, ``m2``, ``m3``, ``interclass_filtering_threshold`` of
+  :class:`CombinedMarginLoss`) are read at each forward: a changed margin applies at the
+  next step.
 
 **What differs, on purpose**: labels are never modified in place (arcface_torch's
 ``squeeze_()`` and its label remapping write into the caller's tensor); labels outside
@@ -62,6 +72,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _checks
+from .backends import available_backends
 from .distributed import ShardedMarginLoss, full_weight_from_state_dicts, require_process_group, shard_weight
 from .functional import BackendName
 from .spec import MarginSpec
@@ -77,6 +88,10 @@ class CombinedMarginLoss(nn.Module):
     Hand it to :class:`PartialFC_V2`, which runs it on the fused kernels. Called on
     materialized cosines ``(B, C)`` with labels ``(B,)`` or ``(B, 1)`` (-1: no target
     here) it returns arcface_torch's logits, out of place (for checks and small heads).
+
+    ``s``, ``m1``, ``m2``, ``m3`` and ``interclass_filtering_threshold`` are read at each
+    forward, as arcface_torch reads them: changing one (a margin schedule) takes effect
+    at the next step; a combination it cannot compute raises there.
     """
 
     def __init__(self, s: float, m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0) -> None:
@@ -84,39 +99,23 @@ class CombinedMarginLoss(nn.Module):
         self.s = _checks.real("s", s)
         self.m1, self.m2, self.m3 = _checks.real("m1", m1), _checks.real("m2", m2), _checks.real("m3", m3)
         self.interclass_filtering_threshold = _checks.real("interclass_filtering_threshold", interclass_filtering_threshold)
-        if self.s <= 0:
-            raise ValueError(f"s must be positive, got {s!r}")
-        # the attributes arcface_torch's module carries
+        # the attributes arcface_torch's module carries (computed once, as there)
         self.cos_m, self.sin_m = math.cos(self.m2), math.sin(self.m2)
         self.theta = math.cos(math.pi - self.m2)
         self.sinmm = math.sin(math.pi - self.m2) * self.m2
         self.easy_margin = False
-        t = self.interclass_filtering_threshold if self.interclass_filtering_threshold > 0 else 0.0
-        if self.m1 == 1.0 and self.m3 == 0.0:
-            if not 0.0 <= self.m2 < math.pi:
-                raise ValueError(f"m2 must lie in [0, pi) for ArcFace (m1=1, m3=0), got {m2!r}")
-            self._spec = MarginSpec.arcface(
-                self.s, self.m2, straight_through=True, beyond_pi="none", interclass_filtering_threshold=t
-            )
-        elif self.m3 > 0:
-            if self.m1 != 1.0 or self.m2 != 0.0:
-                warnings.warn(
-                    f"CombinedMarginLoss(m1={m1!r}, m2={m2!r}, m3={m3!r}) computes CosFace with m3 alone and ignores "
-                    f"m1 and m2, as arcface_torch does; fused_margin.CombinedMarginLoss computes the combined "
-                    f"formula s*(cos(m1*theta + m2) - m3)",
-                    stacklevel=2,
-                )
-            self._spec = MarginSpec.cosface(self.s, self.m3, interclass_filtering_threshold=t)
-        else:
-            raise ValueError(
-                f"arcface_torch's CombinedMarginLoss computes ArcFace (m1=1, m3=0) or CosFace (m3>0) only, got "
-                f"m1={m1!r}, m3={m3!r}; fused_margin.CombinedMarginLoss(margins=(m1, m2, m3)) computes the "
-                f"combined formula"
-            )
+        self._spec_cache: tuple[tuple, MarginSpec] | None = None
+        self.spec()  # the combination, checked now
+
+    def _margins(self) -> tuple:
+        return self.s, self.m1, self.m2, self.m3, self.interclass_filtering_threshold
 
     def spec(self) -> MarginSpec:
-        """The head as the fused kernels run it."""
-        return self._spec
+        """The head as the fused kernels run it, from the current attributes."""
+        key = self._margins()
+        if self._spec_cache is None or self._spec_cache[0] != key:
+            self._spec_cache = (key, _combined_margin_spec(*key))
+        return self._spec_cache[1]
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         """arcface_torch's output for cosines ``logits`` (B, C) and labels (B,) or (B, 1)
@@ -150,6 +149,32 @@ class CombinedMarginLoss(nn.Module):
         )
 
 
+def _combined_margin_spec(s: float, m1: float, m2: float, m3: float, threshold: float) -> MarginSpec:
+    """arcface_torch's two cases of ``CombinedMarginLoss`` as a :class:`MarginSpec`."""
+    s = _checks.positive("s", s)
+    m1, m2, m3 = _checks.real("m1", m1), _checks.real("m2", m2), _checks.real("m3", m3)
+    t = _checks.real("interclass_filtering_threshold", threshold)
+    t = t if t > 0 else 0.0
+    if m1 == 1.0 and m3 == 0.0:
+        if not 0.0 <= m2 < math.pi:
+            raise ValueError(f"m2 must lie in [0, pi) for ArcFace (m1=1, m3=0), got {m2!r}")
+        return MarginSpec.arcface(s, m2, straight_through=True, beyond_pi="none", interclass_filtering_threshold=t)
+    if m3 > 0:
+        if m1 != 1.0 or m2 != 0.0:
+            warnings.warn(
+                f"CombinedMarginLoss(m1={m1!r}, m2={m2!r}, m3={m3!r}) computes CosFace with m3 alone and ignores "
+                f"m1 and m2, as arcface_torch does; fused_margin.CombinedMarginLoss computes the combined "
+                f"formula s*(cos(m1*theta + m2) - m3)",
+                stacklevel=4,
+            )
+        return MarginSpec.cosface(s, m3, interclass_filtering_threshold=t)
+    raise ValueError(
+        f"arcface_torch's CombinedMarginLoss computes ArcFace (m1=1, m3=0) or CosFace (m3>0) only, got "
+        f"m1={m1!r}, m3={m3!r}; fused_margin.CombinedMarginLoss(margins=(m1, m2, m3)) computes the "
+        f"combined formula"
+    )
+
+
 def _flat_labels(labels: Tensor, batch: int) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -161,14 +186,53 @@ def _flat_labels(labels: Tensor, batch: int) -> Tensor:
 
 
 class _PartialFCShards(ShardedMarginLoss):
-    """The sharded head with arcface_torch's sampling draw and its per-row loss cap."""
+    """The sharded head with arcface_torch's initial weight, its sampling rule and draw,
+    and its per-row loss cap."""
 
     _row_loss_cap = ROW_LOSS_CAP
+    #: arcface_torch's ``int(sample_rate * num_local)`` (0 is possible there)
+    arcface_num_sample: int
 
-    def _draw_scores(self, num_local: int) -> Tensor:
-        # arcface_torch: torch.rand(num_local) from the default generator; the positives then
-        # score 2.0 and the top-k are kept, sorted (all positives when they are more)
-        return torch.rand(num_local, device=self.weight.device)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # arcface_torch: torch.normal(0, 0.01, (num_local, D)), the only draw at construction;
+        # normal_ in place draws the same numbers, into the one weight
+        self.weight.normal_(0.0, 0.01)
+
+    @torch.no_grad()
+    def _sample(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """arcface_torch's rule: when the positives fit in ``num_sample``, the scores
+        ``torch.rand(num_local)`` from the CPU generator, moved to the labels' device,
+        positives set to 2.0, the top ``num_sample``, sorted; else the positives alone,
+        and no draw."""
+        num_local = self.class_end - self.class_start
+        device = local_labels.device
+        owned = local_labels >= 0
+        positive = torch.zeros(num_local, dtype=torch.bool, device=device)
+        positive[local_labels[owned]] = True
+        if self.arcface_num_sample >= int(positive.sum()):
+            scores = torch.rand(num_local).to(device)
+            scores = torch.where(positive, torch.full_like(scores, 2.0), scores)
+            index = scores.topk(self.arcface_num_sample).indices.sort().values
+        else:
+            index = positive.nonzero().flatten()
+        position = torch.full((num_local,), -1, dtype=torch.int64, device=device)
+        position[index] = torch.arange(index.shape[0], device=device)
+        remapped = torch.where(owned, position[local_labels.clamp_min(0)], local_labels)
+        return index, remapped
+
+
+def _margin_spec(margin_loss: object) -> MarginSpec:
+    if isinstance(margin_loss, MarginSpec):
+        return margin_loss
+    spec = getattr(margin_loss, "spec", None)
+    spec = spec() if callable(spec) else None
+    if not isinstance(spec, MarginSpec):
+        raise TypeError(
+            f"margin_loss must be fused_margin.insightface.CombinedMarginLoss (or a MarginSpec), got "
+            f"{type(margin_loss).__name__}: a callable on materialized logits cannot run inside the fused kernels"
+        )
+    return spec
 
 
 class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
@@ -182,8 +246,11 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
 
     Attributes (arcface_torch's): ``weight`` (num_local, D), ``rank``, ``world_size``,
     ``class_start``, ``num_local``, ``num_sample``, ``sample_rate``, ``embedding_size``,
-    ``num_classes``, ``fp16``, ``margin_softmax``, ``last_batch_size``, ``weight_index``
-    (the kept local classes of the last sampled step).
+    ``num_classes``, ``fp16``, ``margin_softmax``, ``last_batch_size`` (of the last step:
+    batches may differ in size here), ``is_updated`` and ``init_weight_update`` (read by
+    nothing, there either), ``weight_index`` (the kept local classes of the last sampled
+    step). Not here: ``dist_cross_entropy`` (the fused operation computes the loss) and
+    ``sample(labels, index_positive)`` (sampling runs inside ``forward``).
     """
 
     _version = 2
@@ -201,36 +268,33 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
     ) -> None:
         super().__init__()
         require_process_group("PartialFC_V2", "(as for arcface_torch's)")
-        if isinstance(margin_loss, MarginSpec):
-            spec = margin_loss
-        elif callable(getattr(margin_loss, "spec", None)) and isinstance(margin_loss.spec(), MarginSpec):
-            spec = margin_loss.spec()
-        else:
-            raise TypeError(
-                f"margin_loss must be fused_margin.insightface.CombinedMarginLoss (or a MarginSpec), got "
-                f"{type(margin_loss).__name__}: a callable on materialized logits cannot run inside the fused kernels"
-            )
-        if not isinstance(fp16, bool):
-            raise ValueError(f"fp16 must be True or False, got {fp16!r}")
+        spec = _margin_spec(margin_loss)
+        embedding_size = _checks.positive_integer("embedding_size", embedding_size)
+        num_classes = _checks.positive_integer("num_classes", num_classes)
+        sample_rate = _checks.in_range("sample_rate", sample_rate, 0.0, 1.0, low_open=True, high_open=False)
+        fp16 = _checks.flag("fp16", fp16)
+        backend = _checks.choice("backend", backend, ["auto", *available_backends()])
         self.margin_softmax = margin_loss
+        # its weight: arcface_torch's one draw, in the default dtype, on the CPU (see reset_parameters)
         shards = _PartialFCShards(
             spec, num_classes, embedding_size, process_group=process_group, sample_rate=sample_rate,
             reduction="mean", ignore_index=None, embedding_grad="ddp", backend=backend, seed=0,
+            dtype=torch.get_default_dtype(),
         )
         shards.train()  # arcface_torch samples whatever the mode
         self.__dict__["_shards"] = shards  # not a submodule: the state_dict is {'weight'} alone
         self.rank, self.world_size = shards.rank, shards.world_size
         self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.sample_rate, self.fp16 = float(sample_rate), fp16
+        self.sample_rate, self.fp16 = sample_rate, fp16
         self.class_start = shards.class_start
         self.num_local = shards.class_end - shards.class_start
         self.num_sample = int(self.sample_rate * self.num_local)
-        if self.num_sample >= 1:
-            shards.num_sample = self.num_sample
+        shards.arcface_num_sample = self.num_sample
         self.last_batch_size = 0
+        # arcface_torch's flags, which nothing reads (there either)
+        self.is_updated, self.init_weight_update = True, True
         self.weight_index: Tensor | None = None
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
-        shards.weight = self.weight  # one shard in memory: the sharded head's own is freed here
+        self.weight = shards.weight
 
     _shards: _PartialFCShards
 
@@ -250,6 +314,7 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (arcface_torch's name)
         shards = self._shards
         if shards._parameters.get("weight") is not self.weight:  # follow load_state_dict(assign=True)
             shards.weight = self.weight
+        shards._spec = _margin_spec(self.margin_softmax)  # its current margins, as arcface_torch reads them
         x = local_embeddings.half() if self.fp16 else local_embeddings
         loss = shards(x, labels)
         if shards.sampled_classes is not None:

@@ -93,9 +93,16 @@ class KernelParams:
         # a flat schema carries the kind as an int
         object.__setattr__(self, "kind", NonTargetKind(self.kind))
 
-    def as_tuple(self) -> tuple:
-        """The fields in order, as plain Python values (``KernelParams(*t)`` rebuilds it)."""
-        return values(self)
+    def choice_key(self) -> tuple:
+        """The fields a backend may choose by (not the floats): ``(normalize_x, normalize_w,
+        kind, num_subcenters)``, plain Python values."""
+        return self.normalize_x, self.normalize_w, int(self.kind), self.num_subcenters
+
+    @classmethod
+    def from_choice_key(cls, key: tuple) -> KernelParams:
+        """Params with the fields of :meth:`choice_key` and the default floats (scale 1)."""
+        normalize_x, normalize_w, kind, num_subcenters = key
+        return cls(normalize_x, normalize_w, 1.0, kind, num_subcenters=num_subcenters)
 
     @classmethod
     def from_spec(cls, spec: MarginSpec) -> KernelParams:

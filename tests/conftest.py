@@ -1,8 +1,10 @@
+import datetime
 import os
 import signal
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton reads
 # TRITON_INTERPRET when a function is decorated (its own tl.* helpers when triton is
@@ -26,6 +28,17 @@ def _reseed():
     # Fresh random inputs per test, reproducible per test.
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A Gloo process group of one process, this one, for the test's duration."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -255,3 +255,70 @@ def test_empty_batch(head_cls, backend):
         for v in values:
             if isinstance(v, float) or (torch.is_tensor(v) and v.is_floating_point()):
                 assert torch.isfinite(torch.as_tensor(v)).all(), (name, v)
+
+
+# a margin keyword of each head and a new value for it
+MARGIN_CHANGES = {
+    fm.NormFaceLoss: ("scale", 20.0),
+    fm.CosFaceLoss: ("margin", 0.2),
+    fm.ArcFaceLoss: ("margin", 0.3),
+    fm.CombinedMarginLoss: ("margins", (1.0, 0.2, 0.1)),
+    fm.SphereFaceLoss: ("margin", 3),
+    fm.LSoftmaxLoss: ("lambda_base", 10.0),
+    fm.CSSoftmaxLoss: ("weight_update_factor", 0.7),
+    fm.SOSoftmaxLoss: ("margin", 0.3),
+    fm.CircleLoss: ("scale", 100.0),
+    fm.CurricularFaceLoss: ("margin", 0.3),
+    fm.SubCenterArcFaceLoss: ("scale", 30.0),
+    fm.AdaFaceLoss: ("margin", 0.3),
+    fm.MagFaceLoss: ("upper_margin", 0.7),
+}
+
+
+@pytest.mark.parametrize("head_cls", sorted(MARGIN_CHANGES, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_margin_attribute_set_takes_effect(head_cls):
+    """``head.margin = m`` (any margin keyword) applies at the next forward: the head then
+    computes what a head built with that value computes, bitwise."""
+    name, value = MARGIN_CHANGES[head_cls]
+    head = head_cls(11, 6, dtype=torch.float64).eval()
+    x, _, labels = make_inputs(9, 11, 6)
+    x = 15.0 * x
+    before = head(x, labels)
+    setattr(head, name, value)
+    assert getattr(head, name) == value
+    fresh = head_cls(11, 6, dtype=torch.float64, **{name: value}).eval()
+    fresh.load_state_dict(head.state_dict())
+    after = head(x, labels)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, fresh(x, labels))
+    assert head.spec() == fresh.spec() or head_cls in (fm.AdaFaceLoss, fm.CurricularFaceLoss)
+
+
+def test_bad_margin_attribute_is_refused_and_the_old_value_kept():
+    head = fm.ArcFaceLoss(5, 4)
+    spec = head.spec()
+    with pytest.raises(ValueError, match=r"ArcFaceLoss.margin = 4.0 is refused: margin must lie in \[0, 3.14"):
+        head.margin = 4.0
+    assert head.margin == 0.5 and head.spec() is spec
+    with pytest.raises(ValueError, match=r"SphereFaceLoss.margin = 2.5 is refused: margin must be a positive integer"):
+        fm.SphereFaceLoss(5, 4).margin = 2.5
+    with pytest.raises(AttributeError, match="num_subcenters cannot change after construction"):
+        fm.SubCenterArcFaceLoss(5, 4).num_subcenters = 2
+
+
+def test_margin_schedule_under_torch_compile():
+    """A margin warm-up and a scale change in a compiled step (fullgraph): each value
+    is the one used, loss and gradient, as in eager mode (a changed float may recompile)."""
+    torch._dynamo.reset()
+    head = fm.ArcFaceLoss(11, 6, margin=0.0)
+    x, _, labels = make_inputs(9, 11, 6, dtype=torch.float32)
+    compiled = torch.compile(lambda x, y: head(x, y), backend="aot_eager", fullgraph=True)
+    losses = set()
+    for name, value in (("margin", 0.1), ("margin", 0.2), ("margin", 0.3), ("scale", 32.0)):
+        setattr(head, name, value)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = compiled(xa, labels), head(xb, labels)
+        got.backward(), want.backward()
+        assert torch.equal(got, want) and torch.equal(xa.grad, xb.grad), f"{name} = {value}"
+        losses.add(float(got))
+    assert len(losses) == 4

@@ -7,10 +7,11 @@ The model (:func:`arcface_torch_model`) follows arcface_torch's ``PartialFC_V2``
 2. rank ``r`` owns ``num_local = C // n + (r < C % n)`` classes from
    ``class_start = (C // n) * r + min(r, C % n)``; a label outside becomes -1, the others
    ``y - class_start``;
-3. sampling (``sample_rate < 1``): ``num_sample = int(sample_rate * num_local)``; if the
-   positives fit, ``perm = torch.rand(num_local)`` (rank ``r``'s generator state), positives
-   set to 2, the top ``num_sample`` indices, sorted; else the positives; labels are
-   re-indexed with ``searchsorted`` and the shard is ``W_r[index]``;
+3. sampling (``sample_rate < 1``, :func:`arcface_torch_sample`): ``num_sample =
+   int(sample_rate * num_local)``; if the positives fit, ``perm = torch.rand(num_local)``
+   (rank ``r``'s generator state), positives set to 2, the top ``num_sample`` indices,
+   sorted; else the positives; labels are re-indexed with ``searchsorted`` and the shard
+   is ``W_r[index]``;
 4. cosines ``normalize(E) @ normalize(W_r).T``, clamped to [-1, 1] (with autograd);
 5. inter-class filtering (threshold > 0): non-target cosines above it multiplied by 0;
 6. margin: ArcFace (m1 = 1, m3 = 0) replaces the target cosine by ``cos(acos(c) + m2)``
@@ -32,6 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -69,6 +71,18 @@ def _shard(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, num_local
 
 
+def arcface_torch_sample(local: torch.Tensor, num_local: int, num_sample: int) -> torch.Tensor:
+    """arcface_torch's ``PartialFC_V2.sample``: the kept shard classes, sorted. When the
+    positives (labels >= 0) fit in ``num_sample``, ``torch.rand(num_local)`` from the CPU
+    generator, positives set to 2, the top ``num_sample``; else the positives, no draw."""
+    positive = torch.unique(local[local >= 0], sorted=True)
+    if num_sample - positive.numel() >= 0:
+        perm = torch.rand(size=[num_local])
+        perm[positive] = 2.0
+        return perm.topk(num_sample).indices.sort().values
+    return positive
+
+
 def arcface_torch_model(
     xs: list[torch.Tensor], labels: list[torch.Tensor], weight: torch.Tensor, margins: tuple, *,
     sample_rate: float = 1.0, seed: int = 0,
@@ -86,15 +100,8 @@ def arcface_torch_model(
         local = torch.where((y >= start) & (y < start + num_local), y - start, torch.full_like(y, -1))
         index = torch.arange(num_local)
         if sample_rate < 1:
-            num_sample = int(sample_rate * num_local)
-            positive = torch.unique(local[local >= 0], sorted=True)
-            if num_sample >= positive.numel():
-                torch.manual_seed(seed + r)
-                perm = torch.rand(num_local)
-                perm[positive] = 2.0
-                index = perm.topk(num_sample).indices.sort().values
-            else:
-                index = positive
+            torch.manual_seed(seed + r)
+            index = arcface_torch_sample(local, num_local, int(sample_rate * num_local))
             local = torch.where(local >= 0, torch.searchsorted(index, local.clamp_min(0)), local)
         w_r = w_full[start:start + num_local][index]
         cos = (F.normalize(e, dim=1) @ F.normalize(w_r, dim=1).T).clamp(-1.0, 1.0)
@@ -178,16 +185,6 @@ def _inputs(world_size: int, num_classes: int, sizes: list[int], dim: int, seed:
 # ----------------------------------------------------------------------------------
 # One process: a Gloo group of one, in this process
 # ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(module: PartialFC_V2, x: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -323,6 +320,137 @@ def test_bad_arguments(world_of_one):
         module(torch.randn(4, 8), torch.tensor([0, 1, 11, 2]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\); got -1 at position 1"):
         module(torch.randn(4, 8), torch.tensor([0, -1, 3, 2]))
+
+
+def _arcface_margin() -> CombinedMarginLoss:
+    return CombinedMarginLoss(64, 1.0, 0.5, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_initial_weight_is_arcface_torchs_draw(world_of_one, dtype):
+    """From the same seed, the weight arcface_torch draws (``torch.normal(0, 0.01,
+    (num_local, D))`` in the default dtype), bitwise, and the same global random state
+    after: no other draw at construction."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        for seed in (0, 2048):
+            torch.manual_seed(seed)
+            module = PartialFC_V2(_arcface_margin(), 8, 37, 0.5)
+            state = torch.get_rng_state()
+            torch.manual_seed(seed)
+            want = torch.normal(0, 0.01, (37, 8))
+            assert module.weight.dtype == dtype and torch.equal(module.weight.detach(), want)
+            assert torch.equal(state, torch.get_rng_state())
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _peak_bytes(build) -> tuple[Any, int]:
+    """``build()``'s result and the peak of the CPU memory it held while it ran (the
+    profiler's allocations and frees, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = build()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return result, peak
+
+
+def test_construction_holds_one_weight(world_of_one):
+    module, peak = _peak_bytes(lambda: PartialFC_V2(_arcface_margin(), 64, 8192))
+    weight_bytes = module.weight.numel() * module.weight.element_size()
+    assert weight_bytes <= peak < 1.5 * weight_bytes
+
+
+@pytest.mark.parametrize("distinct", [4, 10, 15])
+def test_sampling_is_arcface_torchs_rule(world_of_one, distinct):
+    """``num_sample`` = 10 of 40 classes; the batch's labels hold fewer, as many and more
+    distinct classes: the kept classes and the random state after are arcface_torch's
+    (no draw when the positives are more), and so is the loss."""
+    num_classes, rate = 40, 0.25
+    labels = torch.randperm(num_classes)[:distinct].repeat(2)
+    x = torch.randn(labels.shape[0], DIM, dtype=torch.float64)
+    module = PartialFC_V2(_arcface_margin(), DIM, num_classes, rate, backend="reference").double()
+    torch.manual_seed(5)
+    loss = module(x, labels)
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    want = arcface_torch_sample(labels, num_classes, int(rate * num_classes))
+    assert torch.equal(module.weight_index, want)
+    assert torch.equal(state, torch.get_rng_state())
+    assert module.weight_index.numel() == max(10, distinct)
+    model = arcface_torch_model([x], [labels], module.weight.detach(), MARGINS["arcface"], sample_rate=rate, seed=5)
+    assert_rel_close(loss.detach(), model["loss"], TOL64, "sampled loss")
+
+
+@pytest.mark.gpu
+def test_sampling_on_a_gpu_is_the_cpu_draw(tmp_path):
+    """On a GPU the draw is the CPU generator's, moved: the classes kept from one seed
+    are those of the CPU rule, and the GPU's random state is untouched."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        module = PartialFC_V2(_arcface_margin(), DIM, 40, 0.25).cuda()
+        labels = torch.tensor([3, 17, 17, 29])
+        torch.manual_seed(9)
+        cuda_state = torch.cuda.get_rng_state()
+        module(torch.randn(4, DIM, device="cuda"), labels.cuda())
+        assert torch.equal(cuda_state, torch.cuda.get_rng_state())
+        torch.manual_seed(9)
+        assert torch.equal(module.weight_index.cpu(), arcface_torch_sample(labels, 40, 10))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_margins_are_read_at_every_step(world_of_one):
+    """Changing the margin module's attributes (a margin schedule) changes the next
+    step, as in arcface_torch; a combination it cannot compute raises there."""
+    data = _inputs(1, 13, [9], 6, seed=5)
+    x, labels = data["x"][0], data["labels"][0]
+    margin = _arcface_margin()
+    module = PartialFC_V2(margin, 6, 13, backend="reference").double()
+    module.load_full_weight(data["weight"])
+    before = module(x, labels).detach()
+    for name, value in (("m2", 0.3), ("s", 32.0), ("interclass_filtering_threshold", 0.2)):
+        setattr(margin, name, value)
+        got = _run(module, x, labels)
+        want = arcface_torch_model(data["x"], data["labels"], data["weight"],
+                                   (margin.s, margin.m1, margin.m2, margin.m3, margin.interclass_filtering_threshold))
+        _check(got, want, 0, TOL64, f"{name} = {value}")
+        assert not torch.equal(got["loss"], before)
+        before = got["loss"]
+    margin.m1 = 0.9
+    with pytest.raises(ValueError, match="m1=0.9, m3=0.0"):
+        module(x, labels)
+
+
+def test_arguments_are_checked_in_the_constructor(world_of_one):
+    margin = _arcface_margin()
+    with pytest.raises(TypeError, match="sample_rate must be a real number, got True"):
+        PartialFC_V2(margin, 8, 11, sample_rate=True)
+    with pytest.raises(ValueError, match=r"sample_rate must lie in \(0, 1\], got 1.5"):
+        PartialFC_V2(margin, 8, 11, sample_rate=1.5)
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'nope'"):
+        PartialFC_V2(margin, 8, 11, backend="nope")
+    with pytest.raises(TypeError, match="embedding_size must be an integer, got 8.0"):
+        PartialFC_V2(margin, 8.0, 11)
+    with pytest.raises(TypeError, match="num_classes must be an integer, got True"):
+        PartialFC_V2(margin, 8, True)
+    with pytest.raises(ValueError, match="fp16 must be True or False, got 1"):
+        PartialFC_V2(margin, 8, 11, fp16=1)
+    with pytest.raises(TypeError, match="m2 must be a real number, got 'a'"):
+        CombinedMarginLoss(64, 1.0, "a", 0.0)
+    with pytest.raises(ValueError, match="s must be positive, got -1"):
+        CombinedMarginLoss(-1, 1.0, 0.5, 0.0)
+    # numpy and 0-dim tensor scalars stand for their values
+    margin = CombinedMarginLoss(np.float64(64), torch.tensor(1.0), np.float32(0.5), 0)
+    module = PartialFC_V2(margin, np.int64(8), torch.tensor(11), np.float32(0.5))
+    assert (module.embedding_size, module.num_classes, module.num_sample) == (8, 11, 5)
+    assert type(module.embedding_size) is int and type(module.sample_rate) is float
 
 
 def test_needs_a_process_group():

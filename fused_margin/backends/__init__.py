@@ -107,15 +107,17 @@ def get_backend(name: str) -> Backend:
 def resolve_backend(name: str, x: Tensor, weight: Tensor, params: KernelParams) -> str:
     """The backend that will run: ``name`` itself if it can, the first able one for 'auto'."""
     # The params travel as a tuple of plain values: Dynamo (torch 2.11) cannot pass a
-    # frozen dataclass to an assume_constant_result function.
-    return _resolve(name, x, weight, params.as_tuple())
+    # frozen dataclass to an assume_constant_result function. Their floats stay out: no
+    # backend chooses by them, and in a graph recompiled for a changed margin (a margin
+    # schedule) Dynamo makes them symbolic, which such a function cannot take.
+    return _resolve(name, x, weight, params.choice_key())
 
 
 # Resolution depends only on device, dtypes and the installed packages: a constant for a
 # compiled graph, so Dynamo runs it once at trace time instead of tracing the registry.
 @torch.compiler.assume_constant_result
-def _resolve(name: str, x: Tensor, weight: Tensor, param_values: tuple) -> str:
-    params = KernelParams(*param_values)
+def _resolve(name: str, x: Tensor, weight: Tensor, choice_key: tuple) -> str:
+    params = KernelParams.from_choice_key(choice_key)
     if name != "auto":
         reasons = get_backend(name).not_supported_reasons(x, weight, params)
         if reasons:

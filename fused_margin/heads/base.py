@@ -194,7 +194,11 @@ class SpecHead(MarginHead):
     The margin keywords, their defaults and their checks are the factory's, defined once:
     the head takes them keyword-only, with its own constructor's keywords (if it defines
     one) and :class:`MarginHead`'s, and keeps each as an attribute (``head.scale``,
-    ``head.margin``). ``inspect.signature`` and ``help()`` show the whole list::
+    ``head.margin``). Setting one later rebuilds the spec at once, through the factory's
+    checks, so the next forward uses it (a margin schedule); a value the factory refuses
+    raises there, naming the attribute, and the head keeps its old value.
+    ``num_subcenters``, which fixes the weight's shape, cannot change.
+    ``inspect.signature`` and ``help()`` show the whole list::
 
         class CosFaceLoss(SpecHead, factory=cosface_spec): ...
         class SubCenterArcFaceLoss(ArcFaceLoss, num_subcenters=3): ...
@@ -280,6 +284,27 @@ class SpecHead(MarginHead):
         for name, value in margin.items():
             if name not in _HEAD_KEYWORDS:
                 setattr(self, name, tuple(value) if isinstance(value, list) else value)
+        self._margin_set = True  # from here on, a margin keyword set on the head rebuilds the spec
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._margin_keywords and self.__dict__.get("_margin_set", False):
+            self._set_margin_keyword(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _set_margin_keyword(self, name: str, value: Any) -> None:
+        if name in _HEAD_KEYWORDS:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} cannot change after construction (the weight's shape depends on "
+                f"it); build a new head"
+            )
+        old = self.__dict__[name]
+        super().__setattr__(name, tuple(value) if isinstance(value, list) else value)
+        try:
+            self._refresh_spec()
+        except (TypeError, ValueError) as e:
+            super().__setattr__(name, old)
+            raise type(e)(f"{type(self).__name__}.{name} = {value!r} is refused: {e}") from None
 
     def make_spec(self, **arguments: Any) -> MarginSpec:
         """The spec from the factory's ``arguments`` (the margin keywords under the
@@ -289,6 +314,10 @@ class SpecHead(MarginHead):
     def margin_arguments(self) -> dict[str, Any]:
         """The factory's arguments as the head holds them now (under the factory's names)."""
         return {self._factory_names[name]: getattr(self, name) for name in self._margin_keywords}
+
+    def _refresh_spec(self) -> None:
+        """The spec from the margin keywords as the head holds them now."""
+        self._spec = self.make_spec(**self.margin_arguments())
 
     def spec(self) -> MarginSpec:
         return self._spec
