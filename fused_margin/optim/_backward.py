@@ -107,8 +107,22 @@ def _update_all_rows_(update: WeightUpdate, weight: Tensor, grad: Tensor) -> Non
         apply_update_(update, weight[start:end], tuple(s[start:end] for s in update.state), grad[start:end])
 
 
-#: the use count of a storage (torch's private binding; absent: nothing is deferred)
+#: the use count of a storage (torch's private binding; absent: nothing is deferred, and a
+#: stale read still fails loudly through the version counter)
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _lone_tensor_use_count() -> int | None:
+    """The use count of the storage of a tensor nothing else references, as read below
+    (through a Python storage object made for the reading): measured, not assumed, so that
+    a torch that counts differently cannot make every step look held or none."""
+    if _storage_use_count is None:
+        return None
+    lone = torch.empty(1)
+    return _storage_use_count(lone.untyped_storage()._cdata)
+
+
+_LONE_TENSOR_USE_COUNT = _lone_tensor_use_count()
 
 
 def held_elsewhere(weight: Tensor, param: Tensor) -> bool:
@@ -116,12 +130,12 @@ def held_elsewhere(weight: Tensor, param: Tensor) -> bool:
     memory: a tensor another node of the graph saved (``x @ W.detach().t()`` in another
     loss term), a view kept alive. Every tensor that reads the weight's memory holds its
     storage, so this never misses a reader (it may see a harmless view)."""
-    if _storage_use_count is None:
+    if _LONE_TENSOR_USE_COUNT is None:
         return False
-    storage = param.untyped_storage()
-    # the parameter, the storage object just made, and the saved weight when it is a view
-    expected = 2 + (weight is not param)
-    return _storage_use_count(storage._cdata) > expected
+    # the parameter (with the storage object made for the reading), and the saved weight
+    # when it is a view (the pytorch-metric-learning drop-ins' W.t())
+    expected = _LONE_TENSOR_USE_COUNT + (weight is not param)
+    return _storage_use_count(param.untyped_storage()._cdata) > expected
 
 
 def _bump_versions(param: Tensor, state: tuple[Tensor, ...]) -> None:
