@@ -28,11 +28,11 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fused_margin.triton_kernels.common import _non_target, _non_target_grad
 
 from fused_margin import NonTarget, NonTargetKind, _ext
 from fused_margin.kernel_params import KernelParams
 from fused_margin.ops import OpOptions, forward_args, margin_lse
+from fused_margin.triton_kernels.common import _non_target, _non_target_grad
 
 K = NonTargetKind
 SCALE = 4.0  # a power of two: s * T(u) is exact, so lse_neg / s is the kernel's T(u)

@@ -55,8 +55,9 @@ pytestmark = pytest.mark.skipif(
 
 def test_kernels_run_in_the_mode_the_tests_need():
     """Guards the set-up above: interpreted kernels on CPU tensors, compiled ones on a GPU."""
-    from fused_margin.triton_kernels.lse_forward import _margin_lse_fwd_kernel
     from triton.runtime.interpreter import InterpretedFunction
+
+    from fused_margin.triton_kernels.lse_forward import _margin_lse_fwd_kernel
 
     # the jit function under the kernel's triton.heuristics (its HAS_BIAS / HAS_INDEX)
     assert isinstance(_margin_lse_fwd_kernel.fn, InterpretedFunction) == INTERPRETED
