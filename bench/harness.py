@@ -4,8 +4,9 @@ child processes (each measurement in a fresh interpreter, its result on one mark
 of stdout).
 
 Nothing here knows a loss or an implementation under test: ``cases.py`` builds those,
-``report.py`` renders results, and the scripts (``bench_loss.py``, ``train_facerec.py``,
-``train_digits.py``, ``bench_dropin.py``) measure.
+``tables.py`` draws results, ``report.py`` builds the README's section from them, and the
+scripts (``bench_loss.py``, ``train_facerec.py``, ``train_digits.py``, ``train_glyphs.py``,
+``bench_dropin.py``) measure.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import report
+from . import tables
 from .harness import (
     RESULTS_DIR,
     csv_list,
@@ -71,7 +71,7 @@ from .harness import (
     versions,
 )
 
-SCHEMA = "fused_margin.train_digits/1"
+SCHEMA = tables.SCHEMAS["train_digits"]
 NUM_CLASSES = 10
 #: angle histograms: 1° bins over [0°, 180°]
 ANGLE_BINS = 180
@@ -235,9 +235,7 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
 
 def summarize(head_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     def stats(key: str) -> dict[str, float]:
-        values = [r[key] for r in runs]
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "min": min(values), "max": max(values)}
+        return tables.summary_stats([r[key] for r in runs])
 
     # the per-run histograms are pooled here and dropped from the runs (they are most of the file)
     target = [sum(h) for h in zip(*(r.pop("target_angle_hist") for r in runs))]
@@ -268,74 +266,6 @@ def embedding_panel(embeddings: Tensor, weights: Tensor, num_subcenters: int) ->
 # ---------------------------------------------------------------------------------
 # Tables and figures, drawn from the result.
 # ---------------------------------------------------------------------------------
-
-
-def _pm(stats: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
-    return f"{stats['mean'] * scale:.{digits}f} ±{stats['std'] * scale:.{digits}f}"
-
-
-def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each head's mean test accuracy against Softmax's: the difference and its
-    standard error (the seeds' standard deviations over sqrt(seeds))."""
-    heads = {h["head"]: h for h in result["heads"]}
-    if "softmax" not in heads:
-        return []
-    base = heads["softmax"]["test_accuracy"]
-    n_base = len(heads["softmax"]["seeds"])
-    out = []
-    for h in result["heads"]:
-        if h["head"] == "softmax":
-            continue
-        acc, n = h["test_accuracy"], len(h["seeds"])
-        se = math.sqrt(acc["std"] ** 2 / n + base["std"] ** 2 / n_base)
-        out.append({"head": h["head"], "label": h["label"], "difference": acc["mean"] - base["mean"],
-                    "standard_error": se})
-    return out
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    cfg = result["config"]
-    test_n = cfg["test_samples"]
-    caption = (
-        f"{cfg['train_samples']} training and {test_n} test images (stratified split, seed {cfg['split_seed']}); "
-        f"embedder {cfg['embedder']}; SGD lr {cfg['lr']} (momentum {cfg['momentum']}, weight decay "
-        f"{cfg['weight_decay']}), cosine decay, {cfg['epochs']} epochs of "
-        f"batch {cfg['batch']} ({cfg['steps']} steps); backend `{cfg['backend']}`; seeds {cfg['seeds']}; "
-        "every head with its defaults")
-    columns = [("head", "left"), ("test accuracy %", "right"), ("vs Softmax (pp)", "right"),
-               ("cosine accuracy %", "right"), ("median θ_y °", "right"), ("median θ_n °", "right"),
-               ("median θ_n − θ_y °", "right"), ("non-finite steps", "right"), ("train s", "right")]
-    versus = {c["head"]: c for c in comparisons(result)}
-    rows = []
-    for h in result["heads"]:
-        c = versus.get(h["head"])
-        vs = f"{c['difference'] * 100:+.1f} ±{c['standard_error'] * 100:.1f}" if c else ""
-        rows.append([h["label"], _pm(h["test_accuracy"], 100), vs, _pm(h["cosine_accuracy"], 100),
-                     _pm(h["target_angle_median"]), _pm(h["nearest_negative_angle_median"]),
-                     _pm(h["angle_gap_median"]), str(h["nonfinite_loss_steps"] + h["nonfinite_grad_steps"]),
-                     f"{h['train_seconds']:.1f}"])
-    notes = [
-        f"Mean ±standard deviation over the seeds; one test image is {100 / test_n:.2f} pp. 'vs Softmax': the "
-        "difference of the mean test accuracies, ± its standard error. Test accuracy: top-1 of the head's own "
-        "margin-free logits (the nearest class weight by cosine, except Softmax and L-Softmax, whose logits are "
-        "linear); cosine accuracy: the nearest class weight by cosine, for every head. θ_y: angle to the own "
-        "class weight, θ_n: to the nearest other one (test images, per seed). Non-finite steps: training steps "
-        "whose loss or gradient was not finite."]
-    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
-    for c in comparisons(result):
-        z = c["difference"] / c["standard_error"] if c["standard_error"] > 0 else math.copysign(math.inf, c["difference"])
-        group = "above" if z > 2 else "below" if z < -2 else "within"
-        groups[group].append(f"{c['label']} ({c['difference'] * 100:+.1f} ±{c['standard_error'] * 100:.1f})")
-    if any(groups.values()):
-        notes += ["", "Against Softmax's test accuracy, in pp: " + "; ".join(
-            f"{what} by more than two standard errors: {', '.join(names)}" if what != "within" else
-            f"within two standard errors: {', '.join(names)}"
-            for what, names in groups.items() if names) + "."]
-    annealed = [h for h in result["heads"] if h.get("final_lambda") is not None]
-    if annealed:
-        notes += ["", "Annealed λ after the last step (λ ≫ 1 makes the target logit nearly the margin-free one): "
-                  + ", ".join(f"{h['label']} {h['final_lambda']:.3g}" for h in annealed) + "."]
-    return report.markdown_table(columns, rows, caption=caption, notes=notes)
 
 
 def _longitude_latitude(directions: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -525,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": all_runs,
         "embedding_figure": {"seed": seeds[0], "dim": FIGURE_DIM, "test_labels": data["y_test"].tolist(), "heads": figure_panels},
     }
-    result["comparisons"] = comparisons(result)
+    result["comparisons"] = tables.comparisons(summaries, "test_accuracy")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"train_digits_{device_slug(dev_info)}_{started.strftime('%Y%m%d-%H%M%S')}"
     if figure_panels:
@@ -535,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_angles(result, args.out / result["plot_angles"])
     path = args.out / f"{stem}.json"
     path.write_text(compact_json(result))
-    print(markdown_table(result))
+    print(tables.digits_table(result))
     print(f"wrote {path} ({result['duration_s']} s)")
     return 0
 

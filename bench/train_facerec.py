@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import report
 from .harness import (
     RESULTS_DIR,
     csv_list,
@@ -72,20 +71,10 @@ from .harness import (
     versions,
     worker_main,
 )
+from .tables import FUSED_OPTIM, SCHEMAS, facerec_impl_label, facerec_table
 
-SCHEMA = "fused_margin.train_facerec/1"
+SCHEMA = SCHEMAS["train_facerec"]
 HEADS = ("arcface", "cosface")
-IMPL_LABELS = {"eager": "eager (backend='eager')", "insightface": "InsightFace-style eager"}
-
-
-#: the suffix of an implementation whose head weight is updated inside the backward
-FUSED_OPTIM = "+optim"
-
-
-def impl_label(impl: str) -> str:
-    if impl.endswith(FUSED_OPTIM):
-        return f"fused [{impl.removesuffix(FUSED_OPTIM)}], SGD in the backward"
-    return IMPL_LABELS.get(impl, f"fused [{impl}]")
 
 
 # ---------------------------------------------------------------------------------
@@ -423,34 +412,6 @@ def agreement(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
     return out
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    cfg = result["config"]
-    budget = cfg["memory_budget_bytes"]
-    caption = (f"**{cfg['head']}** — {cfg['classes']} identities, B={cfg['batch']}, D={cfg['dim']}, "
-               f"{cfg['image_size']}x{cfg['image_size']} images, {cfg['steps']} SGD steps; accuracy and loss: mean "
-               f"of the last {cfg['acc_window']} steps")
-    columns = [("head", "left"), ("samples/s", "right"), ("step ms", "right"), ("peak MiB", "right"),
-               ("largest C within " + (f"{budget / 2**30:g} GiB" if budget else "budget"), "right"),
-               ("train accuracy", "right"), ("train loss", "right")]
-    rows = []
-    for run in result["runs"]:
-        if run["status"] != "ok":  # the status, then blank cells
-            rows.append([run["label"], f"{run['status']} ({run.get('reason', '')})"])
-            continue
-        cap = run.get("capacity") or {}
-        cap_text = f"{cap['max_classes']:,}" if cap.get("max_classes") else ("—" if not cap else "none fits")
-        step = run["step_ms"]
-        spread = (step["max"] - step["min"]) / 2
-        rows.append([run["label"], f"{run['samples_per_s']:.0f}", f"{step['median']:.1f} ±{spread:.1f}",
-                     f"{run['peak_bytes'] / 2**20:,.0f}", cap_text, f"{run['train_accuracy']:.3f}",
-                     f"{run['train_loss']:.3f}"])
-    notes = [f"- {impl_label(a['impl'])} {'agrees with' if a['agrees'] else 'DIFFERS from'} eager: accuracy "
-             f"{a['accuracy']:.3f} vs {a['accuracy_versus']:.3f} (difference {a['difference']:+.3f}, binomial s.e. "
-             f"{a['standard_error']:.3f}); first-step loss relative difference {a['first_loss_rel_diff']:.1e}"
-             for a in result["agreement"]]
-    return report.markdown_table(columns, rows, caption=caption, notes=notes)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -504,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     for impl in progress:
         progress.set_postfix_str(f"{impl}: {args.steps} steps")
         raw = run_child(module, {**base, "kind": "train", "impl": impl, "steps": args.steps}, args.worker_timeout)
-        run = {"impl": impl, "label": impl_label(impl), **summarize(raw, args)}
+        run = {"impl": impl, "label": facerec_impl_label(impl), **summarize(raw, args)}
         if run["status"] == "ok" and budget > 0 and args.capacity_probes > 0:
             progress.set_postfix_str(f"{impl}: capacity search")
             # a probe far past the budget fails fast (reported as not fitting) instead of swapping
@@ -533,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     result["agreement"] = agreement(runs, args)
-    print(markdown_table(result))
+    print(facerec_table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"train_facerec_{device_slug(dev_info)}_{stamp}.json"

@@ -172,3 +172,13 @@ def test_readme_results_are_generated_from_committed_json():
     expected = report.render(report.load_results(ROOT / "bench" / "results"), every=False)
     actual = report.readme_block((ROOT / "README.md").read_text())
     assert actual == expected, "README results are stale: run `python bench/report.py --readme`"
+
+
+def test_report_and_tables_import_no_script():
+    """``tables.py`` is below every script and ``report.py`` (no import circle): importing
+    the report loads no benchmark script."""
+    code = ("import sys, bench.report, bench.tables; "
+            "print(sorted(m for m in sys.modules if m.startswith('bench.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["['bench.cases',", "'bench.harness',", "'bench.report',", "'bench.tables']"]
