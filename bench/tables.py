@@ -316,3 +316,127 @@ def digits_table(result: dict[str, Any]) -> str:
         notes += ["", "Annealed λ after the last step (λ ≫ 1 makes the target logit nearly the margin-free one): "
                   + ", ".join(f"{h['label']} {h['final_lambda']:.3g}" for h in annealed) + "."]
     return markdown_table(columns, rows, caption=caption, notes=notes)
+
+
+# ---------------------------------------------------------------------------------
+# train_glyphs.py: every head on printed characters, open-set protocols.
+# ---------------------------------------------------------------------------------
+
+#: the flat metrics of a glyphs run: key -> (column title, shown as a percentage)
+GLYPH_METRICS = {
+    "closed_accuracy": "closed-set accuracy %",
+    **{f"tar_{p}_{far:.0e}": f"TAR@{far:.0e}" for p in ("all", "cross") for far in (1e-3, 1e-4, 1e-5, 1e-6)},
+    "kfold_all": "10-fold accuracy %", "kfold_cross": "10-fold accuracy %",
+    "rank_1": "rank-1 %", "rank_5": "rank-5 %",
+}
+#: the metrics the comparisons between heads state
+GLYPH_HEADLINE = ("closed_accuracy", "tar_all_1e-04", "tar_cross_1e-04", "kfold_cross", "rank_1")
+_GLYPH_NAMES = {"closed_accuracy": "closed-set accuracy", "tar_all_1e-04": "TAR@1e-4",
+                "tar_cross_1e-04": "cross-style TAR@1e-4", "kfold_cross": "cross-style 10-fold accuracy",
+                "rank_1": "rank-1"}
+
+
+def _pct(stats: dict[str, float] | None, seeds: int) -> str:
+    if stats is None:
+        return "—"
+    return pm(stats, 100, 2) if seeds > 1 else f"{stats['mean'] * 100:.2f}"
+
+
+def glyphs_tables(result: dict[str, Any]) -> str:
+    """The glyphs run's tables: every pair; the cross-style protocol; the equivalence of
+    the fused and eager backends; the speed and memory at the full class count."""
+    cfg, split = result["config"], result["split"]
+    heads = result["heads"]
+    seeds = len(cfg["seeds"])
+    caption = (
+        f"{split['classes']:,} training classes (characters) in {split['train_faces']} faces: "
+        f"{split['train_images']:,} images, {cfg['epochs']} epochs of batch {cfg['batch']} ({cfg['steps']:,} steps), "
+        f"{cfg['image_size']}x{cfg['image_size']}, D={cfg['dim']}, backend `{cfg['backend']}`, seeds {cfg['seeds']}; "
+        f"closed set: {split['closed_set_images']:,} images of training characters in the held-out faces "
+        f"({', '.join(split['heldout_faces'])}); verification: {split['verify_images']:,} images of "
+        f"{split['verify_characters']:,} characters never trained on, in every face; identification: "
+        f"{split['probes']:,} probes against a gallery of {split['gallery_size']:,} characters")
+    fars = cfg["fars"]
+    columns = [("head", "left"), ("closed-set accuracy %", "right"),
+               *((f"TAR@{far:.0e} %", "right") for far in fars), ("10-fold accuracy %", "right"),
+               ("rank-1 %", "right"), ("rank-5 %", "right"), ("train s", "right"), ("non-finite steps", "right")]
+    rows = [[h["label"], _pct(h["closed_accuracy"], seeds), *(_pct(h[f"tar_all_{far:.0e}"], seeds) for far in fars),
+             _pct(h["kfold_all"], seeds), _pct(h["rank_1"], seeds), _pct(h["rank_5"], seeds),
+             f"{h['train_seconds']['mean']:.0f}", str(h["nonfinite_steps"])] for h in heads]
+    spread = "mean ±standard deviation over the seeds" if seeds > 1 else "one seed"
+    first = next(r for r in result["runs"] if r["backend"] == cfg["backend"])
+    every = first["verification"]["all"]
+    notes = [f"Every pair: {every['num_genuine']:,} genuine and {every['num_impostor']:,} impostor pairs; {spread}. "
+             "TAR@FAR: the true accept rate at the threshold that accepts at most that fraction of impostor pairs. "
+             f"10-fold accuracy: LFW's protocol on {cfg['folds'] * cfg['pairs_per_fold']:,} sampled pairs, the "
+             "threshold chosen on the other nine folds. Closed set: nearest class weight by cosine. Train s: "
+             "wall time of one run's training (see the timing below)."]
+    out = [markdown_table(columns, rows, caption=caption, notes=notes)]
+
+    cross = first["verification"]["cross"]
+    columns = [("head", "left"), *((f"TAR@{far:.0e} %", "right") for far in fars), ("10-fold accuracy %", "right")]
+    rows = [[h["label"], *(_pct(h[f"tar_cross_{far:.0e}"], seeds) for far in fars), _pct(h["kfold_cross"], seeds)]
+            for h in heads]
+    styles = ", ".join(f"{k} {v:,}" for k, v in split["verify_images_per_style"].items())
+    out.append(markdown_table(columns, rows, caption=(
+        f"Cross-style protocol: both images of every pair in different style families (images: {styles}): "
+        f"{cross['num_genuine']:,} genuine and {cross['num_impostor']:,} impostor pairs")))
+
+    if result.get("comparisons"):
+        lines = []
+        for baseline, name in (("softmax", "Softmax"), ("cosface", "CosFace")):
+            for key in GLYPH_HEADLINE:
+                rows_ = [c for c in result["comparisons"] if c["versus"] == baseline and c["metric"] == key]
+                if rows_:
+                    lines.append(f"- against {name}'s {_GLYPH_NAMES[key]}, in pp: {two_standard_errors(rows_, 100, 2)}.")
+        out.append("Differences of the means, ± their standard error (over the seeds):\n\n" + "\n".join(lines) + "\n")
+
+    same = result.get("equivalence")
+    if same:
+        columns = [("metric", "left"), (f"backend '{same['fused_backend']}'", "right"), ("backend 'eager'", "right"),
+                   ("difference (pp)", "right"), ("seed-to-seed std (pp)", "right")]
+        rows = [[GLYPH_METRICS[m["metric"]].replace(" %", "") + (" (cross-style)" if "cross" in m["metric"] else ""),
+                 f"{m['fused'] * 100:.2f}", f"{m['eager'] * 100:.2f}", f"{m['difference'] * 100:+.2f}",
+                 "" if m["seed_std"] is None else f"{m['seed_std'] * 100:.2f}"] for m in same["metrics"]]
+        verdict = ""
+        judged = [m for m in same["metrics"] if m["within_noise"] is not None]
+        if judged:
+            outside = [GLYPH_METRICS[m["metric"]] for m in judged if not m["within_noise"]]
+            verdict = (" Every difference lies within 2·√2 seed-to-seed standard deviations (two runs differing by "
+                       "noise alone)." if not outside else f" Outside 2·√2 seed-to-seed standard deviations: "
+                       f"{', '.join(outside)}.")
+        out.append(markdown_table(columns, rows, caption=(
+            f"Fused against eager: {same['label']} trained from seed {same['seed']} with both backends"), notes=[
+            f"First-step loss relative difference {same['first_loss_rel_diff']:.1e}; the loss curves (mean of "
+            f"every 20 steps) differ by at most {same['loss_curve_max_rel_diff']:.1e} relative.{verdict} Training "
+            f"wall time {same['train_seconds']['fused']:.0f} s "
+            f"fused, {same['train_seconds']['eager']:.0f} s eager (CPU time {same['train_cpu_seconds']['fused']:.0f} s "
+            f"and {same['train_cpu_seconds']['eager']:.0f} s)."]))
+
+    speed = result.get("speed")
+    if speed:
+        columns = [("backend", "left"), ("samples/s", "right"), ("step ms", "right"), ("peak MiB", "right"),
+                   ("step's own MiB", "right")]
+        rows = []
+        for run in speed["runs"]:
+            if run.get("status") != "ok":
+                rows.append([run["backend"], f"{run.get('status')} ({run.get('reason', '')})"])
+                continue
+            step = run["step_ms"]
+            rows.append([f"'{run['backend']}'", f"{run['samples_per_s']:.0f}",
+                         f"{step['median']:.1f} ±{(step['max'] - step['min']) / 2:.1f}",
+                         f"{run['peak_bytes'] / 2**20:,.0f}", f"{run['step_peak_bytes'] / 2**20:,.0f}"])
+        out.append(markdown_table(columns, rows, caption=(
+            f"Training step at the full class count, {speed['classes']:,} classes ({speed['head']}, B={speed['batch']}, "
+            f"{speed['threads']} thread(s)), each backend in a fresh process, one after the other"), notes=[
+            "Step ms: median ±half-range; peak: the process's peak resident memory; the step's own: the peak above "
+            f"the memory held once the model, head and optimizer exist. Data: {speed['data']}."]))
+
+    timing = result["timing"]
+    per_step = [f"{h['label']} {h['step_cpu_ms']['mean']:.0f}" for h in heads]
+    out.append(f"Timing: {result['duration_s']:,.0f} s in all ({timing['data_s']:.0f} s finding, rendering or "
+               f"reading the glyphs and building the split; {timing['training_s']:,.0f} s training and evaluating "
+               f"{len(result['runs'])} runs in {timing['workers']} worker process(es) of "
+               f"{timing['threads_per_worker']} thread(s) each, {timing['cpu_count']} cores). CPU time per training "
+               f"step, ms (the wall time per step of a quiet machine, one thread per run): {', '.join(per_step)}.\n")
+    return "\n".join(out)

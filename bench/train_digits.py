@@ -77,7 +77,7 @@ NUM_CLASSES = 10
 ANGLE_BINS = 180
 
 
-def _head_factories() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
+def head_factories() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
     import fused_margin as fm
 
     # Every head with its defaults: only the sizes and the backend are passed.
@@ -110,7 +110,7 @@ FIGURE_DIM = 3
 
 
 def head_label(name: str) -> str:
-    return _head_factories()[name][0]
+    return head_factories()[name][0]
 
 
 # ---------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
     """Train the embedder and one head; the test measurements of the result (see the
     module docstring). ``keep_embeddings`` adds the (B, D) test embeddings and the
     class weights as tensors (for figure (a); not JSON)."""
-    _, factory = _head_factories()[head_name]
+    _, factory = head_factories()[head_name]
     torch.manual_seed(seed)
     embedder = make_embedder(cfg["dim"], cfg["hidden"], cfg.get("final_bn", True)).to(device)
     head = factory(NUM_CLASSES, cfg["dim"], backend=backend, device=device)

@@ -113,9 +113,10 @@ class IdentityRenderer:
         return images * contrast + self.noise * torch.randn(images.shape, generator=gen, device=labels.device)
 
 
-def make_backbone(dim: int, image_size: int, width: int) -> nn.Sequential:
+def make_backbone(dim: int, image_size: int, width: int, in_channels: int = 3) -> nn.Sequential:
     """Four 3x3 conv blocks (conv-BN-PReLU; ``width``, 2x, 4x, 4x channels; three with
-    stride 2), then InsightFace's embedding layer: BN, flatten, linear, BN."""
+    stride 2), then InsightFace's embedding layer: BN, flatten, linear, BN. Images are
+    (B, ``in_channels``, ``image_size``, ``image_size``), the size a multiple of 8."""
 
     def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout)]
@@ -123,7 +124,7 @@ def make_backbone(dim: int, image_size: int, width: int) -> nn.Sequential:
     side = image_size // 8
     w = width
     return nn.Sequential(
-        *block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
+        *block(in_channels, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
         nn.BatchNorm2d(4 * w), nn.Flatten(), nn.Linear(4 * w * side * side, dim, bias=False), nn.BatchNorm1d(dim),
     )
 
