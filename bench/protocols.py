@@ -33,6 +33,8 @@ from torch import Tensor
 
 #: the FARs every verification table reports
 FARS = (1e-3, 1e-4, 1e-5, 1e-6)
+#: LFW's protocol: 10 folds of 300 genuine and 300 impostor pairs
+KFOLD_FOLDS, KFOLD_PAIRS = 10, 600
 #: pair-angle histograms: bins of 0.1° over [0°, 180°] (the ROC curve's thresholds at high
 #: FAR, and the angle figures, rebinned)
 ANGLE_BINS = 1800
@@ -176,7 +178,8 @@ def roc_points(scores: PairScores, points_per_decade: int = 10) -> dict[str, lis
     return {"far": [f for f, _ in merged], "tar": [t for _, t in merged]}
 
 
-def sample_pairs(labels: Tensor, groups: Tensor | None = None, *, folds: int = 10, pairs_per_fold: int = 600,
+def sample_pairs(labels: Tensor, groups: Tensor | None = None, *, folds: int = KFOLD_FOLDS,
+                 pairs_per_fold: int = KFOLD_PAIRS,
                  seed: int = 0) -> dict[str, np.ndarray]:
     """LFW-style pairs: the identities split at random into ``folds`` disjoint sets; in
     each, ``pairs_per_fold / 2`` genuine pairs (an identity with two images, then two of

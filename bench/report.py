@@ -68,6 +68,29 @@ def newest_digits_runs(results: list[tuple[Path, dict[str, Any]]]) -> list[tuple
     return [newest[k] for k in sorted(newest)]
 
 
+def glyphs_variant(data: dict[str, Any]) -> tuple[int, str]:
+    """A glyphs run's place among the README's glyphs sections and its title's suffix:
+    the reference recipe with one seed, with several, and every training character."""
+    cfg = data["config"]
+    if cfg.get("classes_requested") == "all":
+        return 2, ", every training character"
+    if len(cfg["seeds"]) > 1:
+        return 1, f", {len(cfg['seeds'])} seeds"
+    return 0, ""
+
+
+def newest_glyphs_runs(results: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    """The newest glyphs run per device and :func:`glyphs_variant`."""
+    newest: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+    for path, data in results:
+        if data.get("kind") != "train_glyphs":
+            continue
+        key = (device_slug(data["device"]), glyphs_variant(data)[0])
+        if key not in newest or data["date"] > newest[key][1]["date"]:
+            newest[key] = (path, data)
+    return [newest[k] for k in sorted(newest)]
+
+
 def _link(path: Path) -> str:
     try:
         return path.resolve().relative_to(REPO_ROOT).as_posix()
@@ -82,7 +105,8 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
 
     loss_runs, train_runs = pick("bench_loss"), pick("train_facerec")
     digits_runs = pick("train_digits") if every else newest_digits_runs(results)
-    if not loss_runs and not train_runs and not digits_runs:
+    glyphs_runs = pick("train_glyphs") if every else newest_glyphs_runs(results)
+    if not loss_runs and not train_runs and not digits_runs and not glyphs_runs:
         return "\n".join(out + ["No benchmark results committed yet: run `make bench`."]) + "\n"
     for path, data in loss_runs:
         kind = "GPU" if data["device"]["type"] == "cuda" else "CPU"
@@ -104,6 +128,8 @@ def render(results: list[tuple[Path, dict[str, Any]]], every: bool) -> str:
         out += [f"Throughput: {cfg.get('throughput')}. Largest C: {cfg.get('capacity_method')}.", ""]
     for path, data in digits_runs:
         out += digits_section(path, data)
+    for path, data in glyphs_runs:
+        out += glyphs_section(path, data)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -128,6 +154,32 @@ def digits_section(path: Path, data: dict[str, Any]) -> list[str]:
     if data.get("plot_angles"):
         out += [f"Angle histograms of every head (θ_y and θ_n, all seeds): "
                 f"[`{data['plot_angles']}`]({_link(path.parent / data['plot_angles'])})", ""]
+    return out
+
+
+def glyphs_section(path: Path, data: dict[str, Any]) -> list[str]:
+    """Every head on printed CJK characters: the data, the tables, the figures (shown for
+    the reference recipe, linked for the others)."""
+    kind = "GPU" if data["device"]["type"] == "cuda" else "CPU"
+    rank, variant = glyphs_variant(data)
+    glyphs, cfg = data["data"], data["config"]
+    cached = glyphs["cache"]["bytes"] / 2**20
+    out = [f"### Every head on printed CJK characters: open-set verification, {kind}{variant}", "",
+           header_text(data), "",
+           f"Data: [`{_link(path)}`]({_link(path)}); the whole command took {data['duration_s']:,.0f} s.", "",
+           f"{glyphs['characters']:,} characters drawn with at least {cfg['min_images']} distinct images by "
+           f"{len(glyphs['faces'])} faces ({len(glyphs['dropped_faces'])} more faces dropped as duplicates of "
+           f"others), {glyphs['images']:,} images of {glyphs['image_size']}x{glyphs['image_size']} "
+           f"({cached:,.0f} MiB in the cache); {cfg['heldout_chars']:.0%} of the characters and the design families "
+           f"{', '.join(cfg['holdout_families'])} never trained on.", "",
+           tables.glyphs_tables(data)]
+    figures = [("plot_fonts", "the data: characters in every face"), ("plot_roc", "ROC curves"),
+               ("plot_angles", "pair-angle histograms"), ("plot_losses", "loss curves, fused against eager")]
+    for key, what in figures:
+        if not data.get(key):
+            continue
+        target = _link(path.parent / data[key])
+        out += [f"![{what}]({target})" if rank == 0 else f"Figure, {what}: [`{data[key]}`]({target})", ""]
     return out
 
 

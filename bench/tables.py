@@ -256,6 +256,11 @@ def facerec_table(result: dict[str, Any]) -> str:
     columns = [("head", "left"), ("samples/s", "right"), ("step ms", "right"), ("peak MiB", "right"),
                ("largest C within " + (f"{budget / 2**30:g} GiB" if budget else "budget"), "right"),
                ("train accuracy", "right"), ("train loss", "right")]
+    # the verification metrics on held-out identities, where the run measured them
+    verified = [run["verification"] for run in result["runs"] if run.get("verification")]
+    if verified:
+        columns += [("TAR@1e-3", "right"), ("TAR@1e-4", "right"), ("10-fold accuracy", "right"),
+                    ("rank-1", "right")]
     rows = []
     for run in result["runs"]:
         if run["status"] != "ok":  # the status, then blank cells
@@ -268,11 +273,25 @@ def facerec_table(result: dict[str, Any]) -> str:
         rows.append([run["label"], f"{run['samples_per_s']:.0f}", f"{step['median']:.1f} ±{spread:.1f}",
                      f"{run['peak_bytes'] / 2**20:,.0f}", cap_text, f"{run['train_accuracy']:.3f}",
                      f"{run['train_loss']:.3f}"])
+        if run.get("verification"):
+            v = run["verification"]
+            tar = {point["far"]: point["tar"] for point in v["tar_at_far"]}
+            rows[-1] += [_rate(tar.get(1e-3)), _rate(tar.get(1e-4)), f"{v['kfold']['mean']:.3f}",
+                         f"{v['identification']['rank_1']:.3f}"]
+    if verified:
+        v = verified[0]
+        caption += (f"; verification on {v['identities']} identities never trained on, {v['images_per_identity']} "
+                    f"renderings each ({v['num_genuine']:,} genuine, {v['num_impostor']:,} impostor pairs; "
+                    "10-fold accuracy: LFW's protocol; rank-1: the first rendering of each as the gallery)")
     notes = [f"- {facerec_impl_label(a['impl'])} {'agrees with' if a['agrees'] else 'DIFFERS from'} eager: accuracy "
              f"{a['accuracy']:.3f} vs {a['accuracy_versus']:.3f} (difference {a['difference']:+.3f}, binomial s.e. "
              f"{a['standard_error']:.3f}); first-step loss relative difference {a['first_loss_rel_diff']:.1e}"
              for a in result["agreement"]]
     return markdown_table(columns, rows, caption=caption, notes=notes)
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 # ---------------------------------------------------------------------------------
@@ -322,10 +341,16 @@ def digits_table(result: dict[str, Any]) -> str:
 # train_glyphs.py: every head on printed characters, open-set protocols.
 # ---------------------------------------------------------------------------------
 
-#: the flat metrics of a glyphs run: key -> (column title, shown as a percentage)
+def far_label(far: float) -> str:
+    """1e-3 for 0.001."""
+    mantissa, exponent = f"{far:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+#: the flat metrics of a glyphs run: key -> column title
 GLYPH_METRICS = {
     "closed_accuracy": "closed-set accuracy %",
-    **{f"tar_{p}_{far:.0e}": f"TAR@{far:.0e}" for p in ("all", "cross") for far in (1e-3, 1e-4, 1e-5, 1e-6)},
+    **{f"tar_{p}_{far:.0e}": f"TAR@{far_label(far)}" for p in ("all", "cross") for far in (1e-3, 1e-4, 1e-5, 1e-6)},
     "kfold_all": "10-fold accuracy %", "kfold_cross": "10-fold accuracy %",
     "rank_1": "rank-1 %", "rank_5": "rank-5 %",
 }
@@ -358,7 +383,7 @@ def glyphs_tables(result: dict[str, Any]) -> str:
         f"{split['probes']:,} probes against a gallery of {split['gallery_size']:,} characters")
     fars = cfg["fars"]
     columns = [("head", "left"), ("closed-set accuracy %", "right"),
-               *((f"TAR@{far:.0e} %", "right") for far in fars), ("10-fold accuracy %", "right"),
+               *((f"TAR@{far_label(far)} %", "right") for far in fars), ("10-fold accuracy %", "right"),
                ("rank-1 %", "right"), ("rank-5 %", "right"), ("train s", "right"), ("non-finite steps", "right")]
     rows = [[h["label"], _pct(h["closed_accuracy"], seeds), *(_pct(h[f"tar_all_{far:.0e}"], seeds) for far in fars),
              _pct(h["kfold_all"], seeds), _pct(h["rank_1"], seeds), _pct(h["rank_5"], seeds),
@@ -374,7 +399,8 @@ def glyphs_tables(result: dict[str, Any]) -> str:
     out = [markdown_table(columns, rows, caption=caption, notes=notes)]
 
     cross = first["verification"]["cross"]
-    columns = [("head", "left"), *((f"TAR@{far:.0e} %", "right") for far in fars), ("10-fold accuracy %", "right")]
+    columns = [("head", "left"), *((f"TAR@{far_label(far)} %", "right") for far in fars),
+               ("10-fold accuracy %", "right")]
     rows = [[h["label"], *(_pct(h[f"tar_cross_{far:.0e}"], seeds) for far in fars), _pct(h["kfold_cross"], seeds)]
             for h in heads]
     styles = ", ".join(f"{k} {v:,}" for k, v in split["verify_images_per_style"].items())
@@ -433,10 +459,18 @@ def glyphs_tables(result: dict[str, Any]) -> str:
             f"the memory held once the model, head and optimizer exist. Data: {speed['data']}."]))
 
     timing = result["timing"]
-    per_step = [f"{h['label']} {h['step_cpu_ms']['mean']:.0f}" for h in heads]
-    out.append(f"Timing: {result['duration_s']:,.0f} s in all ({timing['data_s']:.0f} s finding, rendering or "
-               f"reading the glyphs and building the split; {timing['training_s']:,.0f} s training and evaluating "
-               f"{len(result['runs'])} runs in {timing['workers']} worker process(es) of "
-               f"{timing['threads_per_worker']} thread(s) each, {timing['cpu_count']} cores). CPU time per training "
-               f"step, ms (the wall time per step of a quiet machine, one thread per run): {', '.join(per_step)}.\n")
+    per_step = ", ".join(f"{h['label']} {h['step_cpu_ms']['mean']:.0f}" for h in heads)
+    workers, threads = timing["workers"], timing["threads_per_worker"]
+    text = (f"Timing: {result['duration_s']:,.0f} s in all: {timing['data_s']:.0f} s finding, rendering or reading "
+            f"the glyphs and building the split, {timing['training_s']:,.0f} s training and evaluating "
+            f"{len(result['runs'])} runs in {workers} worker process(es) of {threads} thread(s) each "
+            f"({timing['cpu_count']} cores)")
+    if "runs_cpu_s" in timing:
+        quiet = timing["data_cpu_s"] + timing["runs_cpu_s"] / workers + timing["speed_s"]
+        text += (f", {timing['speed_s']:.0f} s the speed comparison. The runs took {timing['runs_cpu_s']:,.0f} s of "
+                 f"CPU time: where each worker has a core of its own, the command takes about {quiet:,.0f} s "
+                 f"({quiet / 60:.0f} min: the glyphs' CPU time, the runs' CPU time over {workers} workers, the speed "
+                 "comparison as measured)")
+    out.append(text + f". CPU time per training step, ms (one thread per run: the wall time per step of a quiet "
+               f"core): {per_step}.\n")
     return "\n".join(out)

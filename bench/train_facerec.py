@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import protocols
 from .harness import (
     RESULTS_DIR,
     csv_list,
@@ -257,7 +258,37 @@ def worker_train(job: dict[str, Any]) -> dict[str, Any]:
                       memory_method="torch.cuda.max_memory_allocated")
     else:
         result.update(peak_bytes=peak_rss_bytes(), memory_method="VmHWM (peak RSS) of a fresh process")
+    if job.get("verify_identities"):  # after the memory is read: the training step's peak only
+        with amp:
+            result["verification"] = verify_heldout(backbone, renderer, job)
     return result
+
+
+@torch.no_grad()
+def verify_heldout(backbone: nn.Module, renderer: IdentityRenderer, job: dict[str, Any]) -> dict[str, Any]:
+    """Face recognition's open-set metrics on identities never trained on: identities
+    ``classes .. classes + verify_identities - 1`` (the renderer draws any integer), each
+    rendered ``verify_images`` times (every rendering round with its own shift, contrast
+    and noise). Every pair: TAR at FAR; LFW-style 10-fold accuracy on sampled pairs; 1:N
+    identification with the first round as the gallery and the others as probes."""
+    device = next(backbone.parameters()).device
+    backbone.eval()
+    identities, rounds = job["verify_identities"], job["verify_images"]
+    gen = torch.Generator(device=device).manual_seed(job["seed"] + 2)
+    ids = torch.arange(job["classes"], job["classes"] + identities, device=device)
+    embeddings = torch.cat([backbone(renderer(ids, gen)).float().cpu() for _ in range(rounds)])
+    labels = torch.arange(identities).repeat(rounds)
+    scores = protocols.pair_scores(embeddings, labels)["all"]
+    pairs = protocols.sample_pairs(labels, folds=protocols.KFOLD_FOLDS, pairs_per_fold=protocols.KFOLD_PAIRS,
+                                   seed=job["seed"])
+    cosines = protocols.pair_cosines(embeddings, pairs["first"], pairs["second"])
+    first = torch.arange(identities)
+    return {"identities": identities, "images_per_identity": rounds, "num_genuine": scores.num_genuine,
+            "num_impostor": scores.num_impostor,
+            "tar_at_far": protocols.tar_at_far(scores.genuine, scores.impostor_top, scores.num_impostor),
+            "kfold": protocols.kfold_accuracy(cosines, pairs["genuine"], pairs["fold"]),
+            "identification": protocols.identification(embeddings[first], labels[first], embeddings[identities:],
+                                                       labels[identities:])}
 
 
 # ---------------------------------------------------------------------------------
@@ -360,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--noise", type=float, default=0.5, help="pixel noise std of the renderings")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify-identities", type=int, default=200,
+                   help="identities never trained on, for the verification metrics (0 skips them)")
+    p.add_argument("--verify-images", type=int, default=10, help="renderings of each verification identity")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast for the backbone (default: on with CUDA)")
     p.add_argument("--memory-budget-gb", type=float, default=None,
@@ -434,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     args.capacity_probes = args.capacity_probes if args.capacity_probes is not None else (6 if gpu else 4)
     if args.image_size % 8:
         raise SystemExit("--image-size must be a multiple of 8")
+    if args.verify_identities and (args.verify_identities < 2 * protocols.KFOLD_FOLDS or args.verify_images < 2):
+        raise SystemExit(f"--verify-identities must be 0 or at least {2 * protocols.KFOLD_FOLDS} (got "
+                         f"{args.verify_identities}) and --verify-images at least 2 (got {args.verify_images})")
     if args.memory_budget_gb is None:
         total = torch.cuda.get_device_properties(0).total_memory if gpu else 2 * 2**30
         budget = int(0.9 * total) if gpu else total
@@ -465,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(impls, desc="train", unit="head", file=sys.stderr, disable=args.no_progress)
     for impl in progress:
         progress.set_postfix_str(f"{impl}: {args.steps} steps")
-        raw = run_child(module, {**base, "kind": "train", "impl": impl, "steps": args.steps}, args.worker_timeout)
+        raw = run_child(module, {**base, "kind": "train", "impl": impl, "steps": args.steps,
+                                 "verify_identities": args.verify_identities, "verify_images": args.verify_images},
+                        args.worker_timeout)
         run = {"impl": impl, "label": facerec_impl_label(impl), **summarize(raw, args)}
         if run["status"] == "ok" and budget > 0 and args.capacity_probes > 0:
             progress.set_postfix_str(f"{impl}: capacity search")
@@ -489,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup_steps": args.warmup_steps,
                    "acc_window": args.acc_window, "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                    "noise": args.noise, "seed": args.seed, "amp": args.amp, "memory_budget_bytes": budget,
-                   "capacity_probes": args.capacity_probes,
+                   "capacity_probes": args.capacity_probes, "verify_identities": args.verify_identities,
+                   "verify_images": args.verify_images,
                    "throughput": "training step (forward, backward, SGD) only; synthetic data generation excluded",
                    "capacity_method": "search with fresh child processes (see each run's capacity.points)"},
         "runs": runs,

@@ -103,8 +103,6 @@ MAX_ROTATION, MAX_SCALE, MAX_SHEAR, MAX_SHIFT, MAX_BLUR, MAX_NOISE = 8.0, 0.1, 0
 #: the stored loss curve: the mean loss of every CURVE_EVERY steps
 CURVE_EVERY = 20
 EVAL_BATCH = 1024
-#: LFW's protocol: 10 folds of 300 genuine and 300 impostor pairs
-FOLDS, PAIRS_PER_FOLD = 10, 600
 #: the style families, as group ids of the cross-style protocol
 LOOKS = ("sans", "serif", "kai", "handwriting", "other")
 
@@ -157,10 +155,10 @@ def make_split(glyphs: glyph_data.GlyphSet, *, classes: int | None, heldout_frac
     looks = np.array([LOOKS.index(f.look) for f in glyphs.faces])
     verify_labels = verify_of[char[verify]]
     verify_groups = looks[face[verify]]
-    pairs = {"all": protocols.sample_pairs(torch.from_numpy(verify_labels), None, folds=FOLDS,
-                                           pairs_per_fold=PAIRS_PER_FOLD, seed=seed),
+    pairs = {"all": protocols.sample_pairs(torch.from_numpy(verify_labels), None, folds=protocols.KFOLD_FOLDS,
+                                           pairs_per_fold=protocols.KFOLD_PAIRS, seed=seed),
              "cross": protocols.sample_pairs(torch.from_numpy(verify_labels), torch.from_numpy(verify_groups),
-                                             folds=FOLDS, pairs_per_fold=PAIRS_PER_FOLD, seed=seed)}
+                                             folds=protocols.KFOLD_FOLDS, pairs_per_fold=protocols.KFOLD_PAIRS, seed=seed)}
     return {
         "train": train, "train_labels": class_of[char[train]],
         "closed": closed, "closed_labels": class_of[char[closed]],
@@ -404,10 +402,10 @@ def execute(jobs: list[dict[str, Any]], data: dict[str, np.ndarray], workers: in
                 results.append(train_one(job, data, bar.update))
             return results
         context = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads
-        with tempfile.TemporaryDirectory(prefix="glyphs-") as folder, context.Manager() as manager:
+        with tempfile.TemporaryDirectory(prefix="glyphs-") as folder:
             for name, array in data.items():
                 np.save(Path(folder) / f"{name}.npy", array)
-            steps = manager.Queue()
+            steps = context.Queue()  # handed to each worker as it starts
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                                         initargs=(folder, threads, steps)) as pool:
                 futures = [pool.submit(_worker_run, job) for job in jobs]
@@ -832,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                    "split_seed": args.split_seed, "heldout_chars": args.heldout_chars,
                    "holdout_families": args.holdout_families, "verify_chars": args.verify_chars,
                    "closed_samples": args.closed_samples, "min_images": args.min_images,
-                   "folds": FOLDS, "pairs_per_fold": PAIRS_PER_FOLD, "fars": list(protocols.FARS),
+                   "folds": protocols.KFOLD_FOLDS, "pairs_per_fold": protocols.KFOLD_PAIRS, "fars": list(protocols.FARS),
                    "compare_head": args.compare_head},
         "data": glyphs.describe(),
         "split": split_summary(glyphs, split),
