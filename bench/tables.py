@@ -441,22 +441,37 @@ def glyphs_tables(result: dict[str, Any]) -> str:
 
     speed = result.get("speed")
     if speed:
-        columns = [("backend", "left"), ("samples/s", "right"), ("step ms", "right"), ("peak MiB", "right"),
-                   ("step's own MiB", "right")]
+        columns = [("run", "right"), ("backend", "left"), ("samples/s", "right"), ("step ms", "right"),
+                   ("step CPU ms", "right"), ("peak MiB", "right"), ("step's own MiB", "right")]
         rows = []
-        for run in speed["runs"]:
+        for order, run in enumerate(speed["runs"], 1):
             if run.get("status") != "ok":
-                rows.append([run["backend"], f"{run.get('status')} ({run.get('reason', '')})"])
+                rows.append([str(order), f"'{run['backend']}'", f"{run.get('status')} ({run.get('reason', '')})"])
                 continue
-            step = run["step_ms"]
-            rows.append([f"'{run['backend']}'", f"{run['samples_per_s']:.0f}",
+            step, cpu = run["step_ms"], run.get("step_cpu_ms")
+            rows.append([str(order), f"'{run['backend']}'", f"{run['samples_per_s']:.0f}",
                          f"{step['median']:.1f} ±{(step['max'] - step['min']) / 2:.1f}",
-                         f"{run['peak_bytes'] / 2**20:,.0f}", f"{run['step_peak_bytes'] / 2**20:,.0f}"])
+                         "" if cpu is None else f"{cpu['median']:.1f}", f"{run['peak_bytes'] / 2**20:,.0f}",
+                         f"{run['step_peak_bytes'] / 2**20:,.0f}"])
+        notes = ["Step ms: median ±half-range of the timed steps; step CPU ms: the median CPU time of a step (one "
+                 "thread: what a quiet core takes); peak: the process's peak resident memory; the step's own: the "
+                 "peak above the memory held once the model, head and optimizer exist. Data: "
+                 f"{speed['data']}."]
+        ok = [r for r in speed["runs"] if r.get("status") == "ok" and r.get("step_cpu_ms")]
+        fused = [r for r in ok if r["backend"] != "eager"]
+        eager = [r for r in ok if r["backend"] == "eager"]
+        if fused and eager:
+            cpu_ratio = statistics.median(r["step_cpu_ms"]["median"] for r in eager) / statistics.median(
+                r["step_cpu_ms"]["median"] for r in fused)
+            own_ratio = statistics.median(r["step_peak_bytes"] for r in eager) / statistics.median(
+                r["step_peak_bytes"] for r in fused)
+            notes.append("")
+            notes.append(f"Eager against fused: {cpu_ratio:.2f}x the CPU time per step and {own_ratio:.2f}x the "
+                         "step's own memory (medians over the runs).")
         out.append(markdown_table(columns, rows, caption=(
-            f"Training step at the full class count, {speed['classes']:,} classes ({speed['head']}, B={speed['batch']}, "
-            f"{speed['threads']} thread(s)), each backend in a fresh process, one after the other"), notes=[
-            "Step ms: median ±half-range; peak: the process's peak resident memory; the step's own: the peak above "
-            f"the memory held once the model, head and optimizer exist. Data: {speed['data']}."]))
+            f"Training step at the full class count, {speed['classes']:,} classes ({speed['head']}, "
+            f"B={speed['batch']}, {speed['threads']} thread(s)), each run a fresh process, in the order shown"),
+            notes=notes))
 
     timing = result["timing"]
     per_step = ", ".join(f"{h['label']} {h['step_cpu_ms']['mean']:.0f}" for h in heads)

@@ -165,7 +165,7 @@ def make_split(glyphs: glyph_data.GlyphSet, *, classes: int | None, heldout_frac
         "verify": verify, "verify_labels": verify_labels, "verify_groups": verify_groups,
         "probe": ~np.isin(verify, gallery),
         "gallery": gallery, "gallery_labels": char[gallery],
-        "verify_chars_all_labels": char[verify],
+        "verify_char_ids": char[verify],
         "pairs": pairs,
         "classes": classes, "held_faces": held_faces, "num_heldout_chars": int(num_held),
         "num_train_chars": int(len(train_chars)),
@@ -194,7 +194,7 @@ def split_arrays(glyphs: glyph_data.GlyphSet, split: dict[str, Any]) -> dict[str
         "closed_images": glyphs.images(split["closed"]), "closed_labels": split["closed_labels"],
         "verify_images": glyphs.images(split["verify"]), "verify_labels": split["verify_labels"],
         "verify_groups": split["verify_groups"], "probe": split["probe"],
-        "verify_chars": split["verify_chars_all_labels"],
+        "verify_char_ids": split["verify_char_ids"],
         "gallery_images": glyphs.images(split["gallery"]), "gallery_labels": split["gallery_labels"],
     }
     for name, pairs in split["pairs"].items():
@@ -293,7 +293,7 @@ def evaluate(model: nn.Module, head: nn.Module, data: dict[str, np.ndarray], dev
         kfold[name] = protocols.kfold_accuracy(cosines, sampled["genuine"], sampled["fold"])
     probe = torch.from_numpy(data["probe"])
     ident = protocols.identification(gallery, torch.from_numpy(data["gallery_labels"]), verify[probe],
-                                     torch.from_numpy(data["verify_chars"])[probe])
+                                     torch.from_numpy(data["verify_char_ids"])[probe])
     factor = protocols.ANGLE_BINS // 180  # 1° bins in the result
     return {
         "closed_accuracy": closed_set_accuracy(closed, torch.from_numpy(data["closed_labels"]), head),
@@ -451,9 +451,9 @@ def worker_speed(job: dict[str, Any]) -> dict[str, Any]:
         before = torch.cuda.memory_allocated(device)
     else:
         before = current_rss_bytes()
-    step_ms = []
+    step_ms, step_cpu_ms = [], []
     for i in range(job["warmup"] + job["steps"]):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = head(model(x), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -462,20 +462,25 @@ def worker_speed(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         if i >= job["warmup"]:
             step_ms.append((time.perf_counter() - start) * 1e3)
+            step_cpu_ms.append((time.process_time() - start_cpu) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-    return {"status": "ok", "step_ms": sample_stats(step_ms),
+    return {"status": "ok", "step_ms": sample_stats(step_ms), "step_cpu_ms": sample_stats(step_cpu_ms),
             "samples_per_s": job["batch"] * len(step_ms) / (sum(step_ms) * 1e-3),
             "peak_bytes": peak, "before_bytes": before, "step_peak_bytes": peak - before,
             "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
             "VmHWM of a fresh process (before: VmRSS once the model, head and optimizer exist)"}
 
 
-def speed_comparison(base: dict[str, Any], backends: list[str], timeout: float) -> list[dict[str, Any]]:
-    """Each backend's :func:`worker_speed` in a fresh process, one after the other."""
+def speed_comparison(base: dict[str, Any], backends: list[str], timeout: float,
+                     rounds: int = 1) -> list[dict[str, Any]]:
+    """Each backend's :func:`worker_speed` in a fresh process, in the order A B, then
+    B A, ... for ``rounds`` rounds (so that a change of the machine's load between the
+    runs weighs on both sides alike)."""
     out = []
-    for backend in backends:
-        result = run_child("bench.train_glyphs", {**base, "kind": "speed", "backend": backend}, timeout)
-        out.append({"backend": backend, **result})
+    for round_ in range(rounds):
+        for backend in backends if round_ % 2 == 0 else backends[::-1]:
+            result = run_child("bench.train_glyphs", {**base, "kind": "speed", "backend": backend}, timeout)
+            out.append({"backend": backend, **result})
     return out
 
 
@@ -802,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                 "width": args.width, "image_size": args.image_size, "batch": args.batch, "threads": threads,
                 "warmup": 3, "steps": args.speed_steps}
         speed = {"classes": full, "head": args.compare_head, "threads": threads, "batch": args.batch,
-                 "runs": speed_comparison(base, [args.backend, "eager"], timeout=3600.0),
+                 "runs": speed_comparison(base, [args.backend, "eager"], timeout=3600.0, rounds=2),
                  "data": "random uint8 images and labels (the step's cost does not depend on them)"}
     wall = time.perf_counter() - clock
 
