@@ -557,6 +557,20 @@ def _pyplot():
     return plt
 
 
+def save_png(fig: Any, path: Path, colors: int = 128, **savefig: Any) -> None:
+    """The figure as a PNG of at most ``colors`` colours (a palette: a third to a sixth of
+    the RGBA file's size, for result files kept in the repository); closes it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72, **savefig)
+    _pyplot().close(fig)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors).save(path, optimize=True)
+
+
 def plot_roc(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     first = result["config"]["seeds"][0]
@@ -583,8 +597,7 @@ def plot_roc(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Verification on {split['verify_characters']:,} characters never trained on "
                  f"({split['classes']:,} training classes; seed {first})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_angles(result: dict[str, Any], path: Path) -> None:
@@ -609,8 +622,7 @@ def plot_angles(result: dict[str, Any], path: Path) -> None:
     fig.suptitle("Angles of every genuine and impostor pair of the verification characters (each curve sums "
                  "to 1; all seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_losses(result: dict[str, Any], path: Path) -> None:
@@ -636,8 +648,7 @@ def plot_losses(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{same['label']}, seed {same['seed']}: the same training with the fused backend and with eager "
                  "PyTorch", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_fonts(glyphs: glyph_data.GlyphSet, held_faces: np.ndarray, path: Path, columns: int = 12) -> list[int]:
@@ -663,8 +674,7 @@ def plot_fonts(glyphs: glyph_data.GlyphSet, held_faces: np.ndarray, path: Path, 
                         for face, held in zip(glyphs.faces, held_faces, strict=True)], fontsize=7)
     ax.set_xticks([])
     ax.set_title(f"{len(chosen)} characters in each of the {len(glyphs.faces)} faces ({size}x{size})", fontsize=9)
-    fig.savefig(path, dpi=72, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path, bbox_inches="tight")
     return [int(cp) for cp in glyphs.codepoints[chosen]]
 
 
