@@ -144,11 +144,32 @@ def header_text(result: dict[str, Any]) -> str:
     return text
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def head_grid(count: int, cols: int, panel: tuple[float, float], xlabel: str) -> tuple[Any, list[Any]]:
+    """A figure with one panel per head (``count``, ``cols`` to a row, each ``panel``
+    inches, a shared x axis labelled ``xlabel`` under the last row): the figure and the
+    panels in order; the grid's spare panels are hidden."""
+    plt = pyplot()
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows), squeeze=False, sharex=True)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
+    return fig, list(axes.flat[:count])
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
 
     heads = result["config"]["heads"]
     fig, axes = plt.subplots(len(heads), 2, figsize=(11, 4 * len(heads)), squeeze=False)

@@ -91,7 +91,7 @@ from .harness import (
     versions,
     worker_main,
 )
-from .train_digits import compact_json, head_factories, head_label
+from .train_digits import CosineSGD, checked_device, compact_json, head_factories, head_label
 from .train_facerec import make_backbone
 
 SCHEMA = tables.SCHEMAS["train_glyphs"]
@@ -313,7 +313,6 @@ def train_one(job: dict[str, Any], data: dict[str, np.ndarray], on_steps: Callab
     model = make_backbone(job["dim"], job["image_size"], job["width"], in_channels=1)
     model = model.to(device, memory_format=torch.channels_last)
     head = factory(job["classes"], job["dim"], backend=job["backend"], device=device)
-    params = [*model.parameters(), *head.parameters()]
     images = torch.from_numpy(np.ascontiguousarray(data["train_images"]))
     labels = torch.from_numpy(data["train_labels"]).to(device)
     num, batch = images.shape[0], job["batch"]
@@ -321,12 +320,10 @@ def train_one(job: dict[str, Any], data: dict[str, np.ndarray], on_steps: Callab
     total = steps_per_epoch * job["epochs"]
     if steps_per_epoch < 1:
         raise ValueError(f"--batch {batch} exceeds the {num} training images")
-    optimizer = torch.optim.SGD(params, lr=job["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
+    optimizer = CosineSGD([*model.parameters(), *head.parameters()], job["lr"], total)
     order_gen = torch.Generator().manual_seed(job["seed"])
     augment_gen = torch.Generator().manual_seed(job["seed"] + 1_000_003)
     losses: list[float] = []
-    nonfinite_loss = nonfinite_grad = 0
     model.train()
     head.train()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -335,15 +332,7 @@ def train_one(job: dict[str, Any], data: dict[str, np.ndarray], on_steps: Callab
         for i in range(steps_per_epoch):
             rows = order[i * batch:(i + 1) * batch]
             x = augment(images[rows], augment_gen).to(device).contiguous(memory_format=torch.channels_last)
-            loss = head(model(x), labels[rows.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-            nonfinite_loss += int(not torch.isfinite(loss).item())
-            nonfinite_grad += int(not torch.isfinite(grads).all().item())
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+            losses.append(optimizer.step(head(model(x), labels[rows.to(device)])))
             if on_steps is not None and len(losses) % 10 == 0:
                 on_steps(10)
     if on_steps is not None and len(losses) % 10:
@@ -356,7 +345,7 @@ def train_one(job: dict[str, Any], data: dict[str, np.ndarray], on_steps: Callab
         "head": job["head"], "label": head_label(job["head"]), "seed": job["seed"], "backend": job["backend"],
         **metrics,
         "first_loss": losses[0], "final_loss": curve[-1], "loss_curve": [round(v, 5) for v in curve],
-        "nonfinite_loss_steps": nonfinite_loss, "nonfinite_grad_steps": nonfinite_grad,
+        "nonfinite_loss_steps": optimizer.nonfinite_loss, "nonfinite_grad_steps": optimizer.nonfinite_grad,
         "steps": total, "train_seconds": round(train_wall, 2), "train_cpu_seconds": round(train_cpu, 2),
         "step_ms": round(1e3 * train_wall / total, 2), "step_cpu_ms": round(1e3 * train_cpu / total, 2),
         "samples_per_s": round(total * batch / train_wall, 1), "eval_seconds": round(time.perf_counter() - started, 2),
@@ -548,15 +537,6 @@ def equivalence(runs: list[dict[str, Any]], summaries: list[dict[str, Any]], hea
 # ---------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_png(fig: Any, path: Path, colors: int = 128, **savefig: Any) -> None:
     """The figure as a PNG of at most ``colors`` colours (a palette: a third to a sixth of
     the RGBA file's size, for result files kept in the repository); closes it."""
@@ -566,13 +546,13 @@ def save_png(fig: Any, path: Path, colors: int = 128, **savefig: Any) -> None:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72, **savefig)
-    _pyplot().close(fig)
+    tables.pyplot().close(fig)
     buffer.seek(0)
     Image.open(buffer).convert("RGB").quantize(colors).save(path, optimize=True)
 
 
 def plot_roc(result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = tables.pyplot()
     first = result["config"]["seeds"][0]
     runs = [r for r in result["runs"] if r["seed"] == first and r["backend"] == result["config"]["backend"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -601,24 +581,17 @@ def plot_roc(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_angles(result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
     heads = result["heads"]
-    cols = min(4, len(heads))
-    rows = math.ceil(len(heads) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.2 * rows), squeeze=False, sharex=True)
+    fig, axes = tables.head_grid(len(heads), min(4, len(heads)), (2.9, 2.2), "angle between the pair (°)")
     centres = np.arange(180) + 0.5
-    for ax, h in zip(axes.flat, heads, strict=False):
+    for ax, h in zip(axes, heads, strict=True):
         for kind, color in (("genuine", "tab:blue"), ("impostor", "tab:red")):
             counts = np.asarray(h["angle_hist"][kind], dtype=np.float64)
             ax.plot(centres, counts / max(counts.sum(), 1), color=color, label=kind)
         ax.set_title(h["label"], fontsize=9)
         ax.set_yticks([])
         ax.set_xlim(0, 120)
-    for ax in axes.flat[len(heads):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("angle between the pair (°)", fontsize=8)
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("Angles of every genuine and impostor pair of the verification characters (each curve sums "
                  "to 1; all seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
@@ -626,7 +599,7 @@ def plot_angles(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_losses(result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = tables.pyplot()
     same = result["equivalence"]
     runs = [r for r in result["runs"] if r["head"] == same["head"] and r["seed"] == same["seed"]]
     fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -654,7 +627,7 @@ def plot_losses(result: dict[str, Any], path: Path) -> None:
 def plot_fonts(glyphs: glyph_data.GlyphSet, held_faces: np.ndarray, path: Path, columns: int = 12) -> list[int]:
     """A few characters (drawn by the most faces) in every face kept: the data as the
     embedder sees it before augmentation. Returns the code points shown."""
-    plt = _pyplot()
+    plt = tables.pyplot()
     drawn = np.stack([row >= 0 for row in glyphs._rows])  # (faces, characters)
     count = drawn.sum(axis=0)
     chosen = np.random.default_rng(0).permutation(np.flatnonzero(count == count.max()))[:columns]
@@ -760,20 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_main({"speed": worker_speed})
         return 0
     _check_args(args)
-    import fused_margin as fm
-
-    try:
-        device = torch.device(args.device or ("cuda" if args.backend in ("cuda", "triton") else "cpu"))
-    except RuntimeError as error:
-        raise SystemExit(f"--device {args.device!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--backend {args.backend!r} on {device}: no CUDA device here (torch.cuda.is_available() "
-                         "is False); pass --device cpu, or another --backend")
-    try:  # a backend that cannot run says why, before any rendering or training
-        probe = fm.CosFaceLoss(8, args.dim, backend=args.backend, device=device)
-        probe(torch.randn(4, args.dim, device=device), torch.arange(4, device=device))
-    except (fm.BackendUnavailableError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"--backend {args.backend!r} on {device}: {error}") from error
+    device = checked_device(args.backend, args.device, args.dim)  # before any rendering or training
     jobs = 1 if device.type == "cuda" else args.jobs
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
 
