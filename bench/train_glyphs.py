@@ -100,8 +100,8 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 #: augmentation: the largest rotation (degrees), relative scale change, shear, shift (pixels),
 #: blur sigma (pixels) and pixel-noise standard deviation (of the [0, 1] range)
 MAX_ROTATION, MAX_SCALE, MAX_SHEAR, MAX_SHIFT, MAX_BLUR, MAX_NOISE = 8.0, 0.1, 0.15, 2.0, 1.0, 0.1
-#: the stored loss curve: the mean loss of every CURVE_EVERY steps
-CURVE_EVERY = 20
+#: the stored loss curve: the mean loss of every CURVE_EVERY steps, and the first steps' own losses
+CURVE_EVERY, FIRST_LOSSES = 20, 10
 EVAL_BATCH = 1024
 #: the style families, as group ids of the cross-style protocol
 LOOKS = ("sans", "serif", "kai", "handwriting", "other")
@@ -344,7 +344,8 @@ def train_one(job: dict[str, Any], data: dict[str, np.ndarray], on_steps: Callab
     result = {
         "head": job["head"], "label": head_label(job["head"]), "seed": job["seed"], "backend": job["backend"],
         **metrics,
-        "first_loss": losses[0], "final_loss": curve[-1], "loss_curve": [round(v, 5) for v in curve],
+        "first_loss": losses[0], "first_losses": losses[:FIRST_LOSSES], "final_loss": curve[-1],
+        "loss_curve": [round(v, 5) for v in curve],
         "nonfinite_loss_steps": optimizer.nonfinite_loss, "nonfinite_grad_steps": optimizer.nonfinite_grad,
         "steps": total, "train_seconds": round(train_wall, 2), "train_cpu_seconds": round(train_cpu, 2),
         "step_ms": round(1e3 * train_wall / total, 2), "step_cpu_ms": round(1e3 * train_cpu / total, 2),
@@ -525,9 +526,13 @@ def equivalence(runs: list[dict[str, Any]], summaries: list[dict[str, Any]], hea
         rows.append({"metric": key, "fused": value, "eager": other, "difference": value - other,
                      "seed_std": std, "within_noise": None if std is None else abs(value - other) <= 2 * math.sqrt(2) * std})
     a, b = np.asarray(fused["loss_curve"]), np.asarray(eager["loss_curve"])
+    steps = min(len(fused.get("first_losses", [])), len(eager.get("first_losses", [])))
+    first_steps = [abs(x - y) / abs(y) for x, y in zip(fused["first_losses"][:steps], eager["first_losses"][:steps],
+                                                          strict=True)] if steps else []
     return {"head": head, "label": head_label(head), "seed": eager["seed"], "fused_backend": fused["backend"],
             "metrics": rows, "first_loss_rel_diff": abs(fused["first_loss"] - eager["first_loss"]) / abs(eager["first_loss"]),
             "loss_curve_max_rel_diff": float(np.max(np.abs(a - b) / np.abs(b))),
+            "first_steps_loss_rel_diff": first_steps,
             "train_seconds": {"fused": fused["train_seconds"], "eager": eager["train_seconds"]},
             "train_cpu_seconds": {"fused": fused["train_cpu_seconds"], "eager": eager["train_cpu_seconds"]}}
 

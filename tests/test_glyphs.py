@@ -97,6 +97,7 @@ def test_tiny_run_trains_and_measures(tiny_run):
     same = data["equivalence"]
     # the same seed: the same first batch, so the same first loss; then rounding only
     assert same["head"] == "arcface" and same["first_loss_rel_diff"] < 1e-5
+    assert len(same["first_steps_loss_rel_diff"]) == 10 and same["first_steps_loss_rel_diff"][1] < 1e-5
     assert same["loss_curve_max_rel_diff"] < 1e-2
     assert data["speed"] is None  # --speed-steps 0: test_training_step_speed measures it
     for key in ("plot_roc", "plot_angles", "plot_fonts", "plot_losses"):
