@@ -27,8 +27,10 @@ Reported per head: samples/s of the training step (forward, backward, SGD; data
 generation excluded and reported apart), peak memory of the whole process (CPU: the
 VmHWM of a fresh child process; GPU: ``torch.cuda.max_memory_allocated``), the
 training accuracy (top-1 of the margin-free logits on each batch before its update,
-averaged over the last ``--acc-window`` steps), and the **largest class count whose
-training step fits ``--memory-budget-gb``**, found by a search with fresh child
+averaged over the last ``--acc-window`` steps), face recognition's open-set metrics on
+``--verify-identities`` identities never trained on (``protocols.py``: TAR at FAR,
+LFW-style 10-fold accuracy, rank-1 and rank-5 identification), and the **largest class
+count whose training step fits ``--memory-budget-gb``**, found by a search with fresh child
 processes: a linear model ``peak(C) = a + b*C`` through the two measured points
 nearest the budget proposes the next C (secant steps), each proposal is run for two
 training steps in a fresh process, and the answer is the largest C measured to fit.
