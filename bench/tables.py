@@ -444,7 +444,9 @@ def glyphs_tables(result: dict[str, Any]) -> str:
                 rows_ = [c for c in result["comparisons"] if c["versus"] == baseline and c["metric"] == key]
                 if rows_:
                     lines.append(f"- against {name}'s {_GLYPH_NAMES[key]}, in pp: {two_standard_errors(rows_, 100, 2)}.")
-        out.append("Differences of the means, ± their standard error (over the seeds):\n\n" + "\n".join(lines) + "\n")
+        out.append("Differences of the means, ± their standard error (the seeds' standard deviations over the square "
+                   "root of their number, as if the heads' runs were independent; the runs of one seed share the "
+                   "initial embedder, the batch order and the augmentation):\n\n" + "\n".join(lines) + "\n")
 
     same = result.get("equivalence")
     if same:
