@@ -83,6 +83,7 @@ from .harness import (
     current_rss_bytes,
     device_info,
     device_slug,
+    git_info,
     load_average,
     peak_rss_bytes,
     provenance,
@@ -743,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
 
     started = dt.datetime.now(dt.timezone.utc)
-    load_start = load_average()
+    load_start, git_start = load_average(), git_info()  # the code that runs: a long run may outlast a commit
     clock, clock_cpu = time.perf_counter(), time.process_time()
     try:
         glyphs = glyph_data.load(args.charset, args.image_size, font_dirs=args.font_dir, cache_dir=args.cache_dir,
@@ -798,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                    "runs_cpu_s": round(sum(r["train_cpu_seconds"] + r["eval_cpu_seconds"] for r in runs), 1),
                    "workers": jobs, "threads_per_worker": threads, "cpu_count": os.cpu_count()},
         **provenance(dev_info, {**versions(), "pillow": _version("PIL"), "fonttools": _version("fontTools"),
-                                "scikit_learn": _version("sklearn")}, load_start),
+                                "scikit_learn": _version("sklearn")}, load_start, git_start),
         "note": args.note,
         "config": {**{k: v for k, v in recipe.items() if k != "device"}, "backend": args.backend, "seeds": seeds,
                    "heads": args.heads, "optimizer": "SGD", "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
