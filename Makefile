@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench install clean lint
+.PHONY: test bench glyphs install clean lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_loss
+
+# Every head on printed CJK characters (bench/train_glyphs.py). It needs CJK fonts:
+# `make glyphs INSTALL_FONTS=1` installs Debian's with apt-get first, and only as root.
+glyphs: $(STAMP)
+ifeq ($(INSTALL_FONTS),1)
+	@test "$$(id -u)" = 0 || { echo "INSTALL_FONTS=1: apt-get install needs root"; exit 1; }
+	@command -v apt-get >/dev/null || { echo "INSTALL_FONTS=1: no apt-get here (Debian or Ubuntu)"; exit 1; }
+	apt-get update && apt-get install -y $$($(PY) -m bench.glyph_data --debian-packages)
+endif
+	$(PY) -m bench.train_glyphs
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check .

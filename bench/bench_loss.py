@@ -31,7 +31,7 @@ backward). Reported throughput is *useful* FLOP/s: ``6*B*C*D / total time``. The
 memory floor above the inputs is their gradients: ``(B*D + C*D) * itemsize``.
 
 The shared measurement helpers live in ``harness.py``, the implementations under test
-in ``cases.py`` and the rendering (tables, plot, header) in ``report.py``.
+in ``cases.py`` and the rendering (tables, plot, header) in ``tables.py``.
 
 Results: a markdown table on stdout, and ``bench/results/bench_loss_<device>_<date>.json``
 and ``.png`` (time and memory versus C), plus the metadata a reader needs to trust a
@@ -93,9 +93,9 @@ from .harness import (
     worker_main,
     write_json,
 )
-from .report import header_text, markdown_tables, plot
+from .tables import SCHEMAS, header_text, markdown_tables, plot
 
-SCHEMA = "fused_margin.bench_loss/1"
+SCHEMA = SCHEMAS["bench_loss"]
 #: the module that the measuring child processes run (``python -m WORKER_MODULE --worker``)
 WORKER_MODULE = "bench.bench_loss"
 #: Loss agreement with the float64 reference, per input dtype (max relative error per sample).

@@ -4,8 +4,9 @@ child processes (each measurement in a fresh interpreter, its result on one mark
 of stdout).
 
 Nothing here knows a loss or an implementation under test: ``cases.py`` builds those,
-``report.py`` renders results, and the scripts (``bench_loss.py``, ``train_facerec.py``,
-``train_digits.py``, ``bench_dropin.py``) measure.
+``tables.py`` draws results, ``report.py`` builds the README's section from them, and the
+scripts (``bench_loss.py``, ``train_facerec.py``, ``train_digits.py``, ``train_glyphs.py``,
+``bench_dropin.py``) measure.
 """
 
 from __future__ import annotations
@@ -292,11 +293,13 @@ def command_line() -> str:
     return shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
 
 
-def provenance(device: dict[str, Any], versions: dict[str, Any], load_start: list[float] | None) -> dict[str, Any]:
+def provenance(device: dict[str, Any], versions: dict[str, Any], load_start: list[float] | None,
+               git: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields of a result that say where and how it was measured: the device and the
-    versions (as the caller found them), the command line, the git commit, and the load
+    versions (as the caller found them), the command line, the git commit (``git``, as
+    :func:`git_info` found it when the run started; now where not given), and the load
     average when the run started (``load_start``) and now, as it ends."""
-    return {"device": device, "versions": versions, "command": command_line(), "git": git_info(),
+    return {"device": device, "versions": versions, "command": command_line(), "git": git or git_info(),
             "load_average": {"start": load_start, "end": load_average()}}
 
 

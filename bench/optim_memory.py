@@ -40,7 +40,7 @@ from .harness import (
     worker_main,
     write_json,
 )
-from .report import markdown_table
+from .tables import markdown_table
 
 SCHEMA = "fused_margin.optim_memory/1"
 #: optimizer name -> (class name in torch.optim, keyword arguments, state tensors per weight)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import report
+from . import tables
 from .harness import (
     RESULTS_DIR,
     csv_list,
@@ -71,13 +71,13 @@ from .harness import (
     versions,
 )
 
-SCHEMA = "fused_margin.train_digits/1"
+SCHEMA = tables.SCHEMAS["train_digits"]
 NUM_CLASSES = 10
 #: angle histograms: 1° bins over [0°, 180°]
 ANGLE_BINS = 180
 
 
-def _head_factories() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
+def head_factories() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
     import fused_margin as fm
 
     # Every head with its defaults: only the sizes and the backend are passed.
@@ -110,7 +110,31 @@ FIGURE_DIM = 3
 
 
 def head_label(name: str) -> str:
-    return _head_factories()[name][0]
+    return head_factories()[name][0]
+
+
+class CosineSGD:
+    """The recipe's optimizer: SGD (momentum 0.9, weight decay 5e-4: InsightFace's) with
+    the learning rate decayed to 0 by a cosine over ``total_steps``; every step checks
+    the loss and the gradients and counts the non-finite ones."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, total_steps: int) -> None:
+        self.params = list(params)
+        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))))
+        self.nonfinite_loss = self.nonfinite_grad = 0
+
+    def step(self, loss: Tensor) -> float:
+        """Backward, the checks, the update; the loss as a float."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in self.params if p.grad is not None])
+        self.nonfinite_loss += int(not torch.isfinite(loss).item())
+        self.nonfinite_grad += int(not torch.isfinite(grads).all().item())
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.item()
 
 
 # ---------------------------------------------------------------------------------
@@ -159,21 +183,17 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
     """Train the embedder and one head; the test measurements of the result (see the
     module docstring). ``keep_embeddings`` adds the (B, D) test embeddings and the
     class weights as tensors (for figure (a); not JSON)."""
-    _, factory = _head_factories()[head_name]
+    _, factory = head_factories()[head_name]
     torch.manual_seed(seed)
     embedder = make_embedder(cfg["dim"], cfg["hidden"], cfg.get("final_bn", True)).to(device)
     head = factory(NUM_CLASSES, cfg["dim"], backend=backend, device=device)
-    params = [*embedder.parameters(), *head.parameters()]
     x_train, y_train = data["x_train"].to(device), data["y_train"].to(device)
     num_train, batch = x_train.shape[0], cfg["batch"]
     steps_per_epoch = num_train // batch
     total_steps = steps_per_epoch * cfg["epochs"]
-    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))))
+    optimizer = CosineSGD([*embedder.parameters(), *head.parameters()], cfg["lr"], total_steps)
     gen = torch.Generator().manual_seed(seed)
     epoch_losses: list[float] = []
-    nonfinite_loss = nonfinite_grad = 0
     started = time.perf_counter()
     embedder.train()
     head.train()
@@ -182,15 +202,7 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
         losses = []
         for i in range(steps_per_epoch):
             rows = order[i * batch:(i + 1) * batch]
-            loss = head(embedder(x_train[rows]), y_train[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-            nonfinite_loss += int(not torch.isfinite(loss).item())
-            nonfinite_grad += int(not torch.isfinite(grads).all().item())
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+            losses.append(optimizer.step(head(embedder(x_train[rows]), y_train[rows])))
         epoch_losses.append(statistics.fmean(losses))
     train_seconds = time.perf_counter() - started
 
@@ -211,8 +223,8 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
             "test_accuracy": (logits.argmax(dim=1) == y_test).double().mean().item(),
             "cosine_accuracy": (cos.argmax(dim=1) == y_test).double().mean().item(),
             "epoch_losses": [round(v, 6) for v in epoch_losses],
-            "nonfinite_loss_steps": nonfinite_loss,
-            "nonfinite_grad_steps": nonfinite_grad,
+            "nonfinite_loss_steps": optimizer.nonfinite_loss,
+            "nonfinite_grad_steps": optimizer.nonfinite_grad,
             "steps": total_steps,
             "train_seconds": round(train_seconds, 3),
             "target_angle_hist": _histogram(target.float().cpu()),
@@ -235,9 +247,7 @@ def train_one(head_name: str, seed: int, data: dict[str, Tensor], cfg: dict[str,
 
 def summarize(head_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     def stats(key: str) -> dict[str, float]:
-        values = [r[key] for r in runs]
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "min": min(values), "max": max(values)}
+        return tables.summary_stats([r[key] for r in runs])
 
     # the per-run histograms are pooled here and dropped from the runs (they are most of the file)
     target = [sum(h) for h in zip(*(r.pop("target_angle_hist") for r in runs))]
@@ -270,74 +280,6 @@ def embedding_panel(embeddings: Tensor, weights: Tensor, num_subcenters: int) ->
 # ---------------------------------------------------------------------------------
 
 
-def _pm(stats: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
-    return f"{stats['mean'] * scale:.{digits}f} ±{stats['std'] * scale:.{digits}f}"
-
-
-def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each head's mean test accuracy against Softmax's: the difference and its
-    standard error (the seeds' standard deviations over sqrt(seeds))."""
-    heads = {h["head"]: h for h in result["heads"]}
-    if "softmax" not in heads:
-        return []
-    base = heads["softmax"]["test_accuracy"]
-    n_base = len(heads["softmax"]["seeds"])
-    out = []
-    for h in result["heads"]:
-        if h["head"] == "softmax":
-            continue
-        acc, n = h["test_accuracy"], len(h["seeds"])
-        se = math.sqrt(acc["std"] ** 2 / n + base["std"] ** 2 / n_base)
-        out.append({"head": h["head"], "label": h["label"], "difference": acc["mean"] - base["mean"],
-                    "standard_error": se})
-    return out
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    cfg = result["config"]
-    test_n = cfg["test_samples"]
-    caption = (
-        f"{cfg['train_samples']} training and {test_n} test images (stratified split, seed {cfg['split_seed']}); "
-        f"embedder {cfg['embedder']}; SGD lr {cfg['lr']} (momentum {cfg['momentum']}, weight decay "
-        f"{cfg['weight_decay']}), cosine decay, {cfg['epochs']} epochs of "
-        f"batch {cfg['batch']} ({cfg['steps']} steps); backend `{cfg['backend']}`; seeds {cfg['seeds']}; "
-        "every head with its defaults")
-    columns = [("head", "left"), ("test accuracy %", "right"), ("vs Softmax (pp)", "right"),
-               ("cosine accuracy %", "right"), ("median θ_y °", "right"), ("median θ_n °", "right"),
-               ("median θ_n − θ_y °", "right"), ("non-finite steps", "right"), ("train s", "right")]
-    versus = {c["head"]: c for c in comparisons(result)}
-    rows = []
-    for h in result["heads"]:
-        c = versus.get(h["head"])
-        vs = f"{c['difference'] * 100:+.1f} ±{c['standard_error'] * 100:.1f}" if c else ""
-        rows.append([h["label"], _pm(h["test_accuracy"], 100), vs, _pm(h["cosine_accuracy"], 100),
-                     _pm(h["target_angle_median"]), _pm(h["nearest_negative_angle_median"]),
-                     _pm(h["angle_gap_median"]), str(h["nonfinite_loss_steps"] + h["nonfinite_grad_steps"]),
-                     f"{h['train_seconds']:.1f}"])
-    notes = [
-        f"Mean ±standard deviation over the seeds; one test image is {100 / test_n:.2f} pp. 'vs Softmax': the "
-        "difference of the mean test accuracies, ± its standard error. Test accuracy: top-1 of the head's own "
-        "margin-free logits (the nearest class weight by cosine, except Softmax and L-Softmax, whose logits are "
-        "linear); cosine accuracy: the nearest class weight by cosine, for every head. θ_y: angle to the own "
-        "class weight, θ_n: to the nearest other one (test images, per seed). Non-finite steps: training steps "
-        "whose loss or gradient was not finite."]
-    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
-    for c in comparisons(result):
-        z = c["difference"] / c["standard_error"] if c["standard_error"] > 0 else math.copysign(math.inf, c["difference"])
-        group = "above" if z > 2 else "below" if z < -2 else "within"
-        groups[group].append(f"{c['label']} ({c['difference'] * 100:+.1f} ±{c['standard_error'] * 100:.1f})")
-    if any(groups.values()):
-        notes += ["", "Against Softmax's test accuracy, in pp: " + "; ".join(
-            f"{what} by more than two standard errors: {', '.join(names)}" if what != "within" else
-            f"within two standard errors: {', '.join(names)}"
-            for what, names in groups.items() if names) + "."]
-    annealed = [h for h in result["heads"] if h.get("final_lambda") is not None]
-    if annealed:
-        notes += ["", "Annealed λ after the last step (λ ≫ 1 makes the target logit nearly the margin-free one): "
-                  + ", ".join(f"{h['label']} {h['final_lambda']:.3g}" for h in annealed) + "."]
-    return report.markdown_table(columns, rows, caption=caption, notes=notes)
-
-
 def _longitude_latitude(directions: list[list[float]]) -> tuple[list[float], list[float]]:
     """Radians, for a Mollweide map of the unit sphere."""
     lon = [math.atan2(p[1], p[0]) for p in directions]
@@ -346,10 +288,7 @@ def _longitude_latitude(directions: list[list[float]]) -> tuple[list[float], lis
 
 
 def plot_embeddings(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = tables.pyplot()
 
     figure = result["embedding_figure"]
     y = figure["test_labels"]
@@ -379,33 +318,22 @@ def plot_embeddings(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_angles(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     heads = result["heads"]
-    cols = min(5, len(heads))
-    rows = math.ceil(len(heads) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.1 * rows), squeeze=False, sharex=True)
+    fig, axes = tables.head_grid(len(heads), min(5, len(heads)), (2.7, 2.1), "angle (°)")
     edges = [180.0 * i / ANGLE_BINS for i in range(ANGLE_BINS)]
-    for ax, h in zip(axes.flat, heads, strict=False):
+    for ax, h in zip(axes, heads, strict=True):
         ax.bar(edges, h["target_angle_hist"], width=1.0, align="edge", color="tab:blue", alpha=0.6, label="θ_y")
         ax.bar(edges, h["nearest_negative_angle_hist"], width=1.0, align="edge", color="tab:red", alpha=0.6,
                label="θ_n")
         ax.set_title(f"{h['label']} (gap {h['angle_gap_median']['mean']:.0f}°)", fontsize=9)
         ax.set_yticks([])
         ax.set_xlim(0, 150)
-    for ax in axes.flat[len(heads):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("angle (°)", fontsize=8)
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("Test images: angle to the own class weight (θ_y) and to the nearest other one (θ_n), "
                  "all seeds; gap: median θ_n − θ_y", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=80)
-    plt.close(fig)
+    tables.pyplot().close(fig)
 
 
 # ---------------------------------------------------------------------------------
@@ -438,11 +366,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def checked_device(backend: str, device: str | None, dim: int) -> torch.device:
+    """The device of ``--device`` (default: cuda for the triton and cuda backends, else
+    cpu), once a head of ``backend`` has run a forward there; SystemExit saying why not."""
+    import fused_margin as fm
+
+    try:
+        where = torch.device(device or ("cuda" if backend in ("cuda", "triton") else "cpu"))
+    except RuntimeError as error:
+        raise SystemExit(f"--device {device!r}: {error}") from error
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--backend {backend!r} on {where}: no CUDA device here (torch.cuda.is_available() "
+                         "is False); pass --device cpu (for 'triton' with TRITON_INTERPRET=1), or another --backend")
+    try:  # a backend that cannot run says why, before any work
+        probe = fm.CosFaceLoss(8, dim, backend=backend, device=where)
+        probe(torch.randn(4, dim, device=where), torch.arange(4, device=where))
+    except (fm.BackendUnavailableError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"--backend {backend!r} on {where}: {error}") from error
+    return where
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
-
-    import fused_margin as fm
 
     heads = list(HEADS) if args.heads == ["all"] else args.heads
     unknown = [h for h in heads if h not in HEADS]
@@ -454,19 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} must be at least {low}, got {value}")
     if not 0.0 < args.test_size < 1.0:
         raise SystemExit(f"--test-size must lie in (0, 1), got {args.test_size}")
-    try:
-        device = torch.device(args.device or ("cuda" if args.backend in ("cuda", "triton") else "cpu"))
-    except RuntimeError as error:
-        raise SystemExit(f"--device {args.device!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--backend {args.backend!r} on {device}: no CUDA device here (torch.cuda.is_available() "
-                         "is False); pass --device cpu (for 'triton' with TRITON_INTERPRET=1), or another --backend")
+    device = checked_device(args.backend, args.device, args.dim)
     torch.set_num_threads(args.threads)
-    try:  # a backend that cannot run says why, before any training
-        probe = fm.CosFaceLoss(NUM_CLASSES, args.dim, backend=args.backend, device=device)
-        probe(torch.randn(4, args.dim, device=device), torch.arange(4, device=device))
-    except (fm.BackendUnavailableError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"--backend {args.backend!r} on {device}: {error}") from error
 
     data = load_data(args.test_size, args.split_seed)
     if data["x_train"].shape[0] < args.batch:
@@ -525,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": all_runs,
         "embedding_figure": {"seed": seeds[0], "dim": FIGURE_DIM, "test_labels": data["y_test"].tolist(), "heads": figure_panels},
     }
-    result["comparisons"] = comparisons(result)
+    result["comparisons"] = tables.comparisons(summaries, "test_accuracy")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"train_digits_{device_slug(dev_info)}_{started.strftime('%Y%m%d-%H%M%S')}"
     if figure_panels:
@@ -535,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_angles(result, args.out / result["plot_angles"])
     path = args.out / f"{stem}.json"
     path.write_text(compact_json(result))
-    print(markdown_table(result))
+    print(tables.digits_table(result))
     print(f"wrote {path} ({result['duration_s']} s)")
     return 0
 

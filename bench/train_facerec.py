@@ -27,8 +27,10 @@ Reported per head: samples/s of the training step (forward, backward, SGD; data
 generation excluded and reported apart), peak memory of the whole process (CPU: the
 VmHWM of a fresh child process; GPU: ``torch.cuda.max_memory_allocated``), the
 training accuracy (top-1 of the margin-free logits on each batch before its update,
-averaged over the last ``--acc-window`` steps), and the **largest class count whose
-training step fits ``--memory-budget-gb``**, found by a search with fresh child
+averaged over the last ``--acc-window`` steps), face recognition's open-set metrics on
+``--verify-identities`` identities never trained on (``protocols.py``: TAR at FAR,
+LFW-style 10-fold accuracy, rank-1 and rank-5 identification), and the **largest class
+count whose training step fits ``--memory-budget-gb``**, found by a search with fresh child
 processes: a linear model ``peak(C) = a + b*C`` through the two measured points
 nearest the budget proposes the next C (secant steps), each proposal is run for two
 training steps in a fresh process, and the answer is the largest C measured to fit.
@@ -54,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import report
+from . import protocols
 from .harness import (
     RESULTS_DIR,
     csv_list,
@@ -72,20 +74,10 @@ from .harness import (
     versions,
     worker_main,
 )
+from .tables import FUSED_OPTIM, SCHEMAS, facerec_impl_label, facerec_table
 
-SCHEMA = "fused_margin.train_facerec/1"
+SCHEMA = SCHEMAS["train_facerec"]
 HEADS = ("arcface", "cosface")
-IMPL_LABELS = {"eager": "eager (backend='eager')", "insightface": "InsightFace-style eager"}
-
-
-#: the suffix of an implementation whose head weight is updated inside the backward
-FUSED_OPTIM = "+optim"
-
-
-def impl_label(impl: str) -> str:
-    if impl.endswith(FUSED_OPTIM):
-        return f"fused [{impl.removesuffix(FUSED_OPTIM)}], SGD in the backward"
-    return IMPL_LABELS.get(impl, f"fused [{impl}]")
 
 
 # ---------------------------------------------------------------------------------
@@ -124,9 +116,10 @@ class IdentityRenderer:
         return images * contrast + self.noise * torch.randn(images.shape, generator=gen, device=labels.device)
 
 
-def make_backbone(dim: int, image_size: int, width: int) -> nn.Sequential:
+def make_backbone(dim: int, image_size: int, width: int, in_channels: int = 3) -> nn.Sequential:
     """Four 3x3 conv blocks (conv-BN-PReLU; ``width``, 2x, 4x, 4x channels; three with
-    stride 2), then InsightFace's embedding layer: BN, flatten, linear, BN."""
+    stride 2), then InsightFace's embedding layer: BN, flatten, linear, BN. Images are
+    (B, ``in_channels``, ``image_size``, ``image_size``), the size a multiple of 8."""
 
     def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout)]
@@ -134,7 +127,7 @@ def make_backbone(dim: int, image_size: int, width: int) -> nn.Sequential:
     side = image_size // 8
     w = width
     return nn.Sequential(
-        *block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
+        *block(in_channels, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
         nn.BatchNorm2d(4 * w), nn.Flatten(), nn.Linear(4 * w * side * side, dim, bias=False), nn.BatchNorm1d(dim),
     )
 
@@ -267,7 +260,37 @@ def worker_train(job: dict[str, Any]) -> dict[str, Any]:
                       memory_method="torch.cuda.max_memory_allocated")
     else:
         result.update(peak_bytes=peak_rss_bytes(), memory_method="VmHWM (peak RSS) of a fresh process")
+    if job.get("verify_identities"):  # after the memory is read: the training step's peak only
+        with amp:
+            result["verification"] = verify_heldout(backbone, renderer, job)
     return result
+
+
+@torch.no_grad()
+def verify_heldout(backbone: nn.Module, renderer: IdentityRenderer, job: dict[str, Any]) -> dict[str, Any]:
+    """Face recognition's open-set metrics on identities never trained on: identities
+    ``classes .. classes + verify_identities - 1`` (the renderer draws any integer), each
+    rendered ``verify_images`` times (every rendering round with its own shift, contrast
+    and noise). Every pair: TAR at FAR; LFW-style 10-fold accuracy on sampled pairs; 1:N
+    identification with the first round as the gallery and the others as probes."""
+    device = next(backbone.parameters()).device
+    backbone.eval()
+    identities, rounds = job["verify_identities"], job["verify_images"]
+    gen = torch.Generator(device=device).manual_seed(job["seed"] + 2)
+    ids = torch.arange(job["classes"], job["classes"] + identities, device=device)
+    embeddings = torch.cat([backbone(renderer(ids, gen)).float().cpu() for _ in range(rounds)])
+    labels = torch.arange(identities).repeat(rounds)
+    scores = protocols.pair_scores(embeddings, labels)["all"]
+    pairs = protocols.sample_pairs(labels, folds=protocols.KFOLD_FOLDS, pairs_per_fold=protocols.KFOLD_PAIRS,
+                                   seed=job["seed"])
+    cosines = protocols.pair_cosines(embeddings, pairs["first"], pairs["second"])
+    first = torch.arange(identities)
+    return {"identities": identities, "images_per_identity": rounds, "num_genuine": scores.num_genuine,
+            "num_impostor": scores.num_impostor,
+            "tar_at_far": protocols.tar_at_far(scores.genuine, scores.impostor_top, scores.num_impostor),
+            "kfold": protocols.kfold_accuracy(cosines, pairs["genuine"], pairs["fold"]),
+            "identification": protocols.identification(embeddings[first], labels[first], embeddings[identities:],
+                                                       labels[identities:])}
 
 
 # ---------------------------------------------------------------------------------
@@ -370,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--noise", type=float, default=0.5, help="pixel noise std of the renderings")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify-identities", type=int, default=200,
+                   help="identities never trained on, for the verification metrics (0 skips them)")
+    p.add_argument("--verify-images", type=int, default=10, help="renderings of each verification identity")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast for the backbone (default: on with CUDA)")
     p.add_argument("--memory-budget-gb", type=float, default=None,
@@ -423,34 +449,6 @@ def agreement(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
     return out
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    cfg = result["config"]
-    budget = cfg["memory_budget_bytes"]
-    caption = (f"**{cfg['head']}** — {cfg['classes']} identities, B={cfg['batch']}, D={cfg['dim']}, "
-               f"{cfg['image_size']}x{cfg['image_size']} images, {cfg['steps']} SGD steps; accuracy and loss: mean "
-               f"of the last {cfg['acc_window']} steps")
-    columns = [("head", "left"), ("samples/s", "right"), ("step ms", "right"), ("peak MiB", "right"),
-               ("largest C within " + (f"{budget / 2**30:g} GiB" if budget else "budget"), "right"),
-               ("train accuracy", "right"), ("train loss", "right")]
-    rows = []
-    for run in result["runs"]:
-        if run["status"] != "ok":  # the status, then blank cells
-            rows.append([run["label"], f"{run['status']} ({run.get('reason', '')})"])
-            continue
-        cap = run.get("capacity") or {}
-        cap_text = f"{cap['max_classes']:,}" if cap.get("max_classes") else ("—" if not cap else "none fits")
-        step = run["step_ms"]
-        spread = (step["max"] - step["min"]) / 2
-        rows.append([run["label"], f"{run['samples_per_s']:.0f}", f"{step['median']:.1f} ±{spread:.1f}",
-                     f"{run['peak_bytes'] / 2**20:,.0f}", cap_text, f"{run['train_accuracy']:.3f}",
-                     f"{run['train_loss']:.3f}"])
-    notes = [f"- {impl_label(a['impl'])} {'agrees with' if a['agrees'] else 'DIFFERS from'} eager: accuracy "
-             f"{a['accuracy']:.3f} vs {a['accuracy_versus']:.3f} (difference {a['difference']:+.3f}, binomial s.e. "
-             f"{a['standard_error']:.3f}); first-step loss relative difference {a['first_loss_rel_diff']:.1e}"
-             for a in result["agreement"]]
-    return report.markdown_table(columns, rows, caption=caption, notes=notes)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -472,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     args.capacity_probes = args.capacity_probes if args.capacity_probes is not None else (6 if gpu else 4)
     if args.image_size % 8:
         raise SystemExit("--image-size must be a multiple of 8")
+    if args.verify_identities and (args.verify_identities < 2 * protocols.KFOLD_FOLDS or args.verify_images < 2):
+        raise SystemExit(f"--verify-identities must be 0 or at least {2 * protocols.KFOLD_FOLDS} (got "
+                         f"{args.verify_identities}) and --verify-images at least 2 (got {args.verify_images})")
     if args.memory_budget_gb is None:
         total = torch.cuda.get_device_properties(0).total_memory if gpu else 2 * 2**30
         budget = int(0.9 * total) if gpu else total
@@ -503,8 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(impls, desc="train", unit="head", file=sys.stderr, disable=args.no_progress)
     for impl in progress:
         progress.set_postfix_str(f"{impl}: {args.steps} steps")
-        raw = run_child(module, {**base, "kind": "train", "impl": impl, "steps": args.steps}, args.worker_timeout)
-        run = {"impl": impl, "label": impl_label(impl), **summarize(raw, args)}
+        raw = run_child(module, {**base, "kind": "train", "impl": impl, "steps": args.steps,
+                                 "verify_identities": args.verify_identities, "verify_images": args.verify_images},
+                        args.worker_timeout)
+        run = {"impl": impl, "label": facerec_impl_label(impl), **summarize(raw, args)}
         if run["status"] == "ok" and budget > 0 and args.capacity_probes > 0:
             progress.set_postfix_str(f"{impl}: capacity search")
             # a probe far past the budget fails fast (reported as not fitting) instead of swapping
@@ -527,13 +530,14 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup_steps": args.warmup_steps,
                    "acc_window": args.acc_window, "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                    "noise": args.noise, "seed": args.seed, "amp": args.amp, "memory_budget_bytes": budget,
-                   "capacity_probes": args.capacity_probes,
+                   "capacity_probes": args.capacity_probes, "verify_identities": args.verify_identities,
+                   "verify_images": args.verify_images,
                    "throughput": "training step (forward, backward, SGD) only; synthetic data generation excluded",
                    "capacity_method": "search with fresh child processes (see each run's capacity.points)"},
         "runs": runs,
     }
     result["agreement"] = agreement(runs, args)
-    print(markdown_table(result))
+    print(facerec_table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"train_facerec_{device_slug(dev_info)}_{stamp}.json"

@@ -28,7 +28,8 @@ BENCH_LOSS_ARGS = (
 )
 TRAIN_ARGS = (
     "--head-impls", "eager,insightface,cpu,cpu+optim", "--classes", "256", "--batch", "16", "--dim", "16", "--image-size", "8",
-    "--steps", "6", "--warmup-steps", "2", "--acc-window", "4", "--memory-budget-gb", "0",
+    "--steps", "6", "--warmup-steps", "2", "--acc-window", "4", "--memory-budget-gb", "0", "--verify-identities", "20",
+    "--verify-images", "3",
 )
 
 
@@ -123,6 +124,15 @@ def test_train_facerec(started):
         assert run["status"] == "ok", run
         assert run["samples_per_s"] > 0 and run["peak_bytes"] > 0
         assert len(run["losses"]) == 6 and 0.0 <= run["train_accuracy"] <= 1.0
+    for run in runs.values():
+        # face recognition's metrics on identities never trained on (6 steps: any value, but finite)
+        v = run["verification"]
+        assert v["identities"] == 20 and v["num_genuine"] == 20 * 3 and v["num_impostor"] == 60 * 59 // 2 - 60
+        tar = {p["far"]: p["tar"] for p in v["tar_at_far"]}
+        assert tar[1e-4] is None  # 1e-4 of 1,710 impostor pairs is less than one pair
+        values = [tar[1e-3], v["kfold"]["mean"], v["identification"]["rank_1"], v["identification"]["rank_5"]]
+        assert all(0.0 <= x <= 1.0 for x in values), v
+    assert "| TAR@1e-3 |" in stdout
     # Same seed, same initial weights, same first batch: the first losses are one number.
     versus = {row["impl"]: row for row in data["agreement"]}
     assert versus["insightface"]["first_loss_rel_diff"] < 1e-5
@@ -172,3 +182,13 @@ def test_readme_results_are_generated_from_committed_json():
     expected = report.render(report.load_results(ROOT / "bench" / "results"), every=False)
     actual = report.readme_block((ROOT / "README.md").read_text())
     assert actual == expected, "README results are stale: run `python bench/report.py --readme`"
+
+
+def test_report_and_tables_import_no_script():
+    """``tables.py`` is below every script and ``report.py`` (no import circle): importing
+    the report loads no benchmark script."""
+    code = ("import sys, bench.report, bench.tables; "
+            "print(sorted(m for m in sys.modules if m.startswith('bench.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["['bench.cases',", "'bench.harness',", "'bench.report',", "'bench.tables']"]

@@ -113,12 +113,12 @@ def test_bad_arguments_are_refused_by_name(argv, message, tmp_path):
 def test_readme_shows_the_committed_digits_results():
     """A digits result is committed, and README.md shows its table and figure as
     ``bench/report.py`` renders them (the whole block is checked in test_bench_smoke.py)."""
-    from bench import report
+    from bench import report, tables
 
     runs = report.newest_digits_runs(report.load_results(ROOT / "bench" / "results"))
     assert runs, "no committed bench/results/train_digits_*.json"
     readme = report.readme_block((ROOT / "README.md").read_text())
     for path, data in runs:
-        assert train_digits.markdown_table(data) in readme
+        assert tables.digits_table(data) in readme
         assert data["plot_embeddings"] in readme and data["plot_angles"] in readme
         assert (path.parent / data["plot_embeddings"]).is_file() and (path.parent / data["plot_angles"]).is_file()
