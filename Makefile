@@ -21,8 +21,11 @@ $(STAMP): $(PY) pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
 install: $(STAMP)
 
+# the suite, then every Python example of README.md and docs/ (conftest.py gives them
+# their stand-ins); two runs, so that the examples' plugin does not scan the test modules
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+	$(PY) -m pytest --markdown-docs -q README.md docs
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_loss
