@@ -875,7 +875,7 @@ def test_plain_optimizer_over_a_fused_weight_fails_at_its_first_step():
 
 @pytest.mark.parametrize("tensors", [False, True], ids=["numbers", "tensors"])
 def test_reference_path_bitwise_for_number_hyperparameters(tensors):
-    """README: bitwise on the PyTorch paths when lr and betas are Python numbers. Tensor lr
+    """docs/optim.md: bitwise on the PyTorch paths when lr and betas are Python numbers. Tensor lr
     and betas: torch.optim forms the step size and bias corrections in the tensors' fp32
     arithmetic, the fused optimizer in double precision: the last bits may differ."""
     def options():  # fresh tensors for each run: the scheduler changes a tensor lr in place

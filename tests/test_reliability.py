@@ -1,6 +1,6 @@
 """Bad values: NaN and inf propagate identically on every backend, ignored rows are not
 part of the computation whatever they hold, rows of W outside ``class_index`` get
-exactly zero gradient, running statistics stay fp32 and finite (README: "Bad values")."""
+exactly zero gradient, running statistics stay fp32 and finite (docs/bad-values.md)."""
 
 from __future__ import annotations
 
@@ -335,7 +335,7 @@ def test_one_dimensional_embeddings_gradient_bound(backend):
     times the target's derivative, which at c = 1 - ulp is s (cos m + sin m / sin theta),
     sin theta = sqrt(2 ulp): ~1400 s in fp32 (ArcFace, m = 0.5). So in fp32 every backend,
     the fp32 reference too, leaves up to a few ulps of that: |dx_b| <= 32 ulp r_b s
-    (2 + sin m / sqrt(2 ulp)) / B; in float64 the same is ~1e-14 (README: "Bad values")."""
+    (2 + sin m / sqrt(2 ulp)) / B; in float64 the same is ~1e-14 (docs/bad-values.md)."""
     spec, s, m = HEAD_SPECS["subcenter_arcface"], 64.0, 0.5
     for dtype in (torch.float32, torch.float64) if backend != "triton" else (torch.float32,):
         eps = torch.finfo(dtype).eps

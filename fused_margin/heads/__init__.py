@@ -1,4 +1,4 @@
-"""One ``nn.Module`` per head of the README's heads table, all :class:`MarginHead`."""
+"""One ``nn.Module`` per head of the heads table (docs/heads.md), all :class:`MarginHead`."""
 
 from .adaface import AdaFaceLoss
 from .arcface import ArcFaceLoss
