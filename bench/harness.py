@@ -4,7 +4,7 @@ child processes (each measurement in a fresh interpreter, its result on one mark
 of stdout).
 
 Nothing here knows a loss or an implementation under test: ``cases.py`` builds those,
-``tables.py`` draws results, ``report.py`` builds the README's section from them, and the
+``tables.py`` draws results, ``report.py`` builds the documentation's results from them, and the
 scripts (``bench_loss.py``, ``train_facerec.py``, ``train_digits.py``, ``train_glyphs.py``,
 ``bench_dropin.py``) measure.
 """

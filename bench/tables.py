@@ -4,7 +4,7 @@ deviation over seeds, differences and their standard errors).
 
 The scripts (``bench_loss.py``, ``train_facerec.py``, ``train_digits.py``,
 ``train_glyphs.py``, ``optim_memory.py``) print their results with it and ``report.py``
-builds the README's results section with it: both import this module, and it imports
+builds the documentation's results with it: both import this module, and it imports
 neither (only ``cases.py`` and ``harness.py``, below every script).
 """
 

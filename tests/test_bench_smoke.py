@@ -174,14 +174,36 @@ def test_capacity_search(monkeypatch, oom_above):
                                    for p in result["points"])
 
 
-def test_readme_results_are_generated_from_committed_json():
-    """README.md's results block is exactly what ``bench/report.py`` renders from the
-    committed ``bench/results/*.json``: no figure in it is typed by hand or stale."""
+@pytest.mark.parametrize("page, name", [("docs/benchmarks.md", "results"), ("README.md", "headline")])
+def test_generated_results_match_the_committed_json(page, name):
+    """docs/benchmarks.md's results and README.md's headline are exactly what
+    ``bench/report.py`` renders from the committed ``bench/results/*.json``: no figure in
+    them is typed by hand or stale."""
     from bench import report
 
-    expected = report.render(report.load_results(ROOT / "bench" / "results"), every=False)
-    actual = report.readme_block((ROOT / "README.md").read_text())
-    assert actual == expected, "README results are stale: run `python bench/report.py --readme`"
+    results = report.load_results(ROOT / "bench" / "results")
+    path, _, make = next(b for b in report.BLOCKS if b[0] == ROOT / page and b[1] == name)
+    actual = report.block(path.read_text(), name)
+    assert actual == make(results), f"{page} is stale: run `python bench/report.py --write`"
+
+
+def test_headline_figures_come_from_the_loss_benchmark(tmp_path):
+    """The headline quotes the newest loss run's fused and eager medians and their ratio at
+    the largest class count both ran; links resolve from the README's folder."""
+    from bench import report
+
+    results = report.load_results(ROOT / "bench" / "results")
+    runs = report.newest_per_device(results, "bench_loss")
+    assert runs, "no committed bench/results/bench_loss_*.json"
+    text = report.headline(results)
+    for path, data in runs:
+        eager = [r for r in data["rows"] if r["impl"] == "eager" and r["status"] == "ok"]
+        top = max(r["classes"] for r in eager)
+        assert f"C={top:,} classes" in text
+        assert f"{next(r for r in eager if r['classes'] == top)['total_ms']['median']:,.0f} ms for eager" in text
+        assert f"]({(path.parent / data['plot']).relative_to(ROOT).as_posix()})" in text
+    # from another folder the same figure is linked relative to it
+    assert "](../bench/results/" in report.headline(results, page_dir=ROOT / "docs")
 
 
 def test_report_and_tables_import_no_script():

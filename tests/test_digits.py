@@ -1,7 +1,7 @@
 """Smoke test of ``bench/train_digits.py`` (every head on scikit-learn's digits): a short
 run of every head trains well above chance with no non-finite step, writes the
 documented JSON and both figures; another backend trains the same; bad arguments are
-refused by name; the README's digits table is the committed JSON's."""
+refused by name; docs/benchmarks.md's digits table is the committed JSON's."""
 
 from __future__ import annotations
 
@@ -110,14 +110,14 @@ def test_bad_arguments_are_refused_by_name(argv, message, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_readme_shows_the_committed_digits_results():
-    """A digits result is committed, and README.md shows its table and figure as
+def test_benchmarks_page_shows_the_committed_digits_results():
+    """A digits result is committed, and docs/benchmarks.md shows its table and figure as
     ``bench/report.py`` renders them (the whole block is checked in test_bench_smoke.py)."""
     from bench import report, tables
 
     runs = report.newest_digits_runs(report.load_results(ROOT / "bench" / "results"))
     assert runs, "no committed bench/results/train_digits_*.json"
-    readme = report.readme_block((ROOT / "README.md").read_text())
+    readme = report.block((ROOT / "docs" / "benchmarks.md").read_text(), "results")
     for path, data in runs:
         assert tables.digits_table(data) in readme
         assert data["plot_embeddings"] in readme and data["plot_angles"] in readme
