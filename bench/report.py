@@ -189,8 +189,9 @@ def headline(results: list[tuple[Path, dict[str, Any]]], page_dir: Path = README
             out += [text + ".", ""]
         if data.get("plot"):
             out += [f"![time and memory versus classes]({_link(path.parent / data['plot'], page_dir)})", ""]
-        out += [f"Measured {data['date'][:10]} ({header_text(data).split(';')[0]}); every class count, "
-                f"every implementation and the peers: [docs/benchmarks.md]({_link(BENCHMARKS_PAGE, page_dir)}).", ""]
+        out += [f"Measured {data['date'][:10]} by `{data['command']}` (`make bench`) on "
+                f"{header_text(data).split(';')[0]}; every class count, every implementation and the peers: "
+                f"[docs/benchmarks.md]({_link(BENCHMARKS_PAGE, page_dir)}).", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
