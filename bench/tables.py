@@ -126,12 +126,16 @@ def markdown_tables(result: dict[str, Any]) -> str:
     return "".join(tables).removesuffix("\n")
 
 
+def device_text(device: dict[str, Any]) -> str:
+    """The machine a result was measured on, in one phrase."""
+    if device["type"] == "cpu":
+        return f"CPU: {device['name']} ({device.get('threads')} threads, {device.get('cores')} cores)"
+    return f"GPU: {device['name']} ({device.get('memory_bytes', 0) / 2**30:.0f} GiB)"
+
+
 def header_text(result: dict[str, Any]) -> str:
-    d, v, g = result["device"], result["versions"], result["git"]
-    if d["type"] == "cpu":
-        where = f"CPU: {d['name']} ({d.get('threads')} threads, {d.get('cores')} cores)"
-    else:
-        where = f"GPU: {d['name']} ({d.get('memory_bytes', 0) / 2**30:.0f} GiB)"
+    v, g = result["versions"], result["git"]
+    where = device_text(result["device"])
     commit = (g.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if g.get("dirty") else "")
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val and k in ("python", "torch", "triton", "cuda"))
     load = result.get("load_average") or {}
