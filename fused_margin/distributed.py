@@ -628,19 +628,24 @@ class ShardedMarginLoss(nn.Module):
         # drawn on the generator's device (the one given at construction), used on the labels'
         return torch.rand(num_local, generator=self.generator, device=self.generator.device)
 
+    def _keep(self, positive: Tensor) -> Tensor:
+        """The kept classes of the shard, as sorted shard indices, given its positive
+        classes (a bool mask): every positive, and the highest scores up to ``num_sample``."""
+        num_keep = max(self.num_sample, int(positive.sum()))
+        scores = self._draw_scores(positive.shape[0]).to(positive.device)
+        scores = torch.where(positive, torch.full_like(scores, 2.0), scores)
+        return scores.topk(num_keep).indices.sort().values
+
     @torch.no_grad()
     def _sample(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Kept classes (sorted shard indices) and the labels remapped into them."""
+        """Kept classes (sorted shard indices, :meth:`_keep`) and the labels remapped into them."""
         num_local = self.class_end - self.class_start
         positive = torch.zeros(num_local, dtype=torch.bool, device=local_labels.device)
         owned = local_labels >= 0
         positive[local_labels[owned]] = True
-        num_keep = max(self.num_sample, int(positive.sum()))
-        scores = self._draw_scores(num_local).to(local_labels.device)
-        scores = torch.where(positive, torch.full_like(scores, 2.0), scores)
-        index = scores.topk(num_keep).indices.sort().values
+        index = self._keep(positive)
         position = torch.full((num_local,), -1, dtype=torch.int64, device=local_labels.device)
-        position[index] = torch.arange(num_keep, device=local_labels.device)
+        position[index] = torch.arange(index.shape[0], device=local_labels.device)
         remapped = torch.where(owned, position[local_labels.clamp_min(0)], local_labels)
         return index, remapped
 

@@ -199,27 +199,16 @@ class _PartialFCShards(ShardedMarginLoss):
         # normal_ in place draws the same numbers, into the one weight
         self.weight.normal_(0.0, 0.01)
 
-    @torch.no_grad()
-    def _sample(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _keep(self, positive: Tensor) -> Tensor:
         """arcface_torch's rule: when the positives fit in ``num_sample``, the scores
         ``torch.rand(num_local)`` from the CPU generator, moved to the labels' device,
         positives set to 2.0, the top ``num_sample``, sorted; else the positives alone,
         and no draw."""
-        num_local = self.class_end - self.class_start
-        device = local_labels.device
-        owned = local_labels >= 0
-        positive = torch.zeros(num_local, dtype=torch.bool, device=device)
-        positive[local_labels[owned]] = True
         if self.arcface_num_sample >= int(positive.sum()):
-            scores = torch.rand(num_local).to(device)
+            scores = torch.rand(positive.shape[0]).to(positive.device)
             scores = torch.where(positive, torch.full_like(scores, 2.0), scores)
-            index = scores.topk(self.arcface_num_sample).indices.sort().values
-        else:
-            index = positive.nonzero().flatten()
-        position = torch.full((num_local,), -1, dtype=torch.int64, device=device)
-        position[index] = torch.arange(index.shape[0], device=device)
-        remapped = torch.where(owned, position[local_labels.clamp_min(0)], local_labels)
-        return index, remapped
+            return scores.topk(self.arcface_num_sample).indices.sort().values
+        return positive.nonzero().flatten()
 
 
 def _margin_spec(margin_loss: object) -> MarginSpec:
