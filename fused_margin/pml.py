@@ -76,6 +76,7 @@ from . import _checks
 from .backends import available_backends
 from .functional import BackendName, detached_target_cos, margin_cross_entropy
 from .heads.softmax import LinearTarget
+from .ops import _refuse_any, label_checks
 from .optim.registry import fused_optimizer_handle
 from .spec import MarginSpec, TargetContext
 
@@ -251,13 +252,11 @@ class _FusedCrossEntropy:
         return loss_dict
 
     def _check_labels(self, labels: Tensor) -> None:
-        bad = (labels < 0) | (labels >= self._num_classes)
-        if bool(bad.any()):
-            position = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels must lie in [0, {self._num_classes}) (every row is a class here, as in "
-                f"pytorch-metric-learning); got {int(labels[position])} at position {position}"
-            )
+        # the fused operation's own refusal, in its mode (FUSED_MARGIN_LABEL_CHECKS=device: no
+        # host sync), worded for pytorch-metric-learning, which has no ignored rows
+        _refuse_any((labels < 0) | (labels >= self._num_classes), labels,
+                    f"labels must lie in [0, {self._num_classes})", label_checks() == "device",
+                    " (every row is a class here, as in pytorch-metric-learning)")
 
     @torch.no_grad()
     def _collect_stats(self, embeddings: Tensor, weight: Tensor, labels: Tensor, spec: MarginSpec) -> None:
